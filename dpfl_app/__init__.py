@@ -1,0 +1,1 @@
+"""dpfl_app: federated learning with user-level differential privacy on Flower."""

@@ -1,0 +1,55 @@
+"""dpfl_app ClientApp: local training, clipped by Flower's `adaptiveclipping_mod`.
+
+The mod is attached to `train` only: on evaluate messages (which carry no clip
+norm) it would fail. It clips w_local - w_global to the round's clip norm C_t
+and adds the `norm_bit` metric; the server adds the noise.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod
+
+from dpfl_app.config import client_settings
+from dpfl_app.data import load_client_data, loader
+from dpfl_app.task import build_model, test, train
+
+app = ClientApp()
+
+
+def _model_and_data(msg: Message, context: Context):
+    settings = client_settings(context)
+    net = build_model(settings.model)
+    net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    train_set, val_set = load_client_data(
+        settings.dataset, settings.partition_id, settings.num_partitions,
+        settings.partitioning, settings.dirichlet_alpha, settings.seed,
+        settings.data_dir, settings.image_column, settings.label_column,
+    )
+    return settings, net, train_set, val_set
+
+
+@app.train(mods=[adaptiveclipping_mod])
+def train_fn(msg: Message, context: Context) -> Message:
+    """Train the global model on this client's data and reply with the new weights."""
+    settings, net, train_set, _ = _model_and_data(msg, context)
+    round_seed = settings.seed + 1000 * int(msg.content["config"].get("server-round", 0))
+    train_loss = train(
+        net, loader(train_set, settings.batch_size, shuffle=True, seed=round_seed),
+        settings.local_epochs, settings.lr,
+    )
+    metrics = MetricRecord({"train-loss": train_loss, "num-examples": len(train_set.labels)})
+    content = RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_fn(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on this client's validation split (not DP-covered)."""
+    settings, net, _, val_set = _model_and_data(msg, context)
+    loss, accuracy = test(net, loader(val_set, 256, shuffle=False))
+    metrics = MetricRecord(
+        {"eval-loss": loss, "eval-acc": accuracy, "num-examples": len(val_set.labels)}
+    )
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

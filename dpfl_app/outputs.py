@@ -1,0 +1,74 @@
+"""The run folder: results.json, rounds.csv, final_model.pt, privacy.md.
+
+Every file is written atomically (write a temporary file, then rename), so a
+run killed mid-write never leaves a truncated or corrupted result behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+ROUND_COLUMNS = (
+    "round", "test_loss", "test_accuracy", "epsilon", "clip_norm", "noise_std",
+    "num_sampled", "num_replies", "num_rejected", "skipped",
+)
+
+
+def make_run_dir(output_dir: str, run_id: int | str) -> Path:
+    """A new folder `<output-dir>/<timestamp>-run<id>`, never reusing one."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(output_dir).expanduser().resolve() / f"{stamp}-run{run_id}"
+    suffix = 0
+    while path.exists():
+        suffix += 1
+        path = path.with_name(f"{stamp}-run{run_id}-{suffix}")
+    path.mkdir(parents=True)
+    return path
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON has no inf/NaN: write them as strings ("inf") rather than invalid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, payload: dict) -> None:
+    write_atomic(path, json.dumps(_json_safe(payload), indent=2).encode())
+
+
+def write_rounds_csv(path: Path, rounds: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=ROUND_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rounds)
+    write_atomic(path, buffer.getvalue().encode())
+
+
+def save_model(path: Path, state_dict: dict) -> None:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    write_atomic(path, buffer.getvalue())

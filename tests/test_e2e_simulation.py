@@ -1,0 +1,67 @@
+"""End to end: the real `flwr run .` on a local simulation SuperLink."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.flwr_harness import LocalFederation
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    fed = LocalFederation(tmp_path_factory.mktemp("flwr-home"), num_supernodes=10)
+    yield fed
+    fed.stop()
+    assert not fed.superlink_pids(), "the SuperLink this test started is still running"
+
+
+def _run_dir(output_dir: Path) -> Path:
+    (run_dir,) = [p for p in output_dir.iterdir() if p.is_dir()]
+    return run_dir
+
+
+def test_default_app_trains_above_chance_and_writes_outputs(federation, tmp_path):
+    out = tmp_path / "out"
+    run_id = federation.submit(
+        f"rounds=3 client-eval=true deterministic-noise=true output-dir='{out}'"
+    )
+    status = federation.wait(run_id, timeout=600)
+    assert status == "finished:completed", federation.logs(run_id)[-3000:]
+
+    run_dir = _run_dir(out)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["config"]["noise"] == 0.3 and results["config"]["rounds"] == 3
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    for rec in rounds:
+        for key in ("test_loss", "test_accuracy", "clip_norm", "noise_std", "num_replies",
+                    "epsilon"):
+            assert key in rec, key
+        assert rec["noise_std"] > 0
+        assert 0 < rec["epsilon"]
+        assert "client_eval_not_dp" in rec
+    # epsilon accumulates
+    assert rounds[0]["epsilon"] < rounds[-1]["epsilon"]
+    # 10 digit classes: chance is 10%.
+    assert results["final"]["test_accuracy"] > 0.3
+    assert results["accounting"]["population"] == 10
+    assert results["accounting"]["clients_per_round"] == 6
+
+    with open(run_dir / "rounds.csv") as handle:
+        assert [int(row["round"]) for row in csv.DictReader(handle)] == [1, 2, 3]
+    assert (run_dir / "final_model.pt").stat().st_size > 0
+    assert "user-level" in (run_dir / "privacy.md").read_text()
+
+
+def test_bad_run_config_fails_the_run_before_training(federation, tmp_path):
+    out = tmp_path / "out"
+    run_id = federation.submit(f"noise=-1.0 output-dir='{out}'")
+    assert federation.wait(run_id, timeout=180) == "finished:failed"
+    assert not out.exists()  # nothing was written
+    assert "'noise' = -1.0" in federation.logs(run_id)
