@@ -113,6 +113,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
             )
         self.current_arrays = arrays
         self._round_clip = self.clipping_norm
+        server_round += self.round_offset  # clients see the run's round, also after a resume
         config[KEY_CLIPPING_NORM] = self._round_clip
         if self.sampling == "fixed":
             wait_for_nodes(grid, self.num_sampled_clients, self.node_wait_timeout)
@@ -122,7 +123,8 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         wait_for_nodes(grid, 1, self.node_wait_timeout)
         # Poisson: FedAvg addresses every node; each is kept independently w.p. q.
         q = self.num_sampled_clients / self.population
-        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        messages = sorted(self.strategy.configure_train(server_round, arrays, config, grid),
+                          key=lambda msg: msg.metadata.dst_node_id)  # FedAvg shuffles them
         cohort = [msg for msg in messages if self.rng.random() < q]
         log(INFO, "configure_train: Poisson sampling (q=%.3f) kept %d of %d nodes",
             q, len(cohort), len(messages))
