@@ -1,0 +1,145 @@
+"""Plain-words privacy report (markdown, for privacy.md). No Flower imports."""
+
+from __future__ import annotations
+
+import math
+
+from .accounting import (
+    AccountingModel,
+    PrivacyLedger,
+    calibrate_clients,
+    calibrate_noise,
+    max_clients_within,
+)
+
+ACCEPTABLE_EPSILON = 8.0
+STRONG_EPSILON = 1.0
+
+
+def strength(epsilon: float) -> str:
+    """'strong' (eps <= 1), 'moderate' (<= 8), 'weak' (<= 20), else 'no meaningful protection'."""
+    if epsilon is None or math.isnan(epsilon) or epsilon > 20:
+        return "no meaningful protection"
+    if epsilon <= STRONG_EPSILON:
+        return "strong"
+    if epsilon <= ACCEPTABLE_EPSILON:
+        return "moderate"
+    return "weak"
+
+
+def fmt_eps(epsilon: float | None) -> str:
+    if epsilon is None:
+        return "n/a"
+    return "∞" if math.isinf(epsilon) else f"{epsilon:.4g}"
+
+
+def describe_model(model: AccountingModel, rounds: int, accountant: str) -> str:
+    """One phrase naming sampling, adjacency, N, m, z, rounds and the accountant."""
+    n, m, z = model.population, model.clients_per_round, model.noise_multiplier
+    if model.sampling == "poisson":
+        sampling = (f"Poisson sampling (each of N = {n} clients joins each round independently "
+                    f"with probability q = m/N = {model.sampling_probability:.4g}; the server "
+                    f"divides by the fixed expected cohort size m = {m})")
+        adjacency = "add-or-remove-one adjacency"
+    else:
+        sampling = (f"fixed-size sampling without replacement (exactly m = {m} of N = {n} "
+                    f"clients each round)")
+        adjacency = (f"replace-one adjacency (sensitivity doubled, so the accounted "
+                     f"multiplier is z/2 = {model.event_noise_multiplier:.4g})")
+    name = {"pld": "PLD", "rdp": "RDP"}[accountant]
+    return (f"{sampling}, {adjacency}, noise multiplier z = {z:.4g}, {rounds} rounds, "
+            f"{name} accountant")
+
+
+def _reach(model: AccountingModel, rounds: int, goal: float, accountant: str) -> list[str]:
+    """Bullets: what reaches eps <= goal with the same N, rounds and delta."""
+    n, m, z, d, s = (model.population, model.clients_per_round, model.noise_multiplier,
+                     model.delta, model.sampling)
+    out = []
+    try:
+        z_need = calibrate_noise(goal, d, rounds, n, m, s, accountant)
+        out.append(f"- Keeping m = {m} clients per round: you need noise ≥ {z_need:.3f} "
+                   f"(noise multiplier; now {z:.4g}).")
+    except ValueError:
+        out.append(f"- Keeping m = {m} clients per round: not reachable by adding noise.")
+    if z == 0:
+        out.append("- Changing the number of clients per round cannot help while no noise is added.")
+        return out
+    ratio = z / m
+    m_need = calibrate_clients(goal, d, rounds, n, noise_to_clients_ratio=ratio,
+                               sampling=s, accountant=accountant)
+    if m_need is None:
+        out.append(f"- Keeping the same noise on the averaged update (z/m = {ratio:.4g}): not "
+                   f"reachable, even with all N = {n} clients every round.")
+    else:
+        out.append(f"- Keeping the same noise on the averaged update (z/m = {ratio:.4g}): you need "
+                   f"≥ {m_need} clients per round (with z = {m_need * ratio:.4g}).")
+    m_max = max_clients_within(goal, d, rounds, n, noise_multiplier=z, sampling=s,
+                               accountant=accountant)
+    if m_max is None:
+        out.append(f"- Keeping z = {z:.4g}: not reachable with any number of clients per round "
+                   f"(fewer clients per round lowers ε, but even 1 is too many).")
+    else:
+        out.append(f"- Keeping z = {z:.4g}: at most {m_max} clients per round "
+                   f"(at a fixed z, more clients per round *raise* ε).")
+    return out
+
+
+def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | None = None) -> str:
+    """Markdown privacy report for the rounds composed in `ledger`."""
+    model, rounds, acc = ledger.model, ledger.rounds, ledger.headline
+    eps = ledger.epsilon()
+    eps_all = ledger.epsilons()
+    cat = strength(eps)
+    lines = ["# Privacy report", ""]
+    lines.append(f"**Guarantee:** user-level (ε={fmt_eps(eps)}, δ={model.delta:g})-DP for any single "
+                 f"client's entire data, under {describe_model(model, rounds, acc)}.")
+    other = "rdp" if acc == "pld" else "pld"
+    if eps_all.get(other) is not None and math.isfinite(eps):
+        lines.append(f"(Cross-check: the {other.upper()} accountant gives ε = "
+                     f"{fmt_eps(eps_all[other])}.)")
+    lines += ["", f"**Strength:** {cat}."]
+    if model.noise_multiplier == 0:
+        lines += ["", "**No DP noise was added (noise multiplier z = 0). There is no differential "
+                      "privacy guarantee at all: ε = ∞.**"]
+    if eps > 20:
+        lines += ["", f"**This model should NOT be considered private.** With ε = {fmt_eps(eps)} "
+                      f"the guarantee says nothing useful: an attacker could in principle tell "
+                      f"whether a given client took part, and learn about that client's data."]
+    run = f"{rounds_run} round(s) ran"
+    if stop_reason:
+        lines += ["", f"Training stopped after {rounds_run} round(s): {stop_reason}."]
+    if rounds_run > rounds:
+        lines += ["", f"**Warning:** {run} but only {rounds} were accounted. The "
+                      f"{rounds_run - rounds} unaccounted round(s) are NOT covered by the figure above."]
+    elif rounds_run < rounds:
+        lines += ["", f"Note: {rounds} rounds were charged but {run}; the figure above is conservative."]
+    if model.delta >= 1 / model.population:
+        lines += ["", f"**Warning:** δ = {model.delta:g} is not well below 1/N = "
+                      f"{1 / model.population:.3g}. A mechanism that publishes one client's data "
+                      f"outright can satisfy such a δ. Choose δ ≪ 1/N."]
+    goal = ACCEPTABLE_EPSILON if eps > ACCEPTABLE_EPSILON else (
+        STRONG_EPSILON if eps > STRONG_EPSILON else None)
+    if rounds > 0 and goal is not None:
+        lines += ["", f"## What would reach ε ≤ {goal:g} (same N = {model.population}, "
+                      f"{rounds} rounds, δ = {model.delta:g}, {acc.upper()})", ""]
+        lines += _reach(model, rounds, goal, acc)
+    elif rounds == 0:
+        lines += ["", "No round was accounted: nothing trained was released, so ε = 0."]
+    lines += [
+        "", "## What ε and δ mean", "",
+        "Differential privacy promises that anything computed from the released models is almost "
+        "equally likely whether or not any one client took part, with all of that client's data "
+        "over all rounds. ε bounds the difference: any outcome's probability can change by at most "
+        "a factor of e^ε. δ is the small probability that this bound fails, and it should be well "
+        "below 1/N. Smaller is better. ε ≤ 1 is strong, and single digits are common in practice. "
+        "Above about 20 the promise is empty.",
+        "", "## Not covered", "",
+        "Client-side evaluation metrics (loss and accuracy computed on clients' private data) are "
+        "not noised and are **not covered** by this guarantee. Treat them as non-private. Only the "
+        "noised model update and the noised clipped-count are covered. The guarantee also assumes "
+        "the mechanism ran as modelled: an unweighted sum over the sampled clients, the fixed "
+        "denominator m, and noise scaled to the clip norm the clients used.",
+        "",
+    ]
+    return "\n".join(lines)
