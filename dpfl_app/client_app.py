@@ -20,7 +20,7 @@ app = ClientApp()
 
 def _model_and_data(msg: Message, context: Context):
     settings = client_settings(context)
-    net = build_model(settings.model)
+    net = build_model(settings.model, settings.num_classes)
     net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     train_set, val_set = load_client_data(
         settings.dataset, settings.partition_id, settings.num_partitions,

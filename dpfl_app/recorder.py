@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.supercore import log
 
 from dpfl_app import checkpoint, outputs
-from dpfl_app.config import model_for
+from dpfl_app.config import data_source, model_spec
 from dpfl_app.data import load_test_data, loader
 from dpfl_app.strategy import DPFedAvgAdaptive
 from dpfl_app.task import build_model, test
@@ -27,14 +27,15 @@ class RunRecorder:
                  accounting: dict, initial: dict | None = None) -> None:
         self.cfg, self.run_dir, self.strategy = cfg, run_dir, strategy
         self.accounting = accounting
-        self.test_loader = loader(load_test_data(cfg["dataset"], cfg["seed"]), 512, False)
+        test_set = load_test_data(cfg["dataset"], cfg["seed"], **data_source(cfg))
+        self.test_loader = loader(test_set, 512, False)
         self.initial: dict = initial or {}
         self.model_state: dict | None = None
         self.stop_reason: str | None = None
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Test the global model on the server's held-out set."""
-        net = build_model(model_for(self.cfg))
+        net = build_model(*model_spec(self.cfg))
         net.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = test(net, self.test_loader)
         self.model_state = net.state_dict()

@@ -6,19 +6,23 @@ from logging import INFO, WARNING
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from dpfl_app import outputs
-from dpfl_app.config import model_for, validate
-from dpfl_app.data import load_test_data, loader
+from dpfl_app import checkpoint, outputs
+from dpfl_app.config import data_source, model_spec, validate
+from dpfl_app.data import format_label_histogram, partition_label_counts
 from dpfl_app.privacy import mechanism
-from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger, calibrate_noise
+from dpfl_app.privacy.accounting import (
+    AccountingModel, PrivacyLedger, calibrate_noise, headline_accountant,
+)
 from dpfl_app.privacy.report import privacy_report
+from dpfl_app.plots import plot_partitions
+from dpfl_app.recorder import RunRecorder
 from dpfl_app.strategy import BudgetExhausted, DPFedAvgAdaptive, wait_for_nodes
-from dpfl_app.task import build_model, test
+from dpfl_app.task import build_model
 
 app = ServerApp()
 
@@ -27,88 +31,27 @@ def choose_noise(cfg: dict, population: int) -> float:
     """`noise`, or the z calibrated to meet `target-epsilon` in `rounds` rounds."""
     if cfg["target-epsilon"] <= 0:
         return cfg["noise"]
+    # Calibrate with the accountant that will report the run's epsilon.
+    headline = headline_accountant(AccountingModel(cfg["sampling"], 1.0, population,
+                                                   cfg["clients"], cfg["target-delta"]))
     z = calibrate_noise(cfg["target-epsilon"], cfg["target-delta"], cfg["rounds"],
-                        population, cfg["clients"], cfg["sampling"])
+                        population, cfg["clients"], cfg["sampling"], accountant=headline)
     log(INFO, "target-epsilon=%s: calibrated noise multiplier z=%.4f (replaces noise=%s)",
         cfg["target-epsilon"], z, cfg["noise"])
     return z
 
 
-class RunRecorder:
-    """Server-side evaluation after every round, and the run folder kept current."""
-
-    def __init__(self, cfg: dict, run_dir, strategy: DPFedAvgAdaptive, accounting: dict):
-        self.cfg, self.run_dir, self.strategy = cfg, run_dir, strategy
-        self.accounting = accounting
-        self.test_loader = loader(load_test_data(cfg["dataset"], cfg["seed"]), 512, False)
-        self.initial: dict = {}
-        self.final_state: dict | None = None
-        self.stop_reason: str | None = None
-
-    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Test the global model on the server's held-out set (privacy-safe)."""
-        net = build_model(model_for(self.cfg))
-        net.load_state_dict(arrays.to_torch_state_dict())
-        loss, accuracy = test(net, self.test_loader)
-        self.final_state = net.state_dict()
-        if server_round == 0:
-            self.initial = {"test_loss": loss, "test_accuracy": accuracy}
-            log(INFO, "round 0: test accuracy %.4f, loss %.4f", accuracy, loss)
-        else:
-            rec = self.strategy.records[-1]
-            rec.update(test_loss=loss, test_accuracy=accuracy)
-            log(INFO, "round %d/%d: test accuracy %.4f, loss %.4f | clip norm %.4f -> %.4f, "
-                "noise std %.5f | replies %d/%d | epsilon %.3f at delta %g",
-                rec["round"], self.cfg["rounds"], accuracy, loss, rec["clip_norm"],
-                rec["next_clip_norm"], rec["noise_std"], rec["num_replies"],
-                self.strategy.num_sampled_clients, rec["epsilon"], self.cfg["target-delta"])
-            self.write()
-        return MetricRecord({"test_loss": loss, "test_accuracy": accuracy})
-
-    def results(self) -> dict:
-        rounds = self.strategy.records
-        done = [r for r in rounds if "test_accuracy" in r]
-        final = {
-            "rounds_completed": len(done),
-            "test_accuracy": done[-1]["test_accuracy"] if done else self.initial.get("test_accuracy"),
-            "test_loss": done[-1]["test_loss"] if done else self.initial.get("test_loss"),
-            "best_test_accuracy": max((r["test_accuracy"] for r in done), default=None),
-            "epsilon": self.strategy.ledger.epsilon() if done else 0.0,
-            "delta": self.cfg["target-delta"],
-            "stop_reason": self.stop_reason or "completed all rounds",
-        }
-        return {"config": self.cfg, "accounting": self.accounting, "initial": self.initial,
-                "rounds": rounds, "final": final}
-
-    def write(self) -> None:
-        outputs.write_json(self.run_dir / "results.json", self.results())
-        outputs.write_rounds_csv(self.run_dir / "rounds.csv", self.strategy.records)
-        if self.final_state is not None:
-            outputs.save_model(self.run_dir / "final_model.pt", self.final_state)
-
-
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Validate the config, train with DP, account for every round, write results."""
-    cfg = validate(dict(context.run_config))  # fails before anything starts
-    population = len(wait_for_nodes(grid, cfg["clients"], cfg["node-wait-timeout"]))
-    noise = choose_noise(cfg, population)
-    split = mechanism.split_noise(
-        noise, cfg["clients"],
-        None if cfg["clipped-count-stddev"] == "auto" else float(cfg["clipped-count-stddev"]),
-    )
+def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive:
+    """FedAvg (sampling, evaluation) inside our DP wrapper (clipping, noise, accounting)."""
+    stddev = cfg["clipped-count-stddev"]
+    split = mechanism.split_noise(noise, cfg["clients"],
+                                  None if stddev == "auto" else float(stddev))
     if split.raised:
-        log(WARNING, "clipped-count-stddev raised from m/20=%.3f to %.3f so that noise z=%s "
-            "< 2*sigma_b; update noise multiplier z_delta=%.4f", split.default_count_stddev,
+        log(WARNING, "clipped-count-stddev raised from m/20=%.3f to %.3f so that noise z=%.4g"
+            " < 2*sigma_b; update noise multiplier z_delta=%.4f", split.default_count_stddev,
             split.count_stddev, noise, split.update_noise_multiplier)
     ledger = PrivacyLedger(AccountingModel(cfg["sampling"], noise, population, cfg["clients"],
                                            cfg["target-delta"]))
-    accounting = {**ledger.to_dict(), "update_noise_multiplier": split.update_noise_multiplier,
-                  "clipped_count_stddev": split.count_stddev}
-    log(INFO, "population N=%d SuperNodes, m=%d per round, sampling=%s, z=%.4f "
-        "(z_delta=%.4f, sigma_b=%.3f)", population, cfg["clients"], cfg["sampling"], noise,
-        split.update_noise_multiplier, split.count_stddev)
-
     fixed = cfg["sampling"] == "fixed"
     fedavg = FedAvg(
         fraction_train=cfg["clients"] / population if fixed else 1.0,
@@ -117,32 +60,81 @@ def main(grid: Grid, context: Context) -> None:
         fraction_evaluate=1.0 if cfg["client-eval"] else 0.0,
         min_evaluate_nodes=1,
     )
-    rng = np.random.default_rng(cfg["seed"] if cfg["deterministic-noise"] else None)
     if cfg["deterministic-noise"]:
         log(WARNING, "deterministic-noise=true: the DP noise is reproducible from seed=%d. "
             "Fine for experiments; never deploy with it.", cfg["seed"])
-    strategy = DPFedAvgAdaptive(
+    rng = np.random.default_rng(cfg["seed"] if cfg["deterministic-noise"] else None)
+    return DPFedAvgAdaptive(
         fedavg, split, cfg["clients"], ledger, rng,
         initial_clip=cfg["initial-clip"], target_quantile=cfg["target-quantile"],
         clip_lr=cfg["clip-lr"], sampling=cfg["sampling"], min_replies=cfg["min-replies"],
         node_wait_timeout=cfg["node-wait-timeout"], max_epsilon=cfg["max-epsilon"],
         server_lr=cfg["server-lr"],
     )
-    run_dir = outputs.make_run_dir(cfg["output-dir"], context.run_id)
-    log(INFO, "writing results to %s", run_dir)
-    recorder = RunRecorder(cfg, run_dir, strategy, accounting)
 
-    torch.manual_seed(cfg["seed"])
-    initial = ArrayRecord(build_model(model_for(cfg)).state_dict())
+
+def restore(strategy: DPFedAvgAdaptive, state: dict) -> None:
+    """Continue from a checkpoint: same rounds, clip norm, accountant and records."""
+    strategy.ledger.load_state_dict(state["ledger"])
+    strategy.round_offset = state["round"]
+    strategy.clipping_norm = state["clip_norm"]
+    strategy.records = list(state["records"])
+    if state["rng"] is not None:
+        strategy.rng.bit_generator.state = state["rng"]
+    log(INFO, "resuming after round %d from %s (epsilon so far %.3f)", state["round"],
+        state["run_dir"], strategy.ledger.epsilon())
+
+
+def show_partitions(cfg: dict, num_partitions: int, run_dir) -> None:
+    """Log each client's label histogram and save it as partitions.png.
+
+    The server recomputes the demo partitions from the same seed; in a real
+    deployment each site holds its own data and this is only the demo split.
+    """
+    counts = partition_label_counts(cfg["dataset"], cfg["partitioning"], num_partitions,
+                                    cfg["dirichlet-alpha"], cfg["seed"], **data_source(cfg))
+    log(INFO, "labels per client (%s partitioning):\n%s", cfg["partitioning"],
+        format_label_histogram(counts))
+    plot_partitions(counts, run_dir / "partitions.png")
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Validate the config, train with DP, account for every round, write results."""
+    cfg = validate(dict(context.run_config))  # fails before anything starts
+    state = checkpoint.load(cfg["resume-from"], cfg) if cfg["resume-from"] else None
+    population = len(wait_for_nodes(grid, cfg["clients"], cfg["node-wait-timeout"]))
+    noise = state["noise"] if state else choose_noise(cfg, population)
+    strategy = build_strategy(cfg, population, noise)
+    accounting = {**strategy.ledger.to_dict(),
+                  "update_noise_multiplier": strategy.split.update_noise_multiplier,
+                  "clipped_count_stddev": strategy.split.count_stddev}
+    log(INFO, "population N=%d SuperNodes, m=%d per round, sampling=%s, z=%.4f "
+        "(z_delta=%.4f, sigma_b=%.3f), accountant=%s", population, cfg["clients"],
+        cfg["sampling"], noise, strategy.split.update_noise_multiplier,
+        strategy.split.count_stddev, strategy.ledger.headline)
+
+    if state:
+        restore(strategy, state)
+        run_dir, initial_model = state["run_dir"], state["model"]
+    else:
+        run_dir = outputs.make_run_dir(cfg["output-dir"], context.run_id)
+        torch.manual_seed(cfg["seed"])
+        initial_model = build_model(*model_spec(cfg)).state_dict()
+        show_partitions(cfg, population, run_dir)
+    log(INFO, "writing results to %s", run_dir)
+    recorder = RunRecorder(cfg, run_dir, strategy, accounting,
+                           initial=state["initial"] if state else None)
     try:
-        strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg["rounds"],
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_model),
+                       num_rounds=cfg["rounds"] - strategy.round_offset,
                        timeout=cfg["round-timeout"], train_config=ConfigRecord(),
                        evaluate_config=ConfigRecord(), evaluate_fn=recorder.evaluate)
     except BudgetExhausted as stop:
         recorder.stop_reason = f"privacy budget: {stop}"
         log(WARNING, "training stopped early: %s", recorder.stop_reason)
     recorder.write()
-    report = privacy_report(ledger, len(strategy.records), recorder.stop_reason)
+    report = privacy_report(strategy.ledger, len(strategy.records), recorder.stop_reason)
     outputs.write_atomic(run_dir / "privacy.md", report.encode())
     for line in report.splitlines():
         log(INFO, "%s", line)

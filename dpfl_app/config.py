@@ -1,0 +1,179 @@
+"""Run-config keys: one table of names, types, defaults and allowed values.
+
+Every key of `[tool.flwr.app.config]` is checked here before anything starts,
+and a bad one fails with a message naming the key, the value and what is
+allowed. The defaults live in pyproject.toml; this table only validates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from dpfl_app.data import DATASETS, PARTITIONINGS, describe
+from dpfl_app.privacy.accounting import SAMPLING_MODES
+from dpfl_app.registry import is_hub_id
+from dpfl_app.task import MODELS
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class Key:
+    kind: type  # int, float, str or bool
+    check: Callable[[Any], bool] = lambda v: True
+    allowed: str = ""  # words for the error message
+    numbers_as_text: bool = False  # a str key that also takes a number (e.g. "auto" or 2.0)
+
+
+def _choice(options) -> Key:
+    return Key(str, lambda v: v in options, "one of " + ", ".join(options))
+
+
+POSITIVE_INT = Key(int, lambda v: v >= 1, "an integer >= 1")
+POSITIVE = Key(float, lambda v: v > 0, "a number > 0")
+NON_NEGATIVE = Key(float, lambda v: v >= 0, "a number >= 0")
+UNIT = Key(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+KEYS: dict[str, Key] = {
+    "noise": NON_NEGATIVE,
+    "rounds": POSITIVE_INT,
+    "clients": POSITIVE_INT,
+    "sampling": _choice(SAMPLING_MODES),
+    "local-epochs": POSITIVE_INT,
+    "batch-size": POSITIVE_INT,
+    "lr": POSITIVE,
+    "server-lr": POSITIVE,
+    "dataset": Key(str, lambda v: v in DATASETS or is_hub_id(v),
+                   "one of " + ", ".join(DATASETS) + ", or a Hugging Face dataset id owner/name"),
+    "model": Key(str, lambda v: v == "auto" or v in MODELS, "auto or one of " + ", ".join(MODELS)),
+    "partitioning": _choice(PARTITIONINGS),
+    "dirichlet-alpha": POSITIVE,
+    "data-dir": Key(str),  # "" = no local copy: the Hub, or its cache
+    "image-column": Key(str),  # "" = the dataset's own
+    "label-column": Key(str),
+    "initial-clip": POSITIVE,
+    "target-quantile": UNIT,
+    "clip-lr": POSITIVE,
+    "clipped-count-stddev": Key(
+        str, lambda v: v == "auto" or _is_number(v, minimum=0), "auto or a number > 0",
+        numbers_as_text=True,
+    ),
+    "target-delta": Key(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "max-epsilon": NON_NEGATIVE,
+    "target-epsilon": NON_NEGATIVE,
+    "seed": Key(int, lambda v: v >= 0, "an integer >= 0"),
+    "deterministic-noise": Key(bool),
+    "client-eval": Key(bool),
+    "min-replies": Key(int, lambda v: v >= 0, "an integer >= 0"),
+    "round-timeout": POSITIVE,
+    "node-wait-timeout": POSITIVE,
+    "output-dir": Key(str, lambda v: v != "", "a non-empty path"),
+    "resume-from": Key(str),
+}
+
+
+def _is_number(text: Any, minimum: float) -> bool:
+    try:
+        return float(text) > minimum and math.isfinite(float(text))
+    except (TypeError, ValueError):
+        return False
+
+
+def _coerce(name: str, value: Any, key: Key) -> Any:
+    """Accept ints for floats and numbers for strings; refuse everything else."""
+    if key.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if key.numbers_as_text and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, key.kind) or (key.kind is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"run-config key {name!r} = {value!r} has type {type(value).__name__}; "
+            f"expected {key.kind.__name__}" + (f" ({key.allowed})" if key.allowed else "")
+        )
+    if key.kind is float and not math.isfinite(value):
+        raise ConfigError(f"run-config key {name!r} = {value!r} must be finite")
+    return value
+
+
+def validate(run_config: dict[str, Any]) -> dict[str, Any]:
+    """Check every key of a run config; return it with values coerced."""
+    unknown = sorted(set(run_config) - set(KEYS))
+    if unknown:
+        raise ConfigError(
+            f"unknown run-config key(s) {', '.join(map(repr, unknown))}; "
+            f"allowed keys: {', '.join(sorted(KEYS))}"
+        )
+    missing = sorted(set(KEYS) - set(run_config))
+    if missing:
+        raise ConfigError(f"run-config key(s) {', '.join(missing)} missing from pyproject.toml")
+    clean = {}
+    for name, key in KEYS.items():
+        value = _coerce(name, run_config[name], key)
+        if not key.check(value):
+            raise ConfigError(f"run-config key {name!r} = {value!r} is invalid; allowed: {key.allowed}")
+        clean[name] = value
+    if 0 < clean["max-epsilon"] < clean["target-epsilon"]:
+        raise ConfigError(
+            f"target-epsilon={clean['target-epsilon']} exceeds max-epsilon="
+            f"{clean['max-epsilon']}: the run would stop before reaching its target; "
+            "set target-epsilon <= max-epsilon, or one of them to 0 (off)"
+        )
+    return clean
+
+
+def data_source(cfg: dict[str, Any]) -> dict[str, str]:
+    """Where the dataset's files are and which columns to read, as data.py's kwargs."""
+    return {"data_dir": cfg["data-dir"], "image_column": cfg["image-column"],
+            "label_column": cfg["label-column"]}
+
+
+def model_spec(cfg: dict[str, Any]) -> tuple[str, int]:
+    """(model name, number of classes): `model`, or the dataset's default when `auto`."""
+    spec = describe(cfg["dataset"], **data_source(cfg))
+    return (spec.model if cfg["model"] == "auto" else cfg["model"]), spec.num_classes
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What a ClientApp needs: run config plus its node's partition."""
+
+    dataset: str
+    model: str
+    partitioning: str
+    dirichlet_alpha: float
+    seed: int
+    local_epochs: int
+    batch_size: int
+    lr: float
+    partition_id: int
+    num_partitions: int
+    data_dir: str = ""
+    image_column: str = ""
+    label_column: str = ""
+    num_classes: int = 10
+
+
+def client_settings(context) -> ClientSettings:
+    """Validated settings from a ClientApp's `Context`."""
+    cfg = validate(dict(context.run_config))
+    node = context.node_config
+    for key in ("partition-id", "num-partitions"):
+        if key not in node:
+            raise ConfigError(
+                f"node config has no {key!r}; start the SuperNode with "
+                '--node-config "partition-id=<i> num-partitions=<n>"'
+            )
+    model, num_classes = model_spec(cfg)
+    return ClientSettings(
+        dataset=cfg["dataset"], model=model, partitioning=cfg["partitioning"],
+        dirichlet_alpha=cfg["dirichlet-alpha"], seed=cfg["seed"],
+        local_epochs=cfg["local-epochs"], batch_size=cfg["batch-size"], lr=cfg["lr"],
+        partition_id=int(node["partition-id"]), num_partitions=int(node["num-partitions"]),
+        data_dir=cfg["data-dir"], image_column=cfg["image-column"],
+        label_column=cfg["label-column"],
+        num_classes=num_classes,
+    )

@@ -1,0 +1,125 @@
+"""Model, data, train and test: the machine-learning half of dpfl_app.
+
+Modelled on Flower's quickstart-pytorch `task.py`. The models have no
+BatchNorm: its integer `num_batches_tracked` buffer would be part of the update
+the clip acts on (dp-notes §4), so every array of every model is float.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dpfl_app.data import load_client_data, load_test_data  # noqa: F401  (re-export)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class DigitsMLP(nn.Module):
+    """Small MLP for 8x8 grey digits: 2,410 weights, so little DP noise in total."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class DigitsCNN(nn.Module):
+    """Small CNN for 8x8 grey digits (sklearn `load_digits`)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 16x4x4
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 32x2x2
+        )
+        self.classifier = nn.Linear(32 * 2 * 2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class MnistCNN(nn.Module):
+    """The seeds' small CNN for 28x28 grey images (MNIST, Fashion-MNIST)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2),  # 16x12x12
+            nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),  # 32x4x4
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class LeNet(nn.Module):
+    """The seeds' LeNet-style CNN for 32x32 colour images (CIFAR-10), with GroupNorm."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 5), nn.GroupNorm(2, 6), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.GroupNorm(4, 16), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(16 * 5 * 5, 120), nn.ReLU(),
+            nn.Linear(120, 84), nn.ReLU(),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+MODELS = {"digits-mlp": DigitsMLP, "digits-cnn": DigitsCNN, "mnist-cnn": MnistCNN, "lenet": LeNet}
+
+
+def build_model(name: str, num_classes: int = 10) -> nn.Module:
+    """Instantiate a model of the registry by name."""
+    if name not in MODELS:
+        raise ValueError(f"model={name!r} is unknown; allowed: {', '.join(MODELS)}")
+    return MODELS[name](num_classes)
+
+
+def train(
+    net: nn.Module, loader: DataLoader, epochs: int, lr: float, device=DEVICE
+) -> float:
+    """Local SGD on the client's own data; returns the mean training loss."""
+    net.to(device).train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    total_loss, batches = 0.0, 0
+    for _ in range(epochs):
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            optimizer.zero_grad()
+            loss = criterion(net(images), labels)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item()
+            batches += 1
+    return total_loss / max(batches, 1)
+
+
+def test(net: nn.Module, loader: DataLoader, device=DEVICE) -> tuple[float, float]:
+    """Mean loss and accuracy of `net` on `loader`."""
+    net.to(device).eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss, correct, total = 0.0, 0, 0
+    with torch.no_grad():
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            outputs = net(images)
+            loss += criterion(outputs, labels).item()
+            correct += (outputs.argmax(1) == labels).sum().item()
+            total += labels.size(0)
+    return loss / max(total, 1), correct / max(total, 1)

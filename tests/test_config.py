@@ -1,0 +1,90 @@
+"""Every run-config key rejects a bad value with a message naming key, value and rule."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from dpfl_app.config import KEYS, ConfigError, validate
+from dpfl_app.strategy import NotEnoughNodes, wait_for_nodes
+from tests.fakes import FakeGrid
+from tests.inprocess import default_run_config
+
+# key -> (bad value, fragment of the allowed-values text)
+BAD_VALUES = {
+    "noise": (-1.0, ">= 0"),
+    "rounds": (0, ">= 1"),
+    "clients": (0, ">= 1"),
+    "sampling": ("bernoulli", "poisson, fixed"),
+    "local-epochs": (0, ">= 1"),
+    "batch-size": (-8, ">= 1"),
+    "lr": (-0.1, "> 0"),
+    "server-lr": (0.0, "> 0"),
+    "dataset": ("imagenet", "digits"),
+    "model": ("resnet", "digits-mlp"),
+    "partitioning": ("by-zip-code", "iid"),
+    "dirichlet-alpha": (0.0, "> 0"),
+    "data-dir": (3.5, "str"),
+    "image-column": (True, "str"),
+    "label-column": (1.5, "str"),
+    "initial-clip": (0.0, "> 0"),
+    "target-quantile": (1.5, "[0, 1]"),
+    "clip-lr": (-0.2, "> 0"),
+    "clipped-count-stddev": ("lots", "auto or a number"),
+    "target-delta": (1.0, "(0, 1)"),
+    "max-epsilon": (-3.0, ">= 0"),
+    "target-epsilon": (-1.0, ">= 0"),
+    "seed": (-1, ">= 0"),
+    "deterministic-noise": ("yes", "bool"),
+    "client-eval": (1, "bool"),
+    "min-replies": (-1, ">= 0"),
+    "round-timeout": (0.0, "> 0"),
+    "node-wait-timeout": (-5.0, "> 0"),
+    "output-dir": ("", "non-empty"),
+    "resume-from": (7.5, "str"),
+}
+
+
+def test_the_table_covers_every_key():
+    assert set(BAD_VALUES) == set(KEYS)
+
+
+def test_the_defaults_are_valid():
+    validate(default_run_config())
+
+
+@pytest.mark.parametrize("key", sorted(BAD_VALUES))
+def test_bad_value_names_key_value_and_what_is_allowed(key):
+    bad, allowed = BAD_VALUES[key]
+    with pytest.raises(ConfigError) as err:
+        validate(default_run_config(**{key: bad}))
+    message = str(err.value)
+    assert repr(key) in message and repr(bad) in message and allowed in message, message
+
+
+def test_misspelled_key_is_named_with_the_allowed_keys():
+    with pytest.raises(ConfigError, match=r"unknown run-config key\(s\) 'nosie'.*allowed keys"):
+        validate(default_run_config(nosie=1.0))
+
+
+def test_conflicting_budget_keys():
+    with pytest.raises(ConfigError, match="target-epsilon=10.0 exceeds max-epsilon=5.0"):
+        validate(default_run_config(**{"target-epsilon": 10.0, "max-epsilon": 5.0}))
+
+
+def test_explicit_count_stddev_too_small_for_noise_fails_before_training(tmp_path):
+    from tests.inprocess import run_server
+
+    cfg = default_run_config(**{"noise": 1.0, "clipped-count-stddev": "0.3",
+                                "output-dir": str(tmp_path / "out")})
+    with pytest.raises(ValueError, match="clipped-count-stddev=0.3"):
+        run_server(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_few_supernodes_fails_after_a_bounded_wait():
+    start = time.monotonic()
+    with pytest.raises(NotEnoughNodes, match=r"only 3 SuperNode\(s\).*clients=6.*Start more"):
+        wait_for_nodes(FakeGrid(3), needed=6, timeout=1.0)
+    assert time.monotonic() - start < 5
