@@ -15,9 +15,8 @@ from dpfl_app import checkpoint, outputs
 from dpfl_app.config import data_source, model_spec, validate
 from dpfl_app.data import format_label_histogram, partition_label_counts
 from dpfl_app.privacy import mechanism
-from dpfl_app.privacy.accounting import (
-    AccountingModel, PrivacyLedger, calibrate_noise, headline_accountant,
-)
+from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger, headline_accountant
+from dpfl_app.privacy.calibration import calibrate_noise
 from dpfl_app.privacy.report import privacy_report
 from dpfl_app.plots import plot_partitions
 from dpfl_app.recorder import RunRecorder

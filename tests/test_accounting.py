@@ -18,15 +18,17 @@ try:
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dpfl_app.privacy.accountants import CachedRdpAccountant  # noqa: E402
 from dpfl_app.privacy.accounting import (  # noqa: E402
     AccountingModel,
-    CachedRdpAccountant,
     PrivacyLedger,
+    epsilon_after,
+    max_rounds_within,
+)
+from dpfl_app.privacy.calibration import (  # noqa: E402
     calibrate_clients,
     calibrate_noise,
-    epsilon_after,
     max_clients_within,
-    max_rounds_within,
 )
 
 REPLACE_ONE = dpa.NeighboringRelation.REPLACE_ONE

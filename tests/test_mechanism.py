@@ -73,3 +73,15 @@ def test_clip_to_norm():
     assert mechanism.l2_norm(clipped) == pytest.approx(1.0)
     small = mechanism.clip_to_norm([np.array([0.3, 0.4])], 1.0)
     np.testing.assert_allclose(small[0], [0.3, 0.4])
+
+
+def test_privacy_package_imports_no_flower():
+    """The privacy math stands alone: importing it must not pull in Flower."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import dpfl_app.privacy.mechanism, dpfl_app.privacy.accounting, "
+            "dpfl_app.privacy.calibration, dpfl_app.privacy.report; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

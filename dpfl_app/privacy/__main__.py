@@ -11,15 +11,8 @@ import json
 import math
 import sys
 
-from .accounting import (
-    ACCOUNTANTS,
-    SAMPLING_MODES,
-    AccountingModel,
-    calibrate_clients,
-    calibrate_noise,
-    epsilon_after,
-    max_clients_within,
-)
+from .accounting import ACCOUNTANTS, SAMPLING_MODES, AccountingModel, epsilon_after
+from .calibration import calibrate_clients, calibrate_noise, max_clients_within
 from .report import fmt_eps, strength
 
 DESCRIPTION = """\

@@ -22,7 +22,8 @@ each round as a ``DpEvent`` (dp-notes section 3); accountants interpret it.
 z is the combined multiplier of the (update, centred count) pair (Andrew et
 al. 2021, Thm 1). z == 0 means no noise, and every epsilon is ``inf``.
 
-Numerical choices: RDP orders are dp_accounting's ``DEFAULT_RDP_ORDERS``. The
+Calibration lives in `calibration.py`, the accountant classes in
+`accountants.py`. Numerical choices: RDP orders are dp_accounting's ``DEFAULT_RDP_ORDERS``. The
 PLD discretisation interval is ``max(1e-3, eps_rdp / 2000)``. It is coarser
 only where epsilon is already large; this keeps PLD well under 1 s per call.
 When ``eps_rdp > 10_000`` the PLD computation is skipped and the RDP bound,
@@ -31,38 +32,19 @@ also a valid upper bound, stands in for it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import logging
 import math
 import numbers
 from dataclasses import asdict, dataclass
 
 import dp_accounting
-import numpy as np
-from dp_accounting.pld import PLDAccountant
-from dp_accounting.privacy_accountant import NeighboringRelation, PrivacyAccountant
-from dp_accounting.rdp import RdpAccountant
-from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS, compute_epsilon
+from dp_accounting.privacy_accountant import NeighboringRelation
+
+from dpfl_app.privacy.accountants import CachedRdpAccountant, PoissonPldAccountant
 
 SAMPLING_MODES = ("poisson", "fixed")
 ACCOUNTANTS = ("rdp", "pld")
-RDP_ORDERS = tuple(DEFAULT_RDP_ORDERS)
-PLD_MIN_DISCRETIZATION = 1e-3
-PLD_MAX_RDP_EPSILON = 10_000.0
 _ADJACENCY = {"poisson": "add-or-remove-one", "fixed": "replace-one"}
-
-
-@contextlib.contextmanager
-def _quiet_absl():
-    """Drop dp_accounting's 'failed to converge ... Excluding this order' noise."""
-    logger = logging.getLogger("absl")
-    flt = lambda rec: "failed to converge" not in rec.getMessage()  # noqa: E731
-    logger.addFilter(flt)
-    try:
-        yield
-    finally:
-        logger.removeFilter(flt)
 
 
 def _is_int(x) -> bool:
@@ -150,89 +132,6 @@ class AccountingModel:
     def from_dict(cls, d: dict) -> "AccountingModel":
         return cls(**{k: d[k] for k in ("sampling", "noise_multiplier", "population",
                                         "clients_per_round", "delta")})
-
-
-@functools.lru_cache(maxsize=1024)
-def _leaf_rdp(event: dp_accounting.DpEvent, relation: NeighboringRelation) -> tuple:
-    """Per-order RDP of one occurrence of a non-composite event (cached: events are hashable).
-
-    A without-replacement Gaussian under replace-one gets min(Wang et al. bound,
-    unamplified Gaussian bound) per order; anything else is dp_accounting's RDP value.
-    """
-    fresh = lambda: RdpAccountant(RDP_ORDERS, relation)  # noqa: E731
-    with _quiet_absl():
-        if (isinstance(event, dp_accounting.SampledWithoutReplacementDpEvent)
-                and isinstance(event.event, dp_accounting.GaussianDpEvent)
-                and relation == NeighboringRelation.REPLACE_ONE):
-            if event.event.noise_multiplier == 0:  # dp_accounting divides by zero here
-                return (math.inf,) * len(RDP_ORDERS)
-            plain = fresh().compose(event.event).rdp
-            if event.sample_size >= event.source_dataset_size:
-                return tuple(plain)
-            return tuple(np.minimum(fresh().compose(event).rdp, plain))
-        return tuple(fresh().compose(event).rdp)
-
-
-class CachedRdpAccountant(PrivacyAccountant):
-    """RDP accountant over RDP_ORDERS that caches per-event RDP vectors.
-
-    Under REPLACE_ONE, each without-replacement Gaussian round is bounded by
-    min(Wang et al. bound, unamplified Gaussian bound), order by order. Every
-    other event gets dp_accounting's RdpAccountant value unchanged.
-    """
-
-    def __init__(self, neighboring_relation: NeighboringRelation = NeighboringRelation.ADD_OR_REMOVE_ONE):
-        super().__init__(neighboring_relation)
-        self._rdp = np.zeros(len(RDP_ORDERS))
-
-    def _maybe_compose(self, event, count, do_compose):
-        if isinstance(event, dp_accounting.SelfComposedDpEvent):
-            return self._maybe_compose(event.event, event.count * count, do_compose)
-        if isinstance(event, dp_accounting.ComposedDpEvent):
-            for e in event.events:
-                err = self._maybe_compose(e, count, do_compose)
-                if err is not None:
-                    return err
-            return None
-        err = RdpAccountant(RDP_ORDERS, self.neighboring_relation)._maybe_compose(event, count, False)
-        if err is None and do_compose and count:
-            self._rdp = self._rdp + count * np.array(_leaf_rdp(event, self.neighboring_relation))
-        return err
-
-    def get_epsilon(self, target_delta: float) -> float:
-        return float(compute_epsilon(RDP_ORDERS, self._rdp, target_delta)[0])
-
-
-class PoissonPldAccountant(PrivacyAccountant):
-    """PLD accountant (add-or-remove-one) whose discretisation interval is set from
-    the RDP bound of the same events: max(1e-3, eps_rdp / 2000). Returns
-    min(PLD, RDP); both are upper bounds. Above eps_rdp = 10_000 it returns the
-    RDP bound without building the PLD. epsilon_after and calibration both use
-    this class, so a calibrated parameter meets the target under epsilon_after too.
-    """
-
-    def __init__(self):
-        super().__init__(NeighboringRelation.ADD_OR_REMOVE_ONE)
-        self._rdp = CachedRdpAccountant()
-        self._events: list = []
-
-    def _maybe_compose(self, event, count, do_compose):
-        err = PLDAccountant()._maybe_compose(event, count, False)
-        if err is None:
-            err = self._rdp._maybe_compose(event, count, False)
-        if err is None and do_compose:
-            self._rdp.compose(event, count)
-            self._events.append((event, count))
-        return err
-
-    def get_epsilon(self, target_delta: float) -> float:
-        eps_rdp = self._rdp.get_epsilon(target_delta)
-        if not math.isfinite(eps_rdp) or eps_rdp > PLD_MAX_RDP_EPSILON:
-            return eps_rdp
-        pld = PLDAccountant(value_discretization_interval=max(PLD_MIN_DISCRETIZATION, eps_rdp / 2000))
-        for event, count in self._events:
-            pld.compose(event, count)
-        return float(min(pld.get_epsilon(target_delta), eps_rdp))
 
 
 def _check_accountant(model: AccountingModel, accountant: str | None) -> str:
@@ -343,101 +242,3 @@ class PrivacyLedger:
 
     def to_dict(self) -> dict:
         return {**self.model.to_dict(), "accountant": self.headline, "rounds": self._rounds}
-
-
-# ---------------------------------------------------------------- calibration
-
-def _make_fresh(sampling: str, accountant: str):
-    if accountant == "rdp":
-        relation = (NeighboringRelation.ADD_OR_REMOVE_ONE if sampling == "poisson"
-                    else NeighboringRelation.REPLACE_ONE)
-        return lambda: CachedRdpAccountant(relation)
-    if sampling != "poisson":
-        raise ValueError("the PLD accountant does not apply to 'fixed' sampling; use accountant='rdp'")
-    return PoissonPldAccountant
-
-
-def _check_target(target_epsilon, rounds):
-    if not (isinstance(target_epsilon, numbers.Real) and 0 < target_epsilon < math.inf):
-        raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
-    if not _is_int(rounds) or rounds < 1:
-        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
-
-
-def _gap(fresh, make_event, target_epsilon, delta):
-    def gap(x):
-        with _quiet_absl():
-            return fresh().compose(make_event(x)).get_epsilon(delta) - target_epsilon
-    return gap
-
-
-def calibrate_noise(target_epsilon, delta, rounds, population, clients_per_round,
-                    sampling, accountant="rdp") -> float:
-    """Smallest noise multiplier z (to within 1e-6) with epsilon <= target after `rounds`.
-
-    Values below 1e-3 are not searched: if z = 1e-3 already meets the target, 1e-3 is returned.
-    """
-    _check_target(target_epsilon, rounds)
-    base = AccountingModel(sampling, 1.0, population, clients_per_round, delta)
-    accountant = _check_accountant(base, accountant)
-    fresh = _make_fresh(sampling, accountant)
-    make_event = lambda z: dp_accounting.SelfComposedDpEvent(  # noqa: E731
-        base.replace(noise_multiplier=float(z)).round_event(), rounds)
-    gap = _gap(fresh, make_event, target_epsilon, delta)
-    lo, hi = 1e-3, 1.0
-    while gap(hi) > 0:
-        lo, hi = hi, hi * 2
-        if hi > 2 ** 20:
-            raise ValueError(f"no noise multiplier <= 2**20 reaches epsilon {target_epsilon}")
-    if gap(lo) <= 0:
-        return lo
-    with _quiet_absl():
-        return float(dp_accounting.calibrate_dp_mechanism(
-            fresh, make_event, target_epsilon, delta,
-            dp_accounting.ExplicitBracketInterval(lo, hi)))
-
-
-def _calibrate_m(target_epsilon, delta, rounds, population, sampling, accountant, z_of_m, smallest):
-    _check_target(target_epsilon, rounds)
-    base = AccountingModel(sampling, 1.0, population, 1, delta)
-    accountant = _check_accountant(base, accountant)
-    fresh = _make_fresh(sampling, accountant)
-    make_event = lambda m: dp_accounting.SelfComposedDpEvent(  # noqa: E731
-        base.replace(clients_per_round=int(m), noise_multiplier=z_of_m(int(m))).round_event(), rounds)
-    gap = _gap(fresh, make_event, target_epsilon, delta)
-    good, bad, step = (population, 1, -1) if smallest else (1, population, 1)
-    if gap(good) > 0:
-        return None
-    if gap(bad) <= 0:
-        return bad
-    with _quiet_absl():
-        m = int(dp_accounting.calibrate_dp_mechanism(
-            fresh, make_event, target_epsilon, delta,
-            dp_accounting.ExplicitBracketInterval(1, population), discrete=True))
-    while m + step != bad and gap(m + step) <= 0:  # brentq is only within 1 of the optimum
-        m += step
-    return m
-
-
-def calibrate_clients(target_epsilon, delta, rounds, population, *, noise_to_clients_ratio,
-                      sampling="poisson", accountant="rdp") -> int | None:
-    """Smallest m in [1, N] meeting the target when z = m * noise_to_clients_ratio
-    (the noise std on the *averaged* update, zC/m, stays fixed; seed 002's question).
-    None if even m = N does not reach it.
-
-    With z held fixed instead, epsilon *grows* with m; see max_clients_within.
-    """
-    r = noise_to_clients_ratio
-    if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0 < r < math.inf:
-        raise ValueError(f"noise_to_clients_ratio must be a finite number > 0, got {r!r}")
-    return _calibrate_m(target_epsilon, delta, rounds, population, sampling, accountant,
-                        lambda m: m * float(r), smallest=True)
-
-
-def max_clients_within(target_epsilon, delta, rounds, population, *, noise_multiplier,
-                       sampling="poisson", accountant="rdp") -> int | None:
-    """Largest m in [1, N] meeting the target at a fixed z (epsilon grows with m/N).
-    None if even m = 1 exceeds it."""
-    AccountingModel(sampling, noise_multiplier, population, 1, delta)  # validate
-    return _calibrate_m(target_epsilon, delta, rounds, population, sampling, accountant,
-                        lambda m: float(noise_multiplier), smallest=False)

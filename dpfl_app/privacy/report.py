@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import math
 
-from .accounting import (
-    AccountingModel,
-    PrivacyLedger,
-    calibrate_clients,
-    calibrate_noise,
-    max_clients_within,
-)
+from .accounting import AccountingModel, PrivacyLedger
+from .calibration import calibrate_clients, calibrate_noise, max_clients_within
 
 ACCEPTABLE_EPSILON = 8.0
 STRONG_EPSILON = 1.0
