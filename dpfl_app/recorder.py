@@ -2,7 +2,8 @@
 
 After each round the recorder tests the global model on the server's held-out
 set (the privacy-safe metric), logs one line per round, and rewrites
-results.json, rounds.csv, final_model.pt and checkpoint.pt atomically.
+results.json, rounds.csv, accuracy.png, final_model.pt and checkpoint.pt
+atomically.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from flwr.supercore import log
 from dpfl_app import checkpoint, outputs
 from dpfl_app.config import data_source, model_spec
 from dpfl_app.data import load_test_data, loader
+from dpfl_app.plots import plot_run_accuracy
 from dpfl_app.strategy import DPFedAvgAdaptive
 from dpfl_app.task import build_model, test
 
@@ -64,6 +66,9 @@ class RunRecorder:
             "test_loss": last.get("test_loss"),
             "best_test_accuracy": max((r["test_accuracy"] for r in done), default=None),
             "epsilon": self.strategy.ledger.epsilon() if done else 0.0,
+            "epsilon_rdp": self.strategy.ledger.epsilon("rdp") if done else 0.0,
+            "epsilon_pld": self.strategy.ledger.epsilon("pld") if done else 0.0,
+            "accountant": self.strategy.ledger.headline,
             "delta": self.cfg["target-delta"],
             "stop_reason": self.stop_reason or (
                 "completed all rounds" if last is not self.initial
@@ -75,6 +80,7 @@ class RunRecorder:
     def write(self) -> None:
         outputs.write_json(self.run_dir / "results.json", self.results())
         outputs.write_rounds_csv(self.run_dir / "rounds.csv", self.strategy.records)
+        plot_run_accuracy(self.strategy.records, self.run_dir / "accuracy.png", self.initial)
         if self.model_state is not None:
             outputs.save_model(self.run_dir / "final_model.pt", self.model_state)
 
