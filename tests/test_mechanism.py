@@ -85,3 +85,16 @@ def test_privacy_package_imports_no_flower():
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_accounting_leaves_the_root_logger_alone():
+    """dp_accounting logs through absl, which calls logging.basicConfig() on its
+    first message; that printed every Flower log line twice. It must not happen."""
+    import subprocess
+    import sys
+
+    code = ("import logging; from dpfl_app.privacy.accounting import AccountingModel, "
+            "epsilon_after; m = AccountingModel('poisson', 0.3, 10, 6, 1e-5); "
+            "epsilon_after(m, 5, 'rdp'); epsilon_after(m, 5, 'pld'); print(logging.root.handlers)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -33,13 +33,21 @@ PLD_MAX_RDP_EPSILON = 10_000.0
 
 @contextlib.contextmanager
 def quiet_absl():
-    """Drop dp_accounting's 'failed to converge ... Excluding this order' noise."""
+    """Drop dp_accounting's 'failed to converge ... Excluding this order' noise.
+
+    absl also calls `logging.basicConfig()` on its first message when the root
+    logger has no handler, which would print every Flower log line twice; a
+    NullHandler on the root for the duration prevents that.
+    """
     logger = logging.getLogger("absl")
     flt = lambda rec: "failed to converge" not in rec.getMessage()  # noqa: E731
+    guard = logging.NullHandler()
     logger.addFilter(flt)
+    logging.root.addHandler(guard)
     try:
         yield
     finally:
+        logging.root.removeHandler(guard)
         logger.removeFilter(flt)
 
 

@@ -40,9 +40,9 @@ from dataclasses import asdict, dataclass
 import dp_accounting
 from dp_accounting.privacy_accountant import NeighboringRelation
 
-from dpfl_app.privacy.accountants import CachedRdpAccountant, PoissonPldAccountant
+from dpfl_app.privacy import SAMPLING_MODES  # noqa: F401  (re-export)
+from dpfl_app.privacy.accountants import CachedRdpAccountant, PoissonPldAccountant, quiet_absl
 
-SAMPLING_MODES = ("poisson", "fixed")
 ACCOUNTANTS = ("rdp", "pld")
 _ADJACENCY = {"poisson": "add-or-remove-one", "fixed": "replace-one"}
 
@@ -156,9 +156,12 @@ def _epsilon(model: AccountingModel, rounds: int, accountant: str) -> float | No
     if model.noise_multiplier == 0:
         return math.inf
     event = dp_accounting.SelfComposedDpEvent(model.round_event(), rounds)
-    if accountant == "rdp":
-        return CachedRdpAccountant(model.neighboring_relation).compose(event).get_epsilon(model.delta)
-    return float(PoissonPldAccountant().compose(event).get_epsilon(model.delta))
+    with quiet_absl():
+        if accountant == "rdp":
+            accountant_ = CachedRdpAccountant(model.neighboring_relation)
+        else:
+            accountant_ = PoissonPldAccountant()
+        return float(accountant_.compose(event).get_epsilon(model.delta))
 
 
 def epsilon_after(model: AccountingModel, rounds: int, accountant: str = "rdp") -> float | None:
