@@ -12,21 +12,19 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod
 
 from dpfl_app.config import client_settings
-from dpfl_app.data import load_client_data, loader
-from dpfl_app.task import build_model, test, train
+from dpfl_app.data import loader
+from dpfl_app.node_data import client_data
+from dpfl_app.task import build_model, test, train, use_actor_cpu_share
 
 app = ClientApp()
 
 
 def _model_and_data(msg: Message, context: Context):
+    use_actor_cpu_share()
     settings = client_settings(context)
     net = build_model(settings.model, settings.num_classes)
     net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    train_set, val_set = load_client_data(
-        settings.dataset, settings.partition_id, settings.num_partitions,
-        settings.partitioning, settings.dirichlet_alpha, settings.seed,
-        settings.data_dir, settings.image_column, settings.label_column,
-    )
+    train_set, val_set = client_data(settings)
     return settings, net, train_set, val_set
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from dpfl_app.data import DATASETS, PARTITIONINGS, describe
-from dpfl_app.privacy.accounting import SAMPLING_MODES
+from dpfl_app.privacy import SAMPLING_MODES
 from dpfl_app.registry import is_hub_id
 from dpfl_app.task import MODELS
 
@@ -37,6 +37,9 @@ POSITIVE_INT = Key(int, lambda v: v >= 1, "an integer >= 1")
 POSITIVE = Key(float, lambda v: v > 0, "a number > 0")
 NON_NEGATIVE = Key(float, lambda v: v >= 0, "a number >= 0")
 UNIT = Key(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+# Where each SuperNode's data comes from: its demo partition of `dataset`
+# (node config partition-id/num-partitions), or its own files (data-path).
+NODE_DATA = ("partitions", "local")
 
 KEYS: dict[str, Key] = {
     "noise": NON_NEGATIVE,
@@ -55,6 +58,7 @@ KEYS: dict[str, Key] = {
     "data-dir": Key(str),  # "" = no local copy: the Hub, or its cache
     "image-column": Key(str),  # "" = the dataset's own
     "label-column": Key(str),
+    "node-data": _choice(NODE_DATA),
     "initial-clip": POSITIVE,
     "target-quantile": UNIT,
     "clip-lr": POSITIVE,
@@ -155,25 +159,48 @@ class ClientSettings:
     image_column: str = ""
     label_column: str = ""
     num_classes: int = 10
+    data_path: str = ""  # node-data='local': this site's own files
 
 
 def client_settings(context) -> ClientSettings:
     """Validated settings from a ClientApp's `Context`."""
     cfg = validate(dict(context.run_config))
-    node = context.node_config
-    for key in ("partition-id", "num-partitions"):
-        if key not in node:
-            raise ConfigError(
-                f"node config has no {key!r}; start the SuperNode with "
-                '--node-config "partition-id=<i> num-partitions=<n>"'
-            )
+    node = _node_source(context.node_config, cfg["node-data"])
     model, num_classes = model_spec(cfg)
     return ClientSettings(
         dataset=cfg["dataset"], model=model, partitioning=cfg["partitioning"],
         dirichlet_alpha=cfg["dirichlet-alpha"], seed=cfg["seed"],
         local_epochs=cfg["local-epochs"], batch_size=cfg["batch-size"], lr=cfg["lr"],
-        partition_id=int(node["partition-id"]), num_partitions=int(node["num-partitions"]),
         data_dir=cfg["data-dir"], image_column=cfg["image-column"],
         label_column=cfg["label-column"],
-        num_classes=num_classes,
+        num_classes=num_classes, **node,
     )
+
+
+def _node_source(node: dict[str, Any], node_data: str) -> dict[str, Any]:
+    """The node config's data keys, checked: `data-path`, or a demo partition."""
+    if node_data == "local":
+        path = node.get("data-path")
+        if not isinstance(path, str) or not path:
+            raise ConfigError(
+                f"node config 'data-path' = {path!r}: run-config node-data='local' needs "
+                "every SuperNode's own data; start the SuperNode with --node-config "
+                "'data-path=\"/absolute/path/to/site-data\"' (a folder of parquet files, "
+                "see deploy/README.md)"
+            )
+        return {"partition_id": 0, "num_partitions": 1, "data_path": path}
+    for key in ("partition-id", "num-partitions"):
+        if key not in node:
+            hint = (" This node has a data-path: run with --run-config \"node-data='local'\"."
+                    if "data-path" in node else "")
+            raise ConfigError(
+                f"node config has no {key!r}; start the SuperNode with "
+                '--node-config "partition-id=<i> num-partitions=<n>"' + hint
+            )
+    pid, num = node["partition-id"], node["num-partitions"]
+    if not (isinstance(pid, int) and isinstance(num, int) and 0 <= pid < num):
+        raise ConfigError(
+            f"node config 'partition-id' = {pid!r}, 'num-partitions' = {num!r}: expected "
+            "integers with 0 <= partition-id < num-partitions"
+        )
+    return {"partition_id": pid, "num_partitions": num}

@@ -245,8 +245,15 @@ def load_client_data(name: str, partition_id: int, num_partitions: int,
         raise ValueError(f"partition-id={partition_id} must be in [0, {num_partitions})")
     partitioner, _ = _partitioned(name, data_dir, image_column, label_column,
                                   partitioning, num_partitions, alpha, seed)
-    partition = partitioner.load_partition(partition_id)
-    split = partition.train_test_split(test_size=CLIENT_VAL_FRACTION, seed=seed)
+    return split_for_client(partitioner.load_partition(partition_id), spec, seed)
+
+
+def split_for_client(rows, spec: DatasetSpec, seed: int) -> tuple[Tensors, Tensors]:
+    """A client's rows (a `datasets.Dataset`) as (train, validation) tensors, 80/20."""
+    if len(rows) < 2:  # e.g. digits over 1,000 clients: one example, all of it for training
+        train = to_tensors(rows[:], spec)
+        return train, Tensors(train.images[:0], train.labels[:0])
+    split = rows.train_test_split(test_size=CLIENT_VAL_FRACTION, seed=seed)
     return to_tensors(split["train"][:], spec), to_tensors(split["test"][:], spec)
 
 
@@ -262,15 +269,21 @@ def load_test_data(name: str, seed: int = 42, data_dir: str = "", image_column: 
 def partition_label_counts(name: str, partitioning: str, num_partitions: int,
                            alpha: float = 0.5, seed: int = 42, data_dir: str = "",
                            image_column: str = "", label_column: str = "") -> list[list[int]]:
-    """Per-partition label histogram: counts[partition][label] (whole partitions)."""
-    from flwr_datasets.metrics import compute_counts
+    """Per-partition label histogram: counts[partition][label] (whole partitions).
 
+    Labels outside [0, num_classes) are not counted. A bincount of the label
+    column only: flwr-datasets' compute_counts (pandas per partition) took 3x
+    as long, 19 s for 1,000 partitions.
+    """
     spec = describe(name, data_dir, image_column, label_column)
     partitioner, _ = _partitioned(name, data_dir, image_column, label_column,
                                   partitioning, num_partitions, alpha, seed)
-    counts = compute_counts(partitioner, spec.label_column)
-    counts = counts.reindex(columns=range(spec.num_classes), fill_value=0)
-    return counts.astype(int).values.tolist()
+    counts = []
+    for pid in range(num_partitions):
+        labels = np.asarray(partitioner.load_partition(pid)[spec.label_column], dtype=np.int64)
+        labels = labels[(labels >= 0) & (labels < spec.num_classes)]
+        counts.append(np.bincount(labels, minlength=spec.num_classes).tolist())
+    return counts
 
 
 def format_label_histogram(counts: list[list[int]]) -> str:

@@ -2,12 +2,13 @@
 
 After each round the recorder tests the global model on the server's held-out
 set (the privacy-safe metric), logs one line per round, and rewrites
-results.json, rounds.csv, accuracy.png, final_model.pt and checkpoint.pt
-atomically.
+results.json, rounds.csv, final_model.pt and checkpoint.pt atomically.
+accuracy.png is redrawn at most every PLOT_INTERVAL_S, and at the end.
 """
 
 from __future__ import annotations
 
+import time
 from logging import INFO
 from pathlib import Path
 
@@ -21,6 +22,11 @@ from dpfl_app.plots import plot_run_accuracy
 from dpfl_app.strategy import DPFedAvgAdaptive
 from dpfl_app.task import build_model, test
 
+# Drawing accuracy.png takes matplotlib ~0.3-0.5 s, longer than a whole digits
+# round (the benchmark's profile: half the ServerApp's time); a plot every
+# half minute is enough to watch a run.
+PLOT_INTERVAL_S = 30.0
+
 
 class RunRecorder:
     """Evaluates, logs and persists a run; `evaluate` is the strategy's evaluate_fn."""
@@ -33,6 +39,7 @@ class RunRecorder:
         self.test_loader = loader(test_set, 512, False)
         self.initial: dict = initial or {}
         self.model_state: dict | None = None
+        self._plotted_at = time.monotonic()
         self.stop_reason: str | None = None
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -53,7 +60,7 @@ class RunRecorder:
                 rec["round"], self.cfg["rounds"], accuracy, loss, rec["clip_norm"],
                 rec["next_clip_norm"], rec["noise_std"], rec["num_replies"],
                 self.strategy.num_sampled_clients, rec["epsilon"], self.cfg["target-delta"])
-            self.write()
+            self.write(final=False)
             self.save_checkpoint()
         return MetricRecord({"test_loss": loss, "test_accuracy": accuracy})
 
@@ -77,10 +84,12 @@ class RunRecorder:
         return {"config": self.cfg, "accounting": self.accounting, "initial": self.initial,
                 "rounds": self.strategy.records, "final": final}
 
-    def write(self) -> None:
+    def write(self, final: bool = True) -> None:
         outputs.write_json(self.run_dir / "results.json", self.results())
         outputs.write_rounds_csv(self.run_dir / "rounds.csv", self.strategy.records)
-        plot_run_accuracy(self.strategy.records, self.run_dir / "accuracy.png", self.initial)
+        if final or time.monotonic() - self._plotted_at >= PLOT_INTERVAL_S:
+            plot_run_accuracy(self.strategy.records, self.run_dir / "accuracy.png", self.initial)
+            self._plotted_at = time.monotonic()
         if self.model_state is not None:
             outputs.save_model(self.run_dir / "final_model.pt", self.model_state)
 

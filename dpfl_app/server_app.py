@@ -87,9 +87,14 @@ def restore(strategy: DPFedAvgAdaptive, state: dict) -> None:
 def show_partitions(cfg: dict, num_partitions: int, run_dir) -> None:
     """Log each client's label histogram and save it as partitions.png.
 
-    The server recomputes the demo partitions from the same seed; in a real
-    deployment each site holds its own data and this is only the demo split.
+    The server recomputes the demo partitions from the same seed. With
+    node-data='local' each site trains on its own files, which the server
+    never sees: there is nothing to show.
     """
+    if cfg["node-data"] == "local":
+        log(INFO, "node-data='local': each SuperNode trains on its own data-path; "
+            "no demo partitions to show")
+        return
     counts = partition_label_counts(cfg["dataset"], cfg["partitioning"], num_partitions,
                                     cfg["dirichlet-alpha"], cfg["seed"], **data_source(cfg))
     log(INFO, "labels per client (%s partitioning):\n%s", cfg["partitioning"],

@@ -152,23 +152,12 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
                 "skipped, model unchanged (the round is still counted by the accountant)",
                 len(accepted), self.min_replies)
         else:
-            deltas = [
-                mechanism.clip_to_norm([a - g for a, g in zip(r.arrays, global_nd)], clip)
-                for r in accepted
-            ]
-            sum_std = mechanism.update_noise_stddev(self.split, clip)
-            mean = mechanism.noised_mean_update(deltas, m, sum_std, self.rng, global_nd)
-            # A step of server-lr along the released mean: post-processing, no privacy cost.
-            new_arrays = ArrayRecord({
-                k: Array(np.asarray(g + self.server_lr * u, dtype=g.dtype))
-                for (k, g), u in zip(reference.items(), mean)
-            })
-            unclipped_fraction = mechanism.noisy_unclipped_fraction(
-                [r.unclipped for r in accepted], m, self.split.count_stddev, self.rng
+            new_model, unclipped_fraction, self.clipping_norm = mechanism.dp_fedavg_step(
+                global_nd, [r.arrays for r in accepted], [r.unclipped for r in accepted],
+                clip, m, self.split, self.rng, server_lr=self.server_lr,
+                target_quantile=self.target_quantile, clip_lr=self.clip_norm_lr,
             )
-            self.clipping_norm = mechanism.next_clip_norm(
-                clip, unclipped_fraction, self.target_quantile, self.clip_norm_lr
-            )
+            new_arrays = ArrayRecord({k: Array(v) for k, v in zip(reference, new_model)})
             self.current_arrays = new_arrays
         # The noise was calibrated before replies came in: count the round regardless.
         self.ledger.compose_round()

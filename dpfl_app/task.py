@@ -7,6 +7,9 @@ the clip acts on (dp-notes §4), so every array of every model is float.
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -83,6 +86,23 @@ class LeNet(nn.Module):
 MODELS = {"digits-mlp": DigitsMLP, "digits-cnn": DigitsCNN, "mnist-cnn": MnistCNN, "lenet": LeNet}
 
 
+@functools.lru_cache(maxsize=1)
+def use_actor_cpu_share() -> int:
+    """In a Ray client actor, run torch on as many threads as the actor has CPUs.
+
+    torch starts one thread per core in every actor; with several actors per
+    machine they oversubscribe the cores, and on tiny models the threads'
+    spin-waiting made local training up to 20x slower (benchmark, 2 cores).
+    Outside Ray (deployment, tests) torch's own default stays.
+    """
+    ray = sys.modules.get("ray")  # only a simulation has imported it
+    if ray is not None and ray.is_initialized():
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if cpus:
+            torch.set_num_threads(max(1, int(cpus)))
+    return torch.get_num_threads()
+
+
 def build_model(name: str, num_classes: int = 10) -> nn.Module:
     """Instantiate a model of the registry by name."""
     if name not in MODELS:
@@ -90,21 +110,42 @@ def build_model(name: str, num_classes: int = 10) -> nn.Module:
     return MODELS[name](num_classes)
 
 
+MOMENTUM = 0.9
+
+
+def sgd_step(params: list[torch.Tensor], velocity: list[torch.Tensor], lr: float) -> None:
+    """One step of `torch.optim.SGD(lr=lr, momentum=MOMENTUM)`, written out.
+
+    torch.optim imports torch._dynamo on first use, as long again as `import
+    torch` itself: a deployed ClientApp starts a fresh process per message and
+    would pay it every time. Same arithmetic, in the same order, as
+    torch.optim.SGD's for-loop path (no dampening, Nesterov or weight decay;
+    a zero initial velocity equals its first-step copy of the gradient), which
+    tests/test_bench.py checks bit for bit.
+    """
+    with torch.no_grad():
+        for param, buf in zip(params, velocity):
+            if param.grad is not None:
+                buf.mul_(MOMENTUM).add_(param.grad)
+                param.add_(buf, alpha=-lr)
+
+
 def train(
     net: nn.Module, loader: DataLoader, epochs: int, lr: float, device=DEVICE
 ) -> float:
-    """Local SGD on the client's own data; returns the mean training loss."""
+    """Local SGD with momentum on the client's own data; returns the mean training loss."""
     net.to(device).train()
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    params = [p for p in net.parameters() if p.requires_grad]
+    velocity = [torch.zeros_like(p) for p in params]
     criterion = nn.CrossEntropyLoss()
     total_loss, batches = 0.0, 0
     for _ in range(epochs):
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
-            optimizer.zero_grad()
+            net.zero_grad(set_to_none=True)
             loss = criterion(net(images), labels)
             loss.backward()
-            optimizer.step()
+            sgd_step(params, velocity, lr)
             total_loss += loss.item()
             batches += 1
     return total_loss / max(batches, 1)

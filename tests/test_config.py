@@ -28,6 +28,7 @@ BAD_VALUES = {
     "data-dir": (3.5, "str"),
     "image-column": (True, "str"),
     "label-column": (1.5, "str"),
+    "node-data": ("everywhere", "partitions, local"),
     "initial-clip": (0.0, "> 0"),
     "target-quantile": (1.5, "[0, 1]"),
     "clip-lr": (-0.2, "> 0"),

@@ -3,3 +3,7 @@
 `mechanism` is what the server does each round (DP-FedAvg with adaptive
 clipping, Andrew et al. 2021); `accounting` turns what ran into (epsilon, delta).
 """
+
+# Here, not in accounting.py, so that validating a run config (config.py, also in
+# every ClientApp process) does not import dp_accounting and scipy (~1 s).
+SAMPLING_MODES = ("poisson", "fixed")

@@ -165,3 +165,32 @@ def clip_to_norm(arrays: Sequence[np.ndarray], clip_norm: float) -> list[np.ndar
     norm = l2_norm(arrays)
     scale = 1.0 if norm <= clip_norm else clip_norm / norm
     return [np.asarray(a, dtype=np.float64) * scale for a in arrays]
+
+
+def dp_fedavg_step(
+    global_model: Sequence[np.ndarray],
+    client_models: Sequence[Sequence[np.ndarray]],
+    unclipped_bits: Sequence[int],
+    clip_norm: float,
+    clients_per_round: float,
+    split: NoiseSplit,
+    rng: np.random.Generator,
+    *,
+    server_lr: float,
+    target_quantile: float,
+    clip_lr: float,
+) -> tuple[list[np.ndarray], float, float]:
+    """One server round: (new global model, noisy unclipped fraction, next clip norm).
+
+    Shared by the strategy and the benchmark's in-process loop, so both run
+    exactly the same math. The update noise is drawn before the count noise.
+    """
+    deltas = [clip_to_norm([a - g for a, g in zip(model, global_model)], clip_norm)
+              for model in client_models]
+    mean = noised_mean_update(deltas, clients_per_round,
+                              update_noise_stddev(split, clip_norm), rng, global_model)
+    # A step of server-lr along the released mean: post-processing, no privacy cost.
+    new_model = [np.asarray(g + server_lr * u, dtype=g.dtype) for g, u in zip(global_model, mean)]
+    fraction = noisy_unclipped_fraction(unclipped_bits, clients_per_round,
+                                        split.count_stddev, rng)
+    return new_model, fraction, next_clip_norm(clip_norm, fraction, target_quantile, clip_lr)
