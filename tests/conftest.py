@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from tests.flwr_harness import LocalFederation
+
 
 @pytest.fixture(autouse=True, scope="session")
 def private_partition_cache(tmp_path_factory):
@@ -18,3 +20,14 @@ def private_partition_cache(tmp_path_factory):
         os.environ.pop("DPFL_CACHE_DIR", None)
     else:
         os.environ["DPFL_CACHE_DIR"] = previous
+
+
+@pytest.fixture(scope="module")
+def federation(request, tmp_path_factory):
+    """A private local simulation SuperLink shared by a test module, stopped by PID
+    afterwards. A module sets its size with `NUM_SUPERNODES = n` (default 10)."""
+    size = getattr(request.module, "NUM_SUPERNODES", 10)
+    fed = LocalFederation(tmp_path_factory.mktemp("flwr-home"), num_supernodes=size)
+    yield fed
+    fed.stop()
+    assert not fed.superlink_pids(), "the SuperLink this test started is still running"

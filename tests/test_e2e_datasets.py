@@ -7,18 +7,12 @@ import json
 import pytest
 import torch
 
-from tests.flwr_harness import LocalFederation
 from tests.test_data import N_TEST, write_copy
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory):
-    fed = LocalFederation(tmp_path_factory.mktemp("flwr-home"), num_supernodes=4)
-    yield fed
-    fed.stop()
-    assert not fed.superlink_pids(), "the SuperLink this test started is still running"
+NUM_SUPERNODES = 4  # the `federation` fixture (conftest.py) reads it
 
 
 def test_mnist_from_data_dir_dirichlet_runs_offline(federation, tmp_path):

@@ -8,17 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.flwr_harness import LocalFederation
-
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory):
-    fed = LocalFederation(tmp_path_factory.mktemp("flwr-home"), num_supernodes=10)
-    yield fed
-    fed.stop()
-    assert not fed.superlink_pids(), "the SuperLink this test started is still running"
 
 
 def _run_dir(output_dir: Path) -> Path:
