@@ -14,13 +14,12 @@ from flwr.clientapp.mod import adaptiveclipping_mod
 from dpfl_app.config import client_settings
 from dpfl_app.data import loader
 from dpfl_app.node_data import client_data
-from dpfl_app.task import build_model, test, train, use_actor_cpu_share
+from dpfl_app.task import build_model, test, train
 
 app = ClientApp()
 
 
 def _model_and_data(msg: Message, context: Context):
-    use_actor_cpu_share()
     settings = client_settings(context)
     net = build_model(settings.model, settings.num_classes)
     net.load_state_dict(msg.content["arrays"].to_torch_state_dict())

@@ -7,9 +7,6 @@ the clip acts on (dp-notes §4), so every array of every model is float.
 
 from __future__ import annotations
 
-import functools
-import sys
-
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -84,23 +81,6 @@ class LeNet(nn.Module):
 
 
 MODELS = {"digits-mlp": DigitsMLP, "digits-cnn": DigitsCNN, "mnist-cnn": MnistCNN, "lenet": LeNet}
-
-
-@functools.lru_cache(maxsize=1)
-def use_actor_cpu_share() -> int:
-    """In a Ray client actor, run torch on as many threads as the actor has CPUs.
-
-    torch starts one thread per core in every actor; with several actors per
-    machine they oversubscribe the cores, and on tiny models the threads'
-    spin-waiting made local training up to 20x slower (benchmark, 2 cores).
-    Outside Ray (deployment, tests) torch's own default stays.
-    """
-    ray = sys.modules.get("ray")  # only a simulation has imported it
-    if ray is not None and ray.is_initialized():
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-        if cpus:
-            torch.set_num_threads(max(1, int(cpus)))
-    return torch.get_num_threads()
 
 
 def build_model(name: str, num_classes: int = 10) -> nn.Module:

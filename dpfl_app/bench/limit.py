@@ -21,7 +21,6 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from dpfl_app.bench import default_run_config  # noqa: F401  (re-export)
 from dpfl_app.config import client_settings, data_source, model_spec, validate
 from dpfl_app.data import load_test_data, loader
 from dpfl_app.node_data import client_data
@@ -54,9 +53,14 @@ def client_clip(local: list[np.ndarray], global_nd: list[np.ndarray],
 
 
 def run_limit(run_config: dict, population: int, rounds: int) -> dict:
-    """Run `rounds` rounds in this process, on one torch thread as a 1-CPU client actor."""
+    """Run `rounds` rounds in this process, on one torch thread like a client actor.
+
+    Ray sets OMP_NUM_THREADS to an actor's num-cpus (1), so torch runs one
+    thread per actor. Two threads here were up to 20x slower on a busy 2-core
+    machine for these small models (spin-waiting threads).
+    """
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # also the fastest for these small models (measured)
+    torch.set_num_threads(1)
     try:
         return _run_limit(run_config, population, rounds)
     finally:

@@ -34,11 +34,18 @@ def _read(path: str) -> bytes:
         return b""
 
 
-def _program(cmdline: bytes) -> str:
-    """A short name for a process: its script or binary (`raylet`, `flwr-simulation`)."""
+def _program(cmdline: bytes) -> str | None:
+    """A short name for a process: its script or binary (`raylet`, `flwr-simulation`).
+
+    Ray workers retitle themselves (`ray::ClientAppActor.run`): the method is
+    dropped. None for a zombie, whose command line is empty.
+    """
     args = [a for a in cmdline.split(b"\0") if a and not a.startswith(b"-")]
-    names = [Path(a.decode(errors="replace")).name for a in args[:2]] or ["?"]
-    return names[1] if len(names) > 1 and names[0].startswith("python") else names[0]
+    names = [Path(a.decode(errors="replace")).name for a in args[:2]]
+    if not names:
+        return None
+    name = names[1] if len(names) > 1 and names[0].startswith("python") else names[0]
+    return name.split(".")[0] if name.startswith("ray::") else name
 
 
 class TreeSampler(threading.Thread):
@@ -68,7 +75,8 @@ class TreeSampler(threading.Thread):
             if not self._ours[key]:
                 continue
             # Re-read: a Ray worker renames itself (setup_worker.py -> ray::ClientAppActor).
-            program = _program(_read(f"/proc/{entry.name}/cmdline"))
+            program = (_program(_read(f"/proc/{entry.name}/cmdline"))
+                       or self.cpu.get(key, ("?",))[0])
             self.cpu[key] = (program, (int(stat[11]) + int(stat[12])) / TICKS)
             total += int((_read(f"/proc/{entry.name}/statm").split() or [0, 0])[1]) * PAGE
         self.peak_rss = max(self.peak_rss, total)
@@ -144,8 +152,17 @@ def _watch(out: Path, status, deadline: float) -> dict:
     round, timed by the writer itself however late this poller wakes up.
     """
     found = {"status": "running", "server_start": None, "round_written": []}
-    run_dir, last_mtime, next_status = None, None, time.time() + 20
-    while time.time() < deadline:
+    finished: list[str] = []  # set by a thread: `flwr ls` takes seconds, stat calls must not wait
+
+    def check_status() -> None:  # a failed run writes nothing more: only Flower knows
+        while not finished and time.time() < deadline:
+            time.sleep(10)
+            if (current := status()).startswith("finished"):
+                finished.append(current)
+
+    threading.Thread(target=check_status, daemon=True).start()
+    run_dir, last_mtime = None, None
+    while time.time() < deadline and not finished:
         time.sleep(0.02)
         if run_dir is None:
             run_dir = next((p for p in out.iterdir() if p.is_dir()), None)
@@ -162,12 +179,10 @@ def _watch(out: Path, status, deadline: float) -> dict:
             if (run_dir / "privacy.md").exists():  # the ServerApp's last write
                 found["status"] = "completed"
                 break
-        if time.time() > next_status:  # a failed run writes nothing more
-            next_status += 20
-            if (current := status()).startswith("finished"):
-                found["status"] = current
-                break
     found["ended"] = time.time()
+    if finished and found["status"] == "running":
+        found["status"] = finished[0]
+    finished.append("stop")  # ends check_status
     return found
 
 
