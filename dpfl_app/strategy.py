@@ -97,6 +97,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self.records: list[dict] = []  # one per round, only released quantities
         self.current_arrays: ArrayRecord | None = None
         self._round_clip = initial_clip
+        self._num_sampled = 0
 
     def __repr__(self) -> str:
         return "DP-FedAvg, adaptive clipping (Andrew et al. 2021), fixed denominator"
@@ -119,7 +120,9 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
             wait_for_nodes(grid, self.num_sampled_clients, self.node_wait_timeout)
             # FedAvg's own sampler (random.sample), seeded from our private RNG.
             random.seed(int(self.rng.integers(2**63)))
-            return self.strategy.configure_train(server_round, arrays, config, grid)
+            cohort = list(self.strategy.configure_train(server_round, arrays, config, grid))
+            self._num_sampled = len(cohort)
+            return cohort
         wait_for_nodes(grid, 1, self.node_wait_timeout)
         # Poisson: FedAvg addresses every node; each is kept independently w.p. q.
         q = self.num_sampled_clients / self.population
@@ -128,6 +131,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         cohort = [msg for msg in messages if self.rng.random() < q]
         log(INFO, "configure_train: Poisson sampling (q=%.3f) kept %d of %d nodes",
             q, len(cohort), len(messages))
+        self._num_sampled = len(cohort)
         return cohort
 
     # --- aggregation ----------------------------------------------------------
@@ -168,7 +172,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
             "next_clip_norm": self.clipping_norm,
             "noise_std": mechanism.update_noise_stddev(self.split, clip) / m,
             "noisy_unclipped_fraction": unclipped_fraction,
-            "num_sampled": len(replies),
+            "num_sampled": self._num_sampled,  # the cohort; replies may be fewer
             "num_replies": len(accepted),
             "num_rejected": len(rejected),
             "skipped": skipped,

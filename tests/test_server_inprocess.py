@@ -82,7 +82,8 @@ def test_dropped_clients_keep_the_fixed_denominator(tmp_path):
     run_server(cfg, drop_nodes={1, 2, 3, 4, 5})
     _, results = _results(tmp_path)
     for rec in results["rounds"]:
-        assert rec["num_replies"] <= rec["num_sampled"]
+        assert rec["num_sampled"] == 6  # fixed: exactly m sampled, dropouts or not
+        assert rec["num_replies"] < 6  # at least one of 6 sampled from 10 is among the 5 dropped
         assert rec["noise_std"] == pytest.approx(
             results["accounting"]["update_noise_multiplier"] * rec["clip_norm"] / 6)
 
