@@ -1,7 +1,7 @@
-"""Model, data, train and test: the machine-learning half of dpfl_app.
+"""Models, train and test: the machine-learning half of dpfl_app.
 
-Modelled on Flower's quickstart-pytorch `task.py`. The models have no
-BatchNorm: its integer `num_batches_tracked` buffer would be part of the update
+Modelled on Flower's quickstart-pytorch `task.py`; the data lives in `data.py`.
+The models have no BatchNorm: its integer `num_batches_tracked` buffer would be part of the update
 the clip acts on (dp-notes §4), so every array of every model is float.
 """
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-
-from dpfl_app.data import load_client_data, load_test_data  # noqa: F401  (re-export)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
