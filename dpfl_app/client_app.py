@@ -12,8 +12,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod
 
 from dpfl_app.config import client_settings
-from dpfl_app.data import loader
-from dpfl_app.node_data import client_data
+from dpfl_app.data.datasets import loader
+from dpfl_app.data.node_data import client_data
 from dpfl_app.task import build_model, test, train
 
 app = ClientApp()

@@ -11,14 +11,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from dpfl_app.data import DATASETS, PARTITIONINGS, describe
+from dpfl_app.data.datasets import DATASETS, PARTITIONINGS, describe
 from dpfl_app.privacy import SAMPLING_MODES
-from dpfl_app.registry import is_hub_id
+from dpfl_app.data.registry import is_hub_id
+from dpfl_app.data.settings import ClientSettings, node_source
+from dpfl_app.errors import ConfigError
 from dpfl_app.task import MODELS
-
-
-class ConfigError(ValueError):
-    """A run-config value is missing, of the wrong type or out of range."""
 
 
 @dataclass(frozen=True)
@@ -141,31 +139,10 @@ def model_spec(cfg: dict[str, Any]) -> tuple[str, int]:
     return (spec.model if cfg["model"] == "auto" else cfg["model"]), spec.num_classes
 
 
-@dataclass(frozen=True)
-class ClientSettings:
-    """What a ClientApp needs: run config plus its node's partition."""
-
-    dataset: str
-    model: str
-    partitioning: str
-    dirichlet_alpha: float
-    seed: int
-    local_epochs: int
-    batch_size: int
-    lr: float
-    partition_id: int
-    num_partitions: int
-    data_dir: str = ""
-    image_column: str = ""
-    label_column: str = ""
-    num_classes: int = 10
-    data_path: str = ""  # node-data='local': this site's own files
-
-
 def client_settings(context) -> ClientSettings:
     """Validated settings from a ClientApp's `Context`."""
     cfg = validate(dict(context.run_config))
-    node = _node_source(context.node_config, cfg["node-data"])
+    node = node_source(context.node_config, cfg["node-data"])
     model, num_classes = model_spec(cfg)
     return ClientSettings(
         dataset=cfg["dataset"], model=model, partitioning=cfg["partitioning"],
@@ -175,32 +152,3 @@ def client_settings(context) -> ClientSettings:
         label_column=cfg["label-column"],
         num_classes=num_classes, **node,
     )
-
-
-def _node_source(node: dict[str, Any], node_data: str) -> dict[str, Any]:
-    """The node config's data keys, checked: `data-path`, or a demo partition."""
-    if node_data == "local":
-        path = node.get("data-path")
-        if not isinstance(path, str) or not path:
-            raise ConfigError(
-                f"node config 'data-path' = {path!r}: run-config node-data='local' needs "
-                "every SuperNode's own data; start the SuperNode with --node-config "
-                "'data-path=\"/absolute/path/to/site-data\"' (a folder of parquet files, "
-                "see deploy/README.md)"
-            )
-        return {"partition_id": 0, "num_partitions": 1, "data_path": path}
-    for key in ("partition-id", "num-partitions"):
-        if key not in node:
-            hint = (" This node has a data-path: run with --run-config \"node-data='local'\"."
-                    if "data-path" in node else "")
-            raise ConfigError(
-                f"node config has no {key!r}; start the SuperNode with "
-                '--node-config "partition-id=<i> num-partitions=<n>"' + hint
-            )
-    pid, num = node["partition-id"], node["num-partitions"]
-    if not (isinstance(pid, int) and isinstance(num, int) and 0 <= pid < num):
-        raise ConfigError(
-            f"node config 'partition-id' = {pid!r}, 'num-partitions' = {num!r}: expected "
-            "integers with 0 <= partition-id < num-partitions"
-        )
-    return {"partition_id": pid, "num_partitions": num}

@@ -11,16 +11,16 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from dpfl_app import checkpoint, outputs
+from dpfl_app.run import checkpoint, outputs
 from dpfl_app.config import data_source, model_spec, validate
-from dpfl_app.data import format_label_histogram, partition_label_counts
+from dpfl_app.data.datasets import format_label_histogram, partition_label_counts
 from dpfl_app.privacy import mechanism
 from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger, headline_accountant
 from dpfl_app.privacy.calibration import calibrate_noise
 from dpfl_app.privacy.report import privacy_report
-from dpfl_app.plots import plot_partitions
-from dpfl_app.recorder import RunRecorder
-from dpfl_app.strategy import BudgetExhausted, DPFedAvgAdaptive, wait_for_nodes
+from dpfl_app.run.plots import plot_partitions
+from dpfl_app.run.recorder import RunRecorder
+from dpfl_app.strategy.dp_fedavg import BudgetExhausted, DPFedAvgAdaptive, wait_for_nodes
 from dpfl_app.task import build_model
 
 app = ServerApp()

@@ -99,7 +99,7 @@ def sgd_step(params: list[torch.Tensor], velocity: list[torch.Tensor], lr: float
     would pay it every time. Same arithmetic, in the same order, as
     torch.optim.SGD's for-loop path (no dampening, Nesterov or weight decay;
     a zero initial velocity equals its first-step copy of the gradient), which
-    tests/test_bench.py checks bit for bit.
+    tests/tools/test_bench.py checks bit for bit.
     """
     with torch.no_grad():
         for param, buf in zip(params, velocity):

@@ -12,7 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from dpfl_app.privacy import mechanism
 from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger
-from dpfl_app.strategy import DPFedAvgAdaptive
+from dpfl_app.strategy.dp_fedavg import DPFedAvgAdaptive
 
 
 # Messages are stamped with the identity of the process's task; outside a real

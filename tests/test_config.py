@@ -7,7 +7,7 @@ import time
 import pytest
 
 from dpfl_app.config import KEYS, ConfigError, validate
-from dpfl_app.strategy import NotEnoughNodes, wait_for_nodes
+from dpfl_app.strategy.dp_fedavg import NotEnoughNodes, wait_for_nodes
 from tests.fakes import FakeGrid
 from tests.inprocess import default_run_config
 

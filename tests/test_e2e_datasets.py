@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.test_data import N_TEST, write_copy
+from tests.data.test_data import N_TEST, write_copy
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,4 @@
-"""Privacy math for dpfl_app, free of Flower imports.
+"""Privacy math, pure: no Flower imports, and nothing else of dpfl_app's.
 
 `mechanism` is what the server does each round (DP-FedAvg with adaptive
 clipping, Andrew et al. 2021); `accounting` turns what ran into (epsilon, delta).

@@ -1,0 +1,5 @@
+"""The server's strategy: DP-FedAvg with adaptive clipping, and reply screening.
+
+Runs inside `flwr run` on the ServerApp. May import privacy/ and Flower;
+never run/ or tools/.
+"""

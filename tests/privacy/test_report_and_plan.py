@@ -1,0 +1,168 @@
+"""Tests for the plain-words report and the `dpfl plan` CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+try:
+    import dpfl_app  # noqa: F401
+except ImportError:  # running from a checkout without the package installed
+    sys.path.insert(0, str(ROOT))
+
+from dpfl_app.tools.cli import main  # noqa: E402
+from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger, epsilon_after  # noqa: E402
+from dpfl_app.privacy.report import privacy_report, strength  # noqa: E402
+
+SEED002 = ["plan", "--population", "50000", "--rounds", "100", "--delta", "1e-4",
+           "--target-epsilon", "2", "--noise-to-clients-ratio", "0.005"]
+
+
+def _ledger(sampling, z, n, m, delta, rounds):
+    ledger = PrivacyLedger(AccountingModel(sampling, z, n, m, delta))
+    ledger.compose_round(rounds)
+    return ledger
+
+
+def _cli(*args):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "dpfl_app.tools", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("eps,word", [
+    (0.0, "strong"), (1.0, "strong"), (1.01, "moderate"), (8.0, "moderate"), (8.01, "weak"),
+    (20.0, "weak"), (20.01, "no meaningful protection"), (float("inf"), "no meaningful protection"),
+    (float("nan"), "no meaningful protection"),
+])
+def test_strength_categories(eps, word):
+    assert strength(eps) == word
+
+
+@pytest.mark.parametrize("sampling,eps_text,model_words", [
+    ("poisson", "ε=51.68", ["Poisson sampling", "add-or-remove-one", "PLD accountant"]),
+    ("fixed", "ε=180.5", ["without replacement", "replace-one", "z/2 = 0.15", "RDP accountant"]),
+])
+def test_seed000_report_says_not_private(sampling, eps_text, model_words):
+    text = privacy_report(_ledger(sampling, 0.3, 10, 6, 1e-5, 5), 5, stop_reason="num_rounds reached")
+    assert f"user-level ({eps_text}, δ=1e-05)-DP for any single client's entire data, under" in text
+    for words in model_words + ["N = 10", "m = 6", "z = 0.3", "5 rounds"]:
+        assert words in text
+    assert "no meaningful protection" in text
+    assert "should NOT be considered private" in text
+    assert "What would reach ε ≤ 8" in text
+    assert "you need noise ≥" in text
+    assert "not reachable, even with all N = 10 clients" in text
+    assert "num_rounds reached" in text
+    assert "not covered" in text.lower() and "evaluation metrics" in text
+    assert "No DP noise" not in text
+
+
+@pytest.mark.parametrize("z,eps_text,word,not_private", [
+    (0.5, "ε=23.27", "no meaningful protection", True),  # just above 20
+    (0.8, "ε=11.54", "weak", False),
+])
+def test_not_private_warning_starts_above_20(z, eps_text, word, not_private):
+    text = privacy_report(_ledger("poisson", z, 10, 6, 1e-5, 5), 5)
+    assert f"({eps_text}, δ=1e-05)-DP" in text
+    assert f"**Strength:** {word}." in text
+    assert ("should NOT be considered private" in text) is not_private
+
+
+def test_moderate_report_and_ratio_recommendation():
+    # dp-notes reference: N=100, m=10, z=1, 20 rounds -> PLD 3.591 (moderate)
+    text = privacy_report(_ledger("poisson", 1.0, 100, 10, 1e-5, 20), 20)
+    assert "(ε=3.591, δ=1e-05)-DP" in text
+    assert "**Strength:** moderate." in text
+    assert "NOT be considered private" not in text
+    assert "What would reach ε ≤ 1" in text  # already within 8: show the way to 'strong'
+    assert "at most 2 clients per round" in text
+
+
+def test_reachable_by_more_clients_at_same_noise_per_average():
+    # seed 002's ratio z/m = 0.005 with N = 50000, 100 rounds, but only m = 60: RDP eps 11.97
+    model = AccountingModel("poisson", 0.3, 50000, 60, 1e-4)
+    ledger = PrivacyLedger(model, headline="rdp")
+    ledger.compose_round(100)
+    text = privacy_report(ledger, 100)
+    assert "(ε=11.97, δ=0.0001)-DP" in text and "**Strength:** weak." in text
+    assert "PLD accountant gives ε = 9.027" in text
+    assert "≥ 71 clients per round (with z = 0.355)" in text
+    assert "at most 12 clients per round" in text
+    # check those answers independently of the report
+    assert epsilon_after(model.replace(clients_per_round=71, noise_multiplier=0.355), 100) <= 8
+    assert epsilon_after(model.replace(clients_per_round=70, noise_multiplier=0.35), 100) > 8
+    assert epsilon_after(model.replace(clients_per_round=12), 100) <= 8
+    assert epsilon_after(model.replace(clients_per_round=13), 100) > 8
+
+
+def test_zero_noise_report_and_unaccounted_rounds():
+    text = privacy_report(_ledger("fixed", 0.0, 10, 6, 1e-5, 3), 4)
+    assert "No DP noise was added" in text
+    assert "ε=∞" in text
+    assert "should NOT be considered private" in text
+    assert "1 unaccounted round(s) are NOT covered" in text
+
+
+def test_delta_not_below_one_over_n_is_flagged():
+    assert "not well below 1/N" in privacy_report(_ledger("poisson", 2.0, 10, 2, 0.2, 1), 1)
+    assert "not well below 1/N" not in privacy_report(_ledger("poisson", 2.0, 10, 2, 1e-5, 1), 1)
+
+
+def test_plan_cli_seed002_text_and_json(capsys):
+    res = _cli(*SEED002)
+    assert res.returncode == 0, res.stderr
+    assert "m = 124 clients per round, noise multiplier z = 0.62" in res.stdout
+    assert "RDP ε = 1.97" in res.stdout
+    assert "not well below 1/N" in res.stdout  # 1e-4 vs 1/50000 = 2e-5
+    rows = [ln.split() for ln in res.stdout.splitlines() if ln.strip()[:1].isdigit()]
+    assert [int(r[0]) for r in rows] == [1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+    assert main([*SEED002, "--json"]) == 0  # same entry point, in-process (faster)
+    out = json.loads(capsys.readouterr().out)
+    assert out["answer"] == {"clients_per_round": 124, "noise_multiplier": pytest.approx(0.62)}
+    assert out["epsilon"]["rdp"] == pytest.approx(1.9697, abs=1e-3)
+    rdp = [row["rdp"] for row in out["curve"]]
+    assert rdp == sorted(rdp) and out["curve"][-1]["rounds"] == 100
+
+
+def test_plan_cli_help_exits_zero():
+    res = _cli("plan", "--help")
+    assert res.returncode == 0
+    for flag in ("--population", "--rounds", "--delta", "--target-epsilon", "--noise", "--clients",
+                 "--sampling", "--noise-to-clients-ratio", "--json"):
+        assert flag in res.stdout
+
+
+def test_plan_in_process_modes(capsys):
+    assert main(["plan", "-N", "10", "-T", "5", "--delta", "1e-5", "--noise", "0.3", "--clients", "6",
+                 "--sampling", "fixed", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["epsilon"]["rdp"] == pytest.approx(180.48, abs=0.05) and out["epsilon"]["pld"] is None
+    assert out["strength"] == "no meaningful protection"
+    assert main(["plan", "-N", "3383", "-T", "100", "--delta", "1e-5", "--target-epsilon", "2",
+                 "--noise", "1.2"]) == 0
+    assert "m = 120 clients per round" in capsys.readouterr().out
+    assert main(["plan", "-N", "10", "-T", "5", "--delta", "1e-5", "--noise", "0", "--clients", "6",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["epsilon"] == {"rdp": "inf", "pld": "inf"}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--target-epsilon", "2"], "needs one of"),
+    (["--noise", "1.0"], "give --target-epsilon"),
+    (["--noise", "1", "--clients", "11"], "cannot exceed"),
+    (["--target-epsilon", "2", "--noise-to-clients-ratio", "0.1", "--noise", "1"], "do not combine"),
+    (["--noise-to-clients-ratio", "0.1"], "needs --target-epsilon"),
+    (["--target-epsilon", "2", "--clients", "3", "--sampling", "fixed", "--accountant", "pld"],
+     "does not apply"),
+    (["--target-epsilon", "-1", "--clients", "3"], "--target-epsilon must be"),
+])
+def test_plan_cli_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "-N", "10", "-T", "5", "--delta", "1e-5", *args])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
