@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideAdaptiveClippin
 from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from dpfl_app.privacy import mechanism
+from dpfl_app.privacy import mechanism, sampling
 from dpfl_app.privacy.accounting import PrivacyLedger
 from dpfl_app.strategy.replies import screen_replies
 
@@ -119,7 +119,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         if self.sampling == "fixed":
             wait_for_nodes(grid, self.num_sampled_clients, self.node_wait_timeout)
             # FedAvg's own sampler (random.sample), seeded from our private RNG.
-            random.seed(int(self.rng.integers(2**63)))
+            random.seed(sampling.fixed_size_seed(self.rng))
             cohort = list(self.strategy.configure_train(server_round, arrays, config, grid))
             self._num_sampled = len(cohort)
             return cohort
@@ -128,7 +128,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         q = self.num_sampled_clients / self.population
         messages = sorted(self.strategy.configure_train(server_round, arrays, config, grid),
                           key=lambda msg: msg.metadata.dst_node_id)  # FedAvg shuffles them
-        cohort = [msg for msg in messages if self.rng.random() < q]
+        cohort = [messages[i] for i in sampling.poisson_positions(self.rng, len(messages), q)]
         log(INFO, "configure_train: Poisson sampling (q=%.3f) kept %d of %d nodes",
             q, len(cohort), len(messages))
         self._num_sampled = len(cohort)

@@ -1,0 +1,159 @@
+"""The study engine: the app's DP-FedAvg rounds in one process, cohorts trained in one batch.
+
+What runs is the app's own code: the run-config validation, `server_app`'s
+noise calibration (`choose_noise`) and strategy construction
+(`build_strategy`: the noise split, the `PrivacyLedger`, the seeded RNG), the
+strategy's cohort sampling (`privacy.sampling`), the ClientApp's data
+(`node_data.client_data`) and loader seeds, the clip and norm bit of Flower's
+`adaptiveclipping_mod`, the server step (`mechanism.dp_fedavg_step`) and the
+server's test-set evaluation (`task.test`). What is left out is what Flower
+adds: messages, the SuperLink, actors. With `deterministic-noise=true` it
+draws from the RNG in the strategy's order, so it samples the same cohorts and
+adds the same noise as the ServerApp with the same seed (nodes in partition
+order, as in tests/inprocess.py).
+
+`holdout="validation"` splits the server's test set in two (seeded): the run
+reports accuracy on one half for tuning and keeps the other for the final
+report, since tuning on the data one reports is itself a release (Papernot &
+Steinke 2022, "Hyperparameter Tuning with Renyi Differential Privacy").
+"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from dpfl_app.config import client_settings, data_source, model_spec, validate
+from dpfl_app.data.datasets import Tensors, load_test_data, loader
+from dpfl_app.data.node_data import client_data
+from dpfl_app.privacy import mechanism, sampling
+from dpfl_app.server_app import build_strategy, choose_noise
+from dpfl_app.task import build_model, test
+from dpfl_app.tools.study.vectorised import VECTORISED_MODELS, CohortTrainer
+
+ENGINE = "inprocess"
+HOLDOUTS = ("test", "validation")
+# Keys that change which examples each client holds (and so the cached partitions).
+DATA_KEYS = ("dataset", "partitioning", "dirichlet-alpha", "seed", "data-dir",
+             "image-column", "label-column")
+
+
+_DATA_CACHE: dict[tuple, list[Tensors]] = {}
+
+
+def population_data(run_config: dict, population: int) -> list[Tensors]:
+    """Every client's training tensors, read once per data setting through the ClientApp's
+    own data path (its settings, partitioner and client split)."""
+    key = (population, *((k, run_config[k]) for k in DATA_KEYS))
+    if key not in _DATA_CACHE:
+        _DATA_CACHE.clear()  # one population at a time: a sweep varies the rest
+        _DATA_CACHE[key] = [client_data(client_settings(SimpleNamespace(
+            run_config=run_config, node_config={"partition-id": pid,
+                                                "num-partitions": population})))[0]
+            for pid in range(population)]
+    return _DATA_CACHE[key]
+
+
+def evaluation_sets(cfg: dict, holdout: str) -> dict[str, Tensors]:
+    """{"test": ...} or, for tuning, {"validation": half, "test": the other half}."""
+    full = load_test_data(cfg["dataset"], cfg["seed"], **data_source(cfg))
+    if holdout == "test":
+        return {"test": full}
+    order = torch.randperm(len(full.labels), generator=torch.Generator().manual_seed(cfg["seed"]))
+    half = len(order) // 2
+    return {name: Tensors(full.images[idx], full.labels[idx])
+            for name, idx in (("validation", order[:half]), ("test", order[half:]))}
+
+
+def mod_clip(stacked: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor],
+             clip: float) -> tuple[list[list[np.ndarray]], list[int]]:
+    """Flower's `adaptiveclipping_mod` for every client at once: w_t + clip(w_i - w_t, C_t)
+    and b_i = 1 when the update was not clipped."""
+    deltas = {k: v - global_state[k] for k, v in stacked.items()}
+    norms = torch.sqrt(sum(d.double().flatten(1).square().sum(1) for d in deltas.values()))
+    scale = torch.clamp(clip / norms, max=1.0)
+    clipped = [(global_state[k] + d * scale.view(-1, *[1] * (d.dim() - 1)).to(d.dtype)).numpy()
+               for k, d in deltas.items()]
+    bits = (scale >= 1.0).int().tolist()
+    return [[layer[i] for layer in clipped] for i in range(len(bits))], bits
+
+
+def evaluate(net, state: dict, sets: dict[str, Tensors]) -> dict[str, float]:
+    net.load_state_dict(state)
+    return {f"{name}_accuracy": test(net, loader(data, 512, False), device="cpu")[1]
+            for name, data in sets.items()}
+
+
+def run_study(run_config: dict, population: int, holdout: str = "test",
+              on_round=None) -> dict:
+    """One run of `rounds` rounds over `population` clients; results.json's shape plus
+    `engine`. `on_round(record)` is called after each round."""
+    if holdout not in HOLDOUTS:
+        raise ValueError(f"holdout={holdout!r}; allowed: {', '.join(HOLDOUTS)}")
+    cfg = validate(dict(run_config))
+    if cfg["node-data"] != "partitions":
+        raise ValueError("the study engine needs demo partitions (node-data='partitions')")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models: one thread is fastest on a shared machine
+    try:
+        return _run(cfg, dict(run_config), population, holdout, on_round)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round) -> dict:
+    start = time.perf_counter()
+    noise = choose_noise(cfg, population)
+    strategy = build_strategy(cfg, population, noise)  # split, ledger, RNG: the ServerApp's
+    rng, ledger, m = strategy.rng, strategy.ledger, cfg["clients"]
+    torch.manual_seed(cfg["seed"])  # the ServerApp's initial model
+    net = build_model(*model_spec(cfg))
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    trainer = CohortTrainer(build_model(*model_spec(cfg)),
+                            vectorised=model_spec(cfg)[0] in VECTORISED_MODELS)
+    data = population_data(run_config, population)
+    sets = evaluation_sets(cfg, holdout)
+    initial = evaluate(net, state, sets)
+    records, stop_reason, clip = [], "completed all rounds", strategy.clipping_norm
+    for server_round in range(1, cfg["rounds"] + 1):
+        if cfg["max-epsilon"] > 0 and ledger.would_exceed(cfg["max-epsilon"]):
+            stop_reason = f"privacy budget: round {server_round} would exceed max-epsilon"
+            break
+        began = time.perf_counter()
+        if cfg["sampling"] == "poisson":
+            cohort = sampling.poisson_positions(rng, population, m / population)
+        else:
+            cohort = sampling.fixed_size_positions(rng, population, m)
+        round_clip, unclipped_fraction = clip, None
+        if len(cohort) >= cfg["min-replies"] and cohort:
+            local = trainer.train(state, [data[p] for p in cohort], cfg["local-epochs"],
+                                  cfg["batch-size"], cfg["lr"], cfg["seed"] + 1000 * server_round)
+            models, bits = mod_clip(local, state, clip)
+            global_nd = [v.numpy() for v in state.values()]
+            new_model, unclipped_fraction, clip = mechanism.dp_fedavg_step(
+                global_nd, models, bits, clip, m, strategy.split, rng,
+                server_lr=cfg["server-lr"], target_quantile=cfg["target-quantile"],
+                clip_lr=cfg["clip-lr"])
+            state = {k: torch.from_numpy(v) for k, v in zip(state, new_model)}
+        ledger.compose_round()
+        record = {"round": server_round, "clip_norm": round_clip, "next_clip_norm": clip,
+                  "noisy_unclipped_fraction": unclipped_fraction, "num_sampled": len(cohort),
+                  "epsilon": ledger.epsilon(), **evaluate(net, state, sets),
+                  "round_s": time.perf_counter() - began}
+        records.append(record)
+        if on_round:
+            on_round(record)
+    last = records[-1] if records else initial
+    accuracy = [r["test_accuracy"] for r in records]
+    final = {"rounds_completed": len(records), "test_accuracy": last["test_accuracy"],
+             "best_test_accuracy": max(accuracy, default=None),
+             "epsilon": ledger.epsilon() if records else 0.0, "accountant": ledger.headline,
+             "delta": cfg["target-delta"], "stop_reason": stop_reason,
+             "wall_s": time.perf_counter() - start}
+    if holdout == "validation":
+        final["validation_accuracy"] = last["validation_accuracy"]
+    return {"engine": ENGINE, "config": cfg, "noise": noise, "population": population,
+            "holdout": holdout, "initial": initial, "rounds": records, "final": final}

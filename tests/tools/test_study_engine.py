@@ -1,0 +1,84 @@
+"""The study engine against the real ServerApp + ClientApp (tests/inprocess.py), same seed.
+
+With `deterministic-noise=true` both draw cohorts and noise from the same
+seeded RNG in the same order, so the epsilon of every round must be equal and
+the accuracy equal up to the floating-point order of batched training (at
+most one test image apart).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dpfl_app.privacy.accounting import AccountingModel, epsilon_after
+from dpfl_app.tools.study.engine import ENGINE, evaluation_sets, run_study
+from dpfl_app.tools.study.vectorised import CohortTrainer
+from dpfl_app.data.datasets import load_test_data
+from dpfl_app.task import build_model
+from tests.inprocess import default_run_config, run_server
+
+SMALL = {"deterministic-noise": True, "rounds": 4, "clients": 5, "noise": 0.8, "lr": 0.05}
+
+
+def _flower_results(tmp_path, config) -> dict:
+    run_server({**config, "output-dir": str(tmp_path)}, num_nodes=POPULATION)
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    return json.loads((run_dir / "results.json").read_text())
+
+
+POPULATION = 12
+
+
+@pytest.mark.parametrize("sampling", ["poisson", "fixed"])
+def test_engine_matches_the_flower_path(tmp_path, sampling):
+    config = default_run_config(**SMALL, sampling=sampling)
+    flower = _flower_results(tmp_path, config)
+    study = run_study(config, POPULATION)
+    assert study["engine"] == ENGINE
+    assert len(study["rounds"]) == len(flower["rounds"]) == SMALL["rounds"]
+    test_images = len(load_test_data("digits").labels)
+    for ours, theirs in zip(study["rounds"], flower["rounds"]):
+        assert ours["num_sampled"] == theirs["num_sampled"]
+        assert ours["clip_norm"] == pytest.approx(theirs["clip_norm"], rel=1e-4)
+        assert ours["epsilon"] == theirs["epsilon"]
+        assert abs(ours["test_accuracy"] - theirs["test_accuracy"]) * test_images <= 1 + 1e-9
+    assert study["final"]["epsilon"] == flower["final"]["epsilon"]
+
+
+def test_calibrated_noise_meets_the_target_epsilon():
+    config = default_run_config(**{**SMALL, "target-epsilon": 20.0})
+    study = run_study(config, POPULATION)
+    model = AccountingModel("poisson", study["noise"], POPULATION, SMALL["clients"], 1e-5)
+    assert study["final"]["epsilon"] == pytest.approx(epsilon_after(model, 4, "pld"))
+    assert 19.0 < study["final"]["epsilon"] <= 20.0
+
+
+def test_validation_holdout_is_disjoint_from_the_reported_test_half():
+    cfg = default_run_config()
+    sets = evaluation_sets(cfg, "validation")
+    full = load_test_data("digits")
+    assert len(sets["validation"].labels) + len(sets["test"].labels) == len(full.labels)
+    flat = lambda t: {tuple(row.tolist()) for row in t.images.flatten(1)}  # noqa: E731
+    assert not flat(sets["validation"]) & flat(sets["test"])
+    study = run_study(default_run_config(**{**SMALL, "rounds": 1}), POPULATION,
+                      holdout="validation")
+    assert {"validation_accuracy", "test_accuracy"} <= set(study["rounds"][0])
+
+
+def test_vectorised_training_equals_one_client_at_a_time():
+    """The batched trainer against `task.train` per client, on clients of mixed sizes."""
+    import torch
+
+    from dpfl_app.data.datasets import Tensors
+
+    torch.manual_seed(0)
+    net = build_model("digits-cnn")
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    data = [Tensors(torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))) for n in (1, 5, 5, 21)]
+    batched = CohortTrainer(build_model("digits-cnn")).train(state, data, 2, 4, 0.05, 7)
+    single = CohortTrainer(build_model("digits-cnn"), vectorised=False).train(
+        state, data, 2, 4, 0.05, 7)
+    for name in state:
+        assert torch.allclose(batched[name], single[name], atol=1e-5), name
