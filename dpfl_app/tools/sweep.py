@@ -8,6 +8,18 @@ ClientApp) on a private local SuperLink, writing its usual run folder under
 sweep.csv, sweep.md, sweep.json (every run and the series behind the plots),
 accuracy_vs_round.png and accuracy_vs_epsilon.png, rewritten after every run.
 A failed run is recorded with its status and log tail; the sweep goes on.
+
+    dpfl sweep --engine inprocess --target-epsilon 1,2,4,8 --supernodes 1437 \
+        --grid "lr=0.05,0.1 server-lr=1,2" --holdout validation
+
+`--engine inprocess` runs each setting in the study engine
+(`dpfl_app/tools/study/`) instead: the app's own mechanism, sampling and
+accounting, with the cohort's training vectorised, in one process, seconds a
+run. `--target-epsilon` replaces `--noise`: each run calibrates z to its
+target (the app's `target-epsilon` key). `--grid` adds every combination of
+other keys. `--holdout validation` (in process) tunes on half of the server's
+test set and reports the other half (Papernot & Steinke 2022). Every record
+and table says which engine made it.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from dpfl_app.tools.federation import PROJECT, FederationError, LocalFederation,
 from dpfl_app.run.plots import run_series
 from dpfl_app.tools.sweep_report import machine, write_outputs
 from dpfl_app.tools.cli import HelpFormatter
+from dpfl_app.tools.study.grid import parse_grid, setting_label, settings, toml_overrides
 
 COMPLETED = "finished:completed"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -83,16 +96,23 @@ def progress_printer(output_dir: Path, label: str):
     return poll
 
 
-def run_one(fed: LocalFederation, noise: float, seed: int, output_dir: Path, run_config: str,
+def new_record(setting: dict, seed: int, output_dir: Path, engine: str) -> dict:
+    """A run's record before it runs: `noise` is the calibrated z once known."""
+    target = setting.get("target-epsilon")
+    return {"noise": setting.get("noise"), "target_epsilon": target, "seed": seed,
+            "setting": setting_label(setting), "engine": engine,
+            "output_dir": str(output_dir), "run_id": None, "error": None}
+
+
+def run_one(fed: LocalFederation, setting: dict, seed: int, output_dir: Path, run_config: str,
             timeout: float, label: str) -> dict:
     """Submit one run, wait for it, and return its record (failed ones included)."""
-    record = {"noise": noise, "seed": seed, "output_dir": str(output_dir), "run_id": None,
-              "error": None}
+    record = new_record(setting, seed, output_dir, "flwr")
     start = time.monotonic()
     try:
         # The sweep's keys come last, so they override the user's run-config.
         record["run_id"] = fed.submit(
-            run_config, f"noise={float(noise)!r} seed={seed} output-dir='{output_dir}'")
+            run_config, f"{toml_overrides(setting)} seed={seed} output-dir='{output_dir}'")
         record["status"] = fed.wait(record["run_id"], timeout,
                                     on_poll=progress_printer(output_dir, label), interval=5)
     except RunTimeout as err:  # `wait` has stopped the run
@@ -107,10 +127,36 @@ def run_one(fed: LocalFederation, noise: float, seed: int, output_dir: Path, run
     results = read_results(output_dir)
     if record["status"] == COMPLETED and results is not None:
         summarize_run(record, results)
+        record["noise"] = results["accounting"]["noise_multiplier"]  # calibrated, if a target
     elif record["run_id"] is not None:
         record["error"], tail = error_summary(record["status"], fed.logs(record["run_id"]))
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "flwr-log-tail.txt").write_text(tail + "\n")
+    return record
+
+
+def run_inprocess(setting: dict, seed: int, output_dir: Path, base: dict, population: int,
+                  holdout: str, label: str) -> dict:
+    """One run in the study engine; writes results.json like a Flower run's folder."""
+    from dpfl_app.run.outputs import write_json
+    from dpfl_app.tools.study.engine import ENGINE, run_study
+
+    record = new_record(setting, seed, output_dir, ENGINE)
+    start = time.monotonic()
+    try:
+        results = run_study({**base, **setting, "seed": seed}, population, holdout)
+    except Exception as err:  # noqa: BLE001  a bad setting is recorded; the sweep goes on
+        record.update(status="failed", error=f"failed: {type(err).__name__}: {err}"[:300])
+    else:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json(output_dir / "results.json", results)
+        record["status"] = COMPLETED
+        summarize_run(record, results)
+        record["noise"] = results["noise"]
+        record["validation_accuracy"] = results["final"].get("validation_accuracy")
+        print(f"{label} rounds {len(results['rounds'])}: test accuracy "
+              f"{results['final']['test_accuracy']:.4f}", flush=True)
+    record["wall_s"] = round(time.monotonic() - start, 1)
     return record
 
 
@@ -128,8 +174,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "each), then tabulate and plot final accuracy against epsilon.",
         epilog="Negative noise values need '=': --noise=-1,0.5 (the app rejects them).",
     )
-    parser.add_argument("--noise", type=parse_noise, required=True,
+    levels = parser.add_mutually_exclusive_group(required=True)
+    levels.add_argument("--noise", type=parse_noise,
                         help="comma-separated noise multipliers z, e.g. 0,0.5,0.75,1.0")
+    levels.add_argument("--target-epsilon", type=parse_noise, metavar="EPSILONS",
+                        help="comma-separated target epsilons, e.g. 1,2,4,8 (inf: noise 0); "
+                             "z is calibrated for each")
+    parser.add_argument("--engine", choices=("flwr", "inprocess"), default="flwr",
+                        help="flwr: a real `flwr run` per run; inprocess: the study engine")
+    parser.add_argument("--grid", type=parse_grid, default=[{}],
+                        help='other keys to combine, e.g. "lr=0.05,0.1 server-lr=1,2"')
+    parser.add_argument("--holdout", choices=("test", "validation"), default="test",
+                        help="inprocess: report accuracy on a validation half of the server's "
+                             "test set, for tuning")
     parser.add_argument("--run-config", default="",
                         help='other run-config overrides for every run, e.g. "rounds=5 clients=6"')
     parser.add_argument("--repeats", type=int, default=1,
@@ -141,13 +198,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--supernodes", type=int, default=10,
                         help="SuperNodes (clients) in the local simulation (default 10)")
     args = parser.parse_args(argv)
-    if not args.noise or args.repeats < 1 or args.supernodes < 1:
+    if not (args.noise or args.target_epsilon) or args.repeats < 1 or args.supernodes < 1:
         parser.error("need at least one noise value, --repeats >= 1 and --supernodes >= 1")
+    if args.target_epsilon and min(args.target_epsilon) <= 0:
+        parser.error("--target-epsilon values must be > 0")
+    if args.holdout != "test" and args.engine != "inprocess":
+        parser.error("--holdout validation needs --engine inprocess")
     try:
         args.user_config = parse_config_args([args.run_config])
     except Exception as err:  # click.ClickException: the message says what is wrong
         parser.error(f"--run-config: {getattr(err, 'message', err)}")
-    for key in ("noise", "output-dir"):
+    for key in ("noise", "target-epsilon", "output-dir"):
         if key in args.user_config:
             parser.error(f"--run-config must not set {key!r}: the sweep sets it for every run")
     args.output = (args.output or Path("sweeps") / time.strftime("%Y%m%d-%H%M%S")).resolve()
@@ -158,10 +219,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def base_seed(user_config: dict) -> int:
     """The run-config's seed, else the app's default from pyproject.toml."""
-    if "seed" in user_config:
-        return int(user_config["seed"])
+    return int(default_config(user_config)["seed"])
+
+
+def default_config(user_config: dict) -> dict:
+    """pyproject.toml's run config with the user's overrides, as `flwr run` would build it."""
     with open(PROJECT / "pyproject.toml", "rb") as handle:
-        return int(tomllib.load(handle)["tool"]["flwr"]["app"]["config"]["seed"])
+        defaults = tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
+    return {**defaults, **user_config}
 
 
 def _interrupt(signum, frame):
@@ -173,24 +238,29 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Every noise level sees the same seeds: repeats differ, settings stay paired.
     seeds = [base_seed(args.user_config) + r for r in range(args.repeats)]
-    plan = [(noise, seed) for noise in args.noise for seed in seeds]
+    plan = [(setting, seed) for setting in settings(args) for seed in seeds]
     args.output.mkdir(parents=True, exist_ok=True)
-    print(f"sweep of {len(plan)} runs into {args.output}", flush=True)
+    print(f"sweep of {len(plan)} runs ({args.engine}) into {args.output}", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)
     runs: list[dict] = []
     start, code = time.monotonic(), 0
-    meta = {"command": shlex.join(["dpfl", "sweep", *argv]),
+    meta = {"command": shlex.join(["dpfl", "sweep", *argv]), "engine": args.engine,
             "run_config": args.run_config, "repeats": args.repeats, "seeds": seeds,
-            "supernodes": args.supernodes, "machine": machine(), "elapsed_s": 0.0}
+            "supernodes": args.supernodes, "holdout": args.holdout, "machine": machine(),
+            "elapsed_s": 0.0}
     with tempfile.TemporaryDirectory(prefix="dpfl-sweep-flwr-home-") as home:
-        fed = LocalFederation(Path(home), args.supernodes)
+        fed = LocalFederation(Path(home), args.supernodes) if args.engine == "flwr" else None
+        base = default_config(args.user_config) if fed is None else {}
         try:
-            for i, (noise, seed) in enumerate(plan, 1):
-                label = f"[run {i}/{len(plan)}] noise={noise:g} seed={seed}"
+            for i, (setting, seed) in enumerate(plan, 1):
+                name = setting_label(setting)
+                label = f"[run {i}/{len(plan)}] {name} seed={seed}"
                 print(f"{label} starting", flush=True)
-                out = args.output / "runs" / f"noise-{noise:g}-seed-{seed}"
-                record = run_one(fed, noise, seed, out, args.run_config,
-                                 args.timeout_per_run, label)
+                out = args.output / "runs" / f"{name.replace(' ', '-')}-seed-{seed}"
+                record = (run_one(fed, setting, seed, out, args.run_config,
+                                  args.timeout_per_run, label) if fed is not None else
+                          run_inprocess(setting, seed, out, base, args.supernodes,
+                                        args.holdout, label))
                 runs.append(record)
                 outcome = (f"final accuracy {record['final_accuracy']:.4f}, epsilon "
                            f"{record['epsilon']:.3f}" if record["error"] is None
@@ -203,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted: the sweep's table covers the runs that finished", flush=True)
             code = 130
         finally:
-            fed.stop()
+            if fed is not None:
+                fed.stop()
     meta["elapsed_s"] = round(time.monotonic() - start, 1)
     write_outputs(args.output, runs, meta)
     print(f"sweep done in {meta['elapsed_s']:.0f}s: {args.output / 'sweep.md'}", flush=True)

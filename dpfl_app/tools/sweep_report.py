@@ -2,7 +2,9 @@
 
 A run record (see `dpfl_app.tools.sweep.run_one`) has noise, seed, status, wall_s and
 error (None when the run completed); a completed one also has final_accuracy,
-best_accuracy, epsilon, delta and its per-round series rounds/accuracy.
+best_accuracy, epsilon, delta and its per-round series rounds/accuracy. Records
+of newer sweeps also have `setting` (the keys the sweep set, which group the
+repeats), `engine` and, when tuned on a validation split, validation_accuracy.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from pathlib import Path
 from dpfl_app.run.outputs import write_atomic, write_json
 from dpfl_app.run.plots import plot_frontier, plot_sweep_rounds
 
-COLUMNS = ("noise", "status", "runs_ok", "runs", "epsilon", "delta", "final_accuracy_mean",
-           "final_accuracy_std", "best_accuracy_mean", "wall_s_mean", "error")
+COLUMNS = ("setting", "engine", "noise", "status", "runs_ok", "runs", "epsilon", "delta", "final_accuracy_mean",
+           "final_accuracy_std", "best_accuracy_mean", "validation_accuracy_mean", "wall_s_mean", "error")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -30,14 +32,20 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
 
 
+def setting_of(run: dict) -> str:
+    """What groups a run with its repeats: its setting, or (older records) its noise."""
+    return run.get("setting") or f"noise={run['noise']:g}"
+
+
 def summarize(runs: list[dict]) -> list[dict]:
-    """One row per noise level, in sweep order, over its completed repeats."""
+    """One row per setting (noise level), in sweep order, over its completed repeats."""
     rows = []
-    for noise in dict.fromkeys(r["noise"] for r in runs):
-        group = [r for r in runs if r["noise"] == noise]
+    for setting in dict.fromkeys(map(setting_of, runs)):
+        group = [r for r in runs if setting_of(r) == setting]
         ok = [r for r in group if r["error"] is None]
         row = dict.fromkeys(COLUMNS)
-        row.update(noise=noise, runs=len(group), runs_ok=len(ok),
+        row.update(setting=setting, engine=group[0].get("engine", "flwr"),
+                   noise=(ok or group)[0]["noise"], runs=len(group), runs_ok=len(ok),
                    status="ok" if len(ok) == len(group) else "partial" if ok else "failed",
                    wall_s_mean=round(mean_std([r["wall_s"] for r in group])[0], 1),
                    error="; ".join(dict.fromkeys(r["error"] for r in group if r["error"])))
@@ -47,20 +55,24 @@ def summarize(runs: list[dict]) -> list[dict]:
             row["epsilon"] = mean_std([r["epsilon"] for r in ok])[0]
             row["best_accuracy_mean"] = mean_std([r["best_accuracy"] for r in ok])[0]
             row["delta"] = ok[0]["delta"]
+            validation = [r["validation_accuracy"] for r in ok if r.get("validation_accuracy")]
+            if validation:
+                row["validation_accuracy_mean"] = mean_std(validation)[0]
         rows.append(row)
     return rows
 
 
 def round_curves(runs: list[dict]) -> dict[str, dict]:
-    """Per noise level: mean and std of test accuracy at each round all its repeats reached."""
+    """Per setting: mean and std of test accuracy at each round all its repeats reached."""
     curves = {}
-    for noise in dict.fromkeys(r["noise"] for r in runs):
-        ok = [r for r in runs if r["noise"] == noise and r["error"] is None]
+    for setting in dict.fromkeys(map(setting_of, runs)):
+        ok = [r for r in runs if setting_of(r) == setting and r["error"] is None]
         if not ok:
             continue
         common = [n for n in ok[0]["rounds"] if all(n in r["rounds"] for r in ok)]
         stats = [mean_std([r["accuracy"][r["rounds"].index(n)] for r in ok]) for n in common]
-        curves[f"noise {noise:g}"] = {"noise": noise, "repeats": len(ok), "round": common,
+        name = setting.replace("=", " ") if setting.startswith("noise=") else setting
+        curves[name] = {"noise": ok[0]["noise"], "repeats": len(ok), "round": common,
                                       "mean": [s[0] for s in stats],
                                       "std": [s[1] for s in stats]}
     return curves
@@ -71,7 +83,7 @@ def frontier(rows: list[dict]) -> tuple[list[dict], float | None]:
     done = [r for r in rows if r["runs_ok"]]
     points = [{"noise": r["noise"], "epsilon": r["epsilon"], "mean": r["final_accuracy_mean"],
                "std": r["final_accuracy_std"]}
-              for r in done if r["noise"] > 0 and math.isfinite(r["epsilon"])]
+              for r in done if r["noise"] and math.isfinite(r["epsilon"])]
     reference = [r["final_accuracy_mean"] for r in done if r["noise"] == 0]
     return sorted(points, key=lambda p: p["epsilon"]), reference[0] if reference else None
 
@@ -100,12 +112,16 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "# Noise sweep", "",
         f"Command: `{meta['command']}`  ",
-        f"Repeats per noise level: {meta['repeats']} (seeds {meta['seeds']}), "
+        f"Engine: {meta.get('engine', 'flwr')} ("
+        + ("`flwr run`, the real Flower simulation" if meta.get("engine", "flwr") == "flwr"
+           else "the study engine: the app's mechanism in one process") + ").  ",
+        f"Repeats per setting: {meta['repeats']} (seeds {meta['seeds']}), "
         f"{meta['supernodes']} SuperNodes.  ",
         f"Machine: {meta['machine']}. Sweep wall time: {meta['elapsed_s'] / 60:.1f} min.", "",
-        f"| noise z | ε at δ={delta if delta is not None else '?'} | final test accuracy "
-        "(mean ± std) | best test accuracy (mean) | wall time per run | runs ok |",
-        "|---:|---:|---:|---:|---:|:---|",
+        f"| setting | noise z | ε at δ={delta if delta is not None else '?'} | final test "
+        "accuracy (mean ± std) | best test accuracy (mean) | validation accuracy (mean) | "
+        "wall time per run | runs ok |",
+        "|:---|---:|---:|---:|---:|---:|---:|:---|",
     ]
     for r in rows:
         accuracy = ("failed" if not r["runs_ok"] else
@@ -113,8 +129,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         status = f"{r['runs_ok']}/{r['runs']}"
         if r["error"]:
             status += " — " + r["error"].replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {r['noise']:g} | {_fmt(r['epsilon'], '.2f')} | {accuracy} | "
-                     f"{_fmt(r['best_accuracy_mean'])} | {r['wall_s_mean']:.0f} s | {status} |")
+        noise = "—" if r["noise"] is None else f"{r['noise']:.4g}"
+        lines.append(f"| {r['setting']} | {noise} | {_fmt(r['epsilon'], '.2f')} | {accuracy} | "
+                     f"{_fmt(r['best_accuracy_mean'])} | {_fmt(r['validation_accuracy_mean'])} | "
+                     f"{r['wall_s_mean']:.0f} s | {status} |")
     return "\n".join(lines) + "\n"
 
 

@@ -82,3 +82,45 @@ def test_vectorised_training_equals_one_client_at_a_time():
         state, data, 2, 4, 0.05, 7)
     for name in state:
         assert torch.allclose(batched[name], single[name], atol=1e-5), name
+
+
+def test_grid_and_target_epsilon_settings():
+    from dpfl_app.tools.study.grid import parse_grid, setting_label
+    from dpfl_app.tools.sweep import parse_args
+
+    grid = parse_grid("lr=0.05,0.1 server-lr=1,2")
+    assert grid == [{"lr": 0.05, "server-lr": 1}, {"lr": 0.05, "server-lr": 2},
+                    {"lr": 0.1, "server-lr": 1}, {"lr": 0.1, "server-lr": 2}]
+    assert setting_label({"target-epsilon": 2.0, **grid[0]}) == \
+        "target-epsilon=2 lr=0.05 server-lr=1"
+    for bad in ("nokey=1", "noise=0.5,1", "lr=", "lr=0.1,x"):
+        with pytest.raises(Exception, match="grid item"):
+            parse_grid(bad)
+    with pytest.raises(SystemExit):  # a validation split exists only in process
+        parse_args(["--noise", "1", "--holdout", "validation"])
+    with pytest.raises(SystemExit):  # noise levels or target epsilons, not both
+        parse_args(["--noise", "1", "--target-epsilon", "2"])
+
+
+def test_inprocess_sweep_over_target_epsilons_and_a_grid(tmp_path, capsys):
+    import csv
+    import math
+
+    from dpfl_app.tools import sweep
+
+    out = tmp_path / "sweep"
+    assert sweep.main(["--engine", "inprocess", "--target-epsilon", "20,inf", "--grid",
+                       "lr=0.05,0.1", "--supernodes", str(POPULATION), "--run-config",
+                       "rounds=2 clients=5 deterministic-noise=true", "--output", str(out)]) == 0
+    with open(out / "sweep.csv") as handle:
+        rows = {r["setting"]: r for r in csv.DictReader(handle)}
+    assert list(rows) == ["target-epsilon=20 lr=0.05", "target-epsilon=20 lr=0.1",
+                          "noise=0 lr=0.05", "noise=0 lr=0.1"]
+    assert {r["engine"] for r in rows.values()} == {"inprocess"}
+    calibrated = rows["target-epsilon=20 lr=0.1"]
+    assert float(calibrated["noise"]) > 0 and 0 < float(calibrated["epsilon"]) <= 20
+    assert math.isinf(float(rows["noise=0 lr=0.1"]["epsilon"]))
+    assert "study engine" in (out / "sweep.md").read_text()
+    results = json.loads(next((out / "runs").glob("target-epsilon=20-lr=0.1-seed-42"))
+                         .joinpath("results.json").read_text())
+    assert results["engine"] == "inprocess" and results["config"]["lr"] == 0.1

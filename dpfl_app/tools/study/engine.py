@@ -68,17 +68,32 @@ def evaluation_sets(cfg: dict, holdout: str) -> dict[str, Tensors]:
             for name, idx in (("validation", order[:half]), ("test", order[half:]))}
 
 
-def mod_clip(stacked: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor],
-             clip: float) -> tuple[list[list[np.ndarray]], list[int]]:
-    """Flower's `adaptiveclipping_mod` for every client at once: w_t + clip(w_i - w_t, C_t)
-    and b_i = 1 when the update was not clipped."""
-    deltas = {k: v - global_state[k] for k, v in stacked.items()}
-    norms = torch.sqrt(sum(d.double().flatten(1).square().sum(1) for d in deltas.values()))
+def flatten(state: dict[str, torch.Tensor], stacked: bool = False) -> torch.Tensor:
+    """All arrays as one vector (per client when `stacked`), in state-dict order.
+
+    The mechanism treats the model as one vector: the clip uses the global L2
+    norm and the noise is i.i.d. per coordinate, drawn layer after layer, which
+    is the same stream as one draw over the concatenation. One array per client
+    keeps `dp_fedavg_step`'s per-client loop short.
+    """
+    return torch.cat([v.flatten(1 if stacked else 0) for v in state.values()], -1)
+
+
+def unflatten(vector: np.ndarray, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    sizes = [v.numel() for v in like.values()]
+    parts = torch.from_numpy(vector).split(sizes)
+    return {k: part.view_as(v) for (k, v), part in zip(like.items(), parts)}
+
+
+def mod_clip(local: torch.Tensor, global_flat: torch.Tensor,
+             clip: float) -> tuple[np.ndarray, list[int]]:
+    """Flower's `adaptiveclipping_mod` for every client at once (rows of `local`):
+    w_t + clip(w_i - w_t, C_t), and b_i = 1 when the update was not clipped."""
+    delta = local - global_flat
+    norms = delta.double().square().sum(1).sqrt()
     scale = torch.clamp(clip / norms, max=1.0)
-    clipped = [(global_state[k] + d * scale.view(-1, *[1] * (d.dim() - 1)).to(d.dtype)).numpy()
-               for k, d in deltas.items()]
-    bits = (scale >= 1.0).int().tolist()
-    return [[layer[i] for layer in clipped] for i in range(len(bits))], bits
+    clipped = global_flat + delta * scale.unsqueeze(1).to(delta.dtype)
+    return clipped.numpy(), (scale >= 1.0).int().tolist()
 
 
 def evaluate(net, state: dict, sets: dict[str, Tensors]) -> dict[str, float]:
@@ -127,22 +142,29 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round) -
             cohort = sampling.poisson_positions(rng, population, m / population)
         else:
             cohort = sampling.fixed_size_positions(rng, population, m)
-        round_clip, unclipped_fraction = clip, None
+        round_clip, unclipped_fraction, trained = clip, None, time.perf_counter()
         if len(cohort) >= cfg["min-replies"] and cohort:
             local = trainer.train(state, [data[p] for p in cohort], cfg["local-epochs"],
                                   cfg["batch-size"], cfg["lr"], cfg["seed"] + 1000 * server_round)
-            models, bits = mod_clip(local, state, clip)
-            global_nd = [v.numpy() for v in state.values()]
-            new_model, unclipped_fraction, clip = mechanism.dp_fedavg_step(
-                global_nd, models, bits, clip, m, strategy.split, rng,
-                server_lr=cfg["server-lr"], target_quantile=cfg["target-quantile"],
-                clip_lr=cfg["clip-lr"])
-            state = {k: torch.from_numpy(v) for k, v in zip(state, new_model)}
+            trained = time.perf_counter()
+            global_flat = flatten(state)
+            models, bits = mod_clip(flatten(local, stacked=True), global_flat, clip)
+            (new_model,), unclipped_fraction, clip = mechanism.dp_fedavg_step(
+                [global_flat.numpy()], [[row] for row in models], bits, clip, m,
+                strategy.split, rng, server_lr=cfg["server-lr"],
+                target_quantile=cfg["target-quantile"], clip_lr=cfg["clip-lr"])
+            state = unflatten(new_model, state)
+        stepped = time.perf_counter()
         ledger.compose_round()
         record = {"round": server_round, "clip_norm": round_clip, "next_clip_norm": clip,
                   "noisy_unclipped_fraction": unclipped_fraction, "num_sampled": len(cohort),
-                  "epsilon": ledger.epsilon(), **evaluate(net, state, sets),
-                  "round_s": time.perf_counter() - began}
+                  "epsilon": ledger.epsilon()}
+        accounted = time.perf_counter()
+        record.update(evaluate(net, state, sets))
+        end = time.perf_counter()
+        # Phases: local training; clip and server step; accounting; server evaluation.
+        record.update(train_s=trained - began, dp_s=stepped - trained,
+                      account_s=accounted - stepped, eval_s=end - accounted, round_s=end - began)
         records.append(record)
         if on_round:
             on_round(record)
