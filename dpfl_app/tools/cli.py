@@ -1,6 +1,6 @@
 """`dpfl`: one command for the tools, as `flwr` is one command for Flower.
 
-    dpfl plan | sweep | baseline | deploy | bench | coldstart | export-data [options]
+    dpfl plan | sweep | baseline | deploy | bench | bench-study | coldstart | export-data [options]
 
 Each subcommand is one module's `main(argv)`; it is imported only when asked
 for, so `dpfl plan` does not pay for torch. `dpfl SUBCOMMAND --help` shows its
@@ -20,6 +20,7 @@ COMMANDS = {
     "baseline": ("dpfl_app.tools.baseline", "centralised, non-private baseline of the same model"),
     "deploy": ("dpfl_app.tools.deploy", "a loopback deployment: SuperLink, SuperNodes, TLS, auth"),
     "bench": ("dpfl_app.tools.bench.__main__", "the app against its in-process limit, DP on and off"),
+    "bench-study": ("dpfl_app.tools.study.bench", "the study engine against flwr run and pfl-research, per client update"),
     "coldstart": ("dpfl_app.tools.bench.coldstart", "time one cold ClientApp process per message"),
     "export-data": ("dpfl_app.tools.export_data", "write demo partitions as site folders for data-path"),
 }

@@ -32,14 +32,14 @@ import signal
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 from flwr.common.config import parse_config_args
 
-from dpfl_app.tools.federation import PROJECT, FederationError, LocalFederation, RunTimeout
+from dpfl_app.tools.federation import FederationError, LocalFederation, RunTimeout
 from dpfl_app.run.plots import run_series
 from dpfl_app.tools.sweep_report import machine, write_outputs
+from dpfl_app.tools.bench import default_run_config
 from dpfl_app.tools.cli import HelpFormatter
 from dpfl_app.tools.study.grid import parse_grid, setting_label, settings, toml_overrides
 
@@ -219,14 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def base_seed(user_config: dict) -> int:
     """The run-config's seed, else the app's default from pyproject.toml."""
-    return int(default_config(user_config)["seed"])
-
-
-def default_config(user_config: dict) -> dict:
-    """pyproject.toml's run config with the user's overrides, as `flwr run` would build it."""
-    with open(PROJECT / "pyproject.toml", "rb") as handle:
-        defaults = tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
-    return {**defaults, **user_config}
+    return int(default_run_config(**user_config)["seed"])
 
 
 def _interrupt(signum, frame):
@@ -250,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             "elapsed_s": 0.0}
     with tempfile.TemporaryDirectory(prefix="dpfl-sweep-flwr-home-") as home:
         fed = LocalFederation(Path(home), args.supernodes) if args.engine == "flwr" else None
-        base = default_config(args.user_config) if fed is None else {}
+        base = default_run_config(**args.user_config) if fed is None else {}
         try:
             for i, (setting, seed) in enumerate(plan, 1):
                 name = setting_label(setting)

@@ -124,3 +124,16 @@ def test_inprocess_sweep_over_target_epsilons_and_a_grid(tmp_path, capsys):
     results = json.loads(next((out / "runs").glob("target-epsilon=20-lr=0.1-seed-42"))
                          .joinpath("results.json").read_text())
     assert results["engine"] == "inprocess" and results["config"]["lr"] == 0.1
+
+
+def test_bench_study_measures_the_engine_per_client_update(tmp_path, capsys):
+    """The benchmark prints numbers (no speed is asserted): engine only, tiny workload."""
+    from dpfl_app.tools.study import bench
+
+    out = tmp_path / "bench.json"
+    assert bench.main(["--population", str(POPULATION), "--clients", "5", "--rounds", "2",
+                       "--epsilon", "20", "--output", str(out)]) == 0
+    (engine,) = json.loads(out.read_text())["engines"]
+    assert engine["engine"] == "inprocess" and engine["rounds"] == 2 and engine["updates"] > 0
+    assert engine["ms_per_client_update"] > 0 and 0 < engine["epsilon"] <= 20
+    assert "| inprocess | 2 |" in capsys.readouterr().out
