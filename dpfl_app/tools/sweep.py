@@ -182,7 +182,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "z is calibrated for each")
     parser.add_argument("--engine", choices=("flwr", "inprocess"), default="flwr",
                         help="flwr: a real `flwr run` per run; inprocess: the study engine")
-    parser.add_argument("--grid", type=parse_grid, default=[{}],
+    parser.add_argument("--grid", type=parse_grid, default=None,
                         help='other keys to combine, e.g. "lr=0.05,0.1 server-lr=1,2"')
     parser.add_argument("--holdout", choices=("test", "validation"), default="test",
                         help="inprocess: report accuracy on a validation half of the server's "

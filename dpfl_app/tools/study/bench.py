@@ -84,20 +84,21 @@ def pfl_cost(python: str, args) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dpfl bench-study", description=__doc__,
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--population", type=int, default=1437)
-    parser.add_argument("--clients", type=int, default=718)
-    parser.add_argument("--rounds", type=int, default=50)
-    parser.add_argument("--epsilon", type=float, default=2.0)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--server-lr", type=float, default=4.0)
+    parser.add_argument("--population", type=int, default=1437, help="N: one-image users")
+    parser.add_argument("--clients", type=int, default=718, help="m: expected cohort")
+    parser.add_argument("--rounds", type=int, default=50, help="rounds of the workload")
+    parser.add_argument("--epsilon", type=float, default=2.0, help="target epsilon")
+    parser.add_argument("--lr", type=float, default=0.1, help="client learning rate")
+    parser.add_argument("--server-lr", type=float, default=4.0, help="server step")
     parser.add_argument("--flwr-rounds", type=int, default=0,
                         help="rounds of the flwr run (0: skip it; fewer than --rounds: "
                              "extrapolate its steady-state cost per update)")
     parser.add_argument("--pfl-python", default="",
                         help="python of an environment with pfl==0.6.0 (empty: skip pfl)")
-    parser.add_argument("--pfl-rounds", type=int, default=0, help="0: as --rounds")
-    parser.add_argument("--timeout", type=float, default=3600)
-    parser.add_argument("--output", type=Path, default=Path("bench-study.json"))
+    parser.add_argument("--pfl-rounds", type=int, default=0, help="pfl rounds (0: as --rounds)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per flwr or pfl run")
+    parser.add_argument("--output", type=Path, default=Path("bench-study.json"),
+                        help="JSON file of every number")
     return parser.parse_args(argv)
 
 

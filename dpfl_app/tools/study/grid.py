@@ -51,4 +51,4 @@ def settings(args: argparse.Namespace) -> list[dict]:
     levels = ([{"noise": z} for z in args.noise] if args.noise is not None else
               [{"noise": 0.0} if math.isinf(e) else {"target-epsilon": e}
                for e in args.target_epsilon])
-    return [{**level, **extra} for level in levels for extra in args.grid]
+    return [{**level, **extra} for level in levels for extra in (args.grid or [{}])]
