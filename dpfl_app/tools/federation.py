@@ -68,8 +68,22 @@ class LocalFederation:
         return subprocess.run([str(BIN / "flwr"), *args], cwd=PROJECT, env=self.env,
                               capture_output=True, text=True, timeout=timeout)
 
+    def start(self, timeout: float = 180) -> None:
+        """Start this federation's SuperLink the way `flwr run` does, but wait up to
+        `timeout` s: `flwr run` gives it 15 s (flwr.cli.constant
+        LOCAL_SUPERLINK_STARTUP_TIMEOUT), too little on a busy 2-core machine."""
+        code = ("import flwr.cli.local_superlink as s\n"
+                "if not s._is_local_superlink_started():\n"
+                f"    s.LOCAL_SUPERLINK_STARTUP_TIMEOUT = {float(timeout)}\n"
+                "    s._start_local_superlink()\n")
+        subprocess.run([sys.executable, "-c", code], cwd=PROJECT, env=self.env, check=False,
+                       capture_output=True, timeout=timeout + 60)
+        self._started = True
+
     def submit(self, *run_configs: str) -> int:
         """Start a run; later run-config strings override earlier ones key by key."""
+        if not getattr(self, "_started", False):
+            self.start()
         args = ["run", ".", self.connection, "--format", "json"]
         for run_config in run_configs:
             if run_config:
