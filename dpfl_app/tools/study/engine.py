@@ -111,6 +111,9 @@ def run_study(run_config: dict, population: int, holdout: str = "test",
     cfg = validate(dict(run_config))
     if cfg["node-data"] != "partitions":
         raise ValueError("the study engine needs demo partitions (node-data='partitions')")
+    if cfg.get("server-optimizer", "sgd") != "sgd":  # the engine runs dp_fedavg_step's step
+        raise ValueError(f"server-optimizer={cfg['server-optimizer']!r}: the study engine "
+                         "runs only 'sgd'")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: one thread is fastest on a shared machine
     try:
@@ -143,7 +146,9 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round) -
         else:
             cohort = sampling.fixed_size_positions(rng, population, m)
         round_clip, unclipped_fraction, trained = clip, None, time.perf_counter()
-        if len(cohort) >= cfg["min-replies"] and cohort:
+        # As the strategy: fewer replies than min-replies skip the step (no noise drawn);
+        # with min-replies=0 an empty cohort still releases pure noise.
+        if len(cohort) >= cfg["min-replies"]:
             local = trainer.train(state, [data[p] for p in cohort], cfg["local-epochs"],
                                   cfg["batch-size"], cfg["lr"], cfg["seed"] + 1000 * server_round)
             trained = time.perf_counter()
