@@ -69,6 +69,7 @@ KEYS: dict[str, Key] = {
     "target-epsilon": NON_NEGATIVE,
     "seed": Key(int, lambda v: v >= 0, "an integer >= 0"),
     "deterministic-noise": Key(bool),
+    "audit-canaries": Key(int, lambda v: v >= 0, "an integer >= 0 (0 = off)"),
     "client-eval": Key(bool),
     "min-replies": Key(int, lambda v: v >= 0, "an integer >= 0"),
     "round-timeout": POSITIVE,
