@@ -37,11 +37,12 @@ def run_once(noise: float, canaries: int, seed: int, overrides: dict) -> dict:
         wall = time.monotonic() - start
         results = read_results(Path(out))
     row = {"noise": noise, "canaries": canaries, "seed": seed, "wall_s": round(wall, 1),
-           "accounted_epsilon": results["final"]["epsilon"],
+           "accounted_epsilon": float(results["final"]["epsilon"]),  # results.json: "inf"
            "test_accuracy": results["final"]["test_accuracy"]}
     audit = results.get("audit")
     if audit:
-        row.update(empirical_epsilon=audit["epsilon"], ci95=audit["epsilon_ci95"],
+        row.update(empirical_epsilon=float(audit["epsilon"]),
+                   ci95=[float(v) for v in audit["epsilon_ci95"]],
                    verdict=audit["verdict"], canaries_per_round=audit["canaries_per_round"])
     return row
 
