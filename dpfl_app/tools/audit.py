@@ -7,8 +7,8 @@ Each run is the real ServerApp `main` with the real ClientApp, in this process
 canary estimate (Andrew et al., ICLR 2024) is read back from its results.json.
 `--canaries` may list several k to see how many canaries a stable estimate
 needs, and `--baseline` adds one run without canaries per noise level for the
-time and accuracy the canaries cost. Writes audit.json, audit.md and
-audit_epsilon.png into --output.
+time and accuracy the canaries cost; `--overhead` times only the canary code.
+Writes audit.json, audit.md and audit_epsilon.png into --output.
 """
 
 from __future__ import annotations
@@ -45,6 +45,41 @@ def run_once(noise: float, canaries: int, seed: int, overrides: dict) -> dict:
                    ci95=[float(v) for v in audit["epsilon_ci95"]],
                    verdict=audit["verdict"], canaries_per_round=audit["canaries_per_round"])
     return row
+
+
+def hook_overhead(canaries: int, rounds: int = 5, population: int = 10, m: int = 6) -> dict:
+    """Seconds the canary code adds to a run of the default model (median of 3 timings).
+
+    Times exactly what the strategy adds: `join` (sampling, C_t u_j per canary),
+    the larger `dp_fedavg_step` (each canary clipped and summed), `observe`
+    (2k cosines per round), and the final `summary` (fits, epsilon, bootstrap).
+    """
+    import numpy as np
+
+    from dpfl_app.config import model_spec, validate
+    from dpfl_app.privacy import mechanism
+    from dpfl_app.strategy.canaries import CanaryAudit
+    from dpfl_app.task import build_model
+
+    cfg = validate(default_run_config())
+    model = [v.numpy() for v in build_model(*model_spec(cfg)).state_dict().values()]
+    split = mechanism.split_noise(cfg["noise"], m)
+    timings = {"per_round_s": [], "summary_s": []}
+    for repeat in range(3):
+        rng = np.random.default_rng(repeat)
+        audit = CanaryAudit(canaries, repeat, "poisson", m / population)
+        start = time.perf_counter()
+        for _ in range(rounds):
+            models, bits = audit.join([], [], model, 0.1, rng)
+            new, _, _ = mechanism.dp_fedavg_step(model, models, bits, 0.1, m, split, rng,
+                                                 server_lr=1.0, target_quantile=0.5, clip_lr=0.2)
+            audit.observe(model, new)
+        middle = time.perf_counter()
+        audit.summary(cfg["target-delta"], 1.0, population)
+        timings["per_round_s"].append((middle - start) / rounds)
+        timings["summary_s"].append(time.perf_counter() - middle)
+    return {"canaries": canaries, "dim": sum(a.size for a in model),
+            **{k: round(float(np.median(v)), 3) for k, v in timings.items()}}
 
 
 def _fmt(value) -> str:
@@ -108,11 +143,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--baseline", action="store_true",
                         help="also one run without canaries per noise level and seed")
     parser.add_argument("--output", type=Path, default=Path("audit"), help="output folder")
+    parser.add_argument("--overhead", action="store_true",
+                        help="only time the canary code itself for each --canaries k, no runs")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.overhead:
+        for k in args.canaries:
+            print(json.dumps(hook_overhead(k)), flush=True)
+        return 0
     args.output.mkdir(parents=True, exist_ok=True)
     command = "dpfl audit " + " ".join(argv or [])
     plan = [(z, k, s) for z in args.noise for s in args.seeds
