@@ -119,6 +119,9 @@ def plot(rows: list[dict], path: Path, canaries: int) -> None:
     finite = [z for z in noises if z > 0]
     ax.plot(finite, [next(r["accounted_epsilon"] for r in audited if r["noise"] == z)
                      for z in finite], "s--", color="tab:red", label="accounted ε (PLD)")
+    if 0 in noises:
+        ax.text(0.02, 0.04, "z = 0: accounted ε = ∞", transform=ax.transAxes, fontsize=8,
+                color="tab:red")
     ax.set_yscale("log")
     ax.set_xlabel("noise multiplier z")
     ax.set_ylabel(f"ε at δ = {default_run_config()['target-delta']:g}")
