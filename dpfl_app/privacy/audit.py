@@ -10,13 +10,17 @@ Estimation for Federated Learning", ICLR 2024 (arXiv 2302.03098):
   k more directions are drawn and never inserted: the unseen canaries.
 * Threat model "all iterates" (every released per-round model delta is seen,
   as it is here: every client receives w_t): the statistic of a canary is the
-  maximum over rounds t of cos(w_{t+1} - w_t, u_j) (Sec. 4 and Algorithm 2 of
-  the paper; the authors' code keeps exactly this running maximum).
+  maximum over rounds t of cos(w_{t+1} - w_t, u_j). This is the paper's FL
+  method (Section 4, Algorithm 2) in its all-iterates variant, and what the
+  authors' released code computes (github.com/google-research/federated,
+  one_shot_epe/fed_avg_with_canaries.py keeps `max_canary_model_delta_cosines`
+  and `max_unseen_canary_model_delta_cosines`).
 * Fit one Gaussian to the statistics of the inserted canaries and one to the
   unseen ones (sample mean and standard deviation), and report the epsilon, at
   the run's delta, of the test between N(mu_0, s_0^2) and N(mu_1, s_1^2)
-  (Sec. 3 of the paper). The privacy profile of two Gaussians with different
-  variances is computed exactly; see `delta_for_epsilon`.
+  (the paper's Section 3 for the Gaussian mechanism, reused in Section 4). The
+  privacy profile of two Gaussians with different variances is computed
+  exactly; see `delta_for_epsilon`.
 
 The result is an *estimate* of how much a strong attacker learns about one
 client from this very run: a lower estimate, never a guarantee. A correct
