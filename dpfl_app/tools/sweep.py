@@ -75,6 +75,9 @@ def summarize_run(record: dict, results: dict) -> None:
         epsilon=float(final["epsilon"]), delta=final["delta"], stop_reason=final["stop_reason"],
         rounds=series["round"], accuracy=series["test_accuracy"],
     )
+    if results.get("audit"):  # audit-canaries > 0: the one-run empirical epsilon
+        record.update(empirical_epsilon=results["audit"]["epsilon"],
+                      audit_verdict=results["audit"]["verdict"])
 
 
 def progress_printer(output_dir: Path, label: str):
@@ -105,14 +108,15 @@ def new_record(setting: dict, seed: int, output_dir: Path, engine: str) -> dict:
 
 
 def run_one(fed: LocalFederation, setting: dict, seed: int, output_dir: Path, run_config: str,
-            timeout: float, label: str) -> dict:
+            timeout: float, label: str, audit_canaries: int = 0) -> dict:
     """Submit one run, wait for it, and return its record (failed ones included)."""
     record = new_record(setting, seed, output_dir, "flwr")
     start = time.monotonic()
     try:
         # The sweep's keys come last, so they override the user's run-config.
+        audit = f" audit-canaries={audit_canaries}" if audit_canaries else ""
         record["run_id"] = fed.submit(
-            run_config, f"{toml_overrides(setting)} seed={seed} output-dir='{output_dir}'")
+            run_config, f"{toml_overrides(setting)} seed={seed} output-dir='{output_dir}'{audit}")
         record["status"] = fed.wait(record["run_id"], timeout,
                                     on_poll=progress_printer(output_dir, label), interval=5)
     except RunTimeout as err:  # `wait` has stopped the run
@@ -197,13 +201,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="stop a run still going after S seconds")
     parser.add_argument("--supernodes", type=int, default=10,
                         help="SuperNodes (clients) in the local simulation")
+    parser.add_argument("--audit-canaries", type=int, default=0, metavar="K",
+                        help="canary clients per run for the one-run privacy audit (Andrew et "
+                             "al., ICLR 2024); adds the empirical epsilon column; 0 = off")
     args = parser.parse_args(argv)
-    if not (args.noise or args.target_epsilon) or args.repeats < 1 or args.supernodes < 1:
-        parser.error("need at least one noise value, --repeats >= 1 and --supernodes >= 1")
+    if not (args.noise or args.target_epsilon) or args.repeats < 1 or args.supernodes < 1 \
+            or args.audit_canaries < 0:
+        parser.error("need at least one noise value, --repeats >= 1, --supernodes >= 1 and "
+                     "--audit-canaries >= 0")
     if args.target_epsilon and min(args.target_epsilon) <= 0:
         parser.error("--target-epsilon values must be > 0")
     if args.holdout != "test" and args.engine != "inprocess":
         parser.error("--holdout validation needs --engine inprocess")
+    if args.audit_canaries and args.engine != "flwr":
+        parser.error("--audit-canaries needs --engine flwr")
     try:
         args.user_config = parse_config_args([args.run_config])
     except Exception as err:  # click.ClickException: the message says what is wrong
@@ -251,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{label} starting", flush=True)
                 out = args.output / "runs" / f"{name.replace(' ', '-')}-seed-{seed}"
                 record = (run_one(fed, setting, seed, out, args.run_config,
-                                  args.timeout_per_run, label) if fed is not None else
+                                  args.timeout_per_run, label, args.audit_canaries) if fed is not None else
                           run_inprocess(setting, seed, out, base, args.supernodes,
                                         args.holdout, label))
                 runs.append(record)
