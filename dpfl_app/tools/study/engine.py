@@ -111,6 +111,8 @@ def run_study(run_config: dict, population: int, holdout: str = "test",
     cfg = validate(dict(run_config))
     if cfg["node-data"] != "partitions":
         raise ValueError("the study engine needs demo partitions (node-data='partitions')")
+    if cfg.get("audit-canaries", 0):  # canaries join the strategy's sum; not simulated here
+        raise ValueError("audit-canaries: the study engine runs no privacy audit; use flwr")
     if cfg.get("server-optimizer", "sgd") != "sgd":  # the engine runs dp_fedavg_step's step
         raise ValueError(f"server-optimizer={cfg['server-optimizer']!r}: the study engine "
                          "runs only 'sgd'")
