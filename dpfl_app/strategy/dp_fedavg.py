@@ -102,6 +102,23 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
     def __repr__(self) -> str:
         return "DP-FedAvg, adaptive clipping (Andrew et al. 2021), fixed denominator"
 
+    def summary(self) -> None:
+        """Flower's start banner, with what this strategy really does.
+
+        Flower's wrapper prints z_delta unrounded and its FedAvg's "Weighted by:
+        'num-examples'"; our mean is unweighted, with the fixed denominator m.
+        """
+        log(INFO, "\t├──> DP-FedAvg with adaptive clipping (Andrew et al. 2021):")
+        log(INFO, "\t│\t├── noise multiplier z=%.4g (update z_delta=%.4g, clipped count "
+            "sigma_b=%.4g)", self.split.noise_multiplier, self.split.update_noise_multiplier,
+            self.split.count_stddev)
+        log(INFO, "\t│\t├── initial clip norm %.4g, target unclipped quantile %.4g, "
+            "clip learning rate %.4g", self._round_clip, self.target_quantile,
+            self.clip_norm_lr)
+        log(INFO, "\t│\t└── %s sampling of m=%d of N=%d clients; unweighted mean of the "
+            "clipped updates divided by m (not weighted by num-examples)", self.sampling,
+            self.num_sampled_clients, self.population)
+
     # --- sampling -----------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -181,9 +198,9 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
             "epsilon_pld": eps["pld"],
         }
         self.records.append(record)
-        released = {k: float(v) for k, v in record.items()
-                    if k in ("clip_norm", "next_clip_norm", "noise_std", "epsilon")}
-        return new_arrays, MetricRecord(released)
+        # No MetricRecord: Flower would list these server-side values under
+        # "ClientApp-side Train Metrics". The recorder logs and saves them.
+        return new_arrays, None
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         """Client-side evaluation: available, but *not* covered by the DP guarantee."""
