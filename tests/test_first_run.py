@@ -272,7 +272,15 @@ def test_readme_main_command_is_plain_flwr_run_and_stops_nothing_by_name():
     commands = [ln.strip() for ln in quick.splitlines() if ln.strip().startswith("flwr run")]
     assert "flwr run . --stream" in commands, commands
     assert "FLWR_HOME" not in quick.split("```", 2)[1]  # not in the three commands
-    assert "pkill" not in README and "killall" not in README
+    # stopping by name would stop other users' SuperLinks: the README never suggests it
+    assert "pkill -f flower" not in README and "killall" not in README
+
+
+def test_readme_troubleshooting_lists_every_run_config_key():
+    from dpfl_app.config import KEYS
+
+    paragraph = README.split("**`Invalid run configuration`**", 1)[1].split("\n\n", 1)[0]
+    assert set(re.findall(r"`([a-z-]+)`", paragraph)) >= set(KEYS)
 
 
 USER_FACING = ["README.md", "deploy/README.md", "pyproject.toml", ".flwr/config.toml",
