@@ -108,7 +108,7 @@ def show_partitions(cfg: dict, num_partitions: int, run_dir) -> None:
     from dpfl_app.data.datasets import format_label_histogram, partition_label_counts
     from dpfl_app.run.plots import plot_partitions
 
-    log(INFO, "preparing the %s partitions of %s for %d clients (cached after the first run)",
+    log(INFO, "preparing the %s partitions of %s for %d clients, to show their labels",
         cfg["partitioning"], cfg["dataset"], num_partitions)
     counts = partition_label_counts(cfg["dataset"], cfg["partitioning"], num_partitions,
                                     cfg["dirichlet-alpha"], cfg["seed"], **data_source(cfg))

@@ -47,8 +47,7 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> list[int]:
         if time.monotonic() >= deadline:
             raise NotEnoughNodes(
                 f"only {len(nodes)} SuperNode(s) connected after {timeout:.0f}s, but "
-                f"clients={needed} are needed per round. Start more SuperNodes, raise "
-                "num-supernodes in .flwr/config.toml for a simulation, or lower "
+                f"clients={needed} are needed per round. Start more SuperNodes, or lower "
                 "`clients` (and `node-wait-timeout` to fail sooner)."
             )
         time.sleep(0.5)
