@@ -64,6 +64,7 @@ class LocalDeployment(LocalFederation):
     """
 
     connection = "local-deployment"
+    local_superlink = False  # its own flower-superlink (start_superlink), not Flower's local one
 
     def __init__(self, workdir: Path, tls: bool = False, auth: bool = False) -> None:
         self.workdir = Path(workdir).resolve()

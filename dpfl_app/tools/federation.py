@@ -50,6 +50,7 @@ class LocalFederation:
     """
 
     connection = "local"  # the `[superlink.<name>]` of config.toml that `flwr` talks to
+    local_superlink = True  # `flwr` starts Flower's local SuperLink for this connection
 
     def __init__(self, home: Path, num_supernodes: int = 10) -> None:
         self.home = Path(home)
@@ -80,8 +81,27 @@ class LocalFederation:
         return subprocess.run([str(BIN / "flwr"), *args], cwd=PROJECT, env=self.env,
                               capture_output=True, text=True, timeout=timeout)
 
+    def start_local_superlink(self, timeout: float = 180) -> None:
+        """Start the local SuperLink as `flwr` would, but with a longer start-up wait.
+
+        `flwr` gives a new local SuperLink 15 s to answer, then kills it; on a
+        busy 2-core machine its imports alone can take longer. Flower's own
+        start function, run with this federation's environment (ports,
+        FLWR_HOME), so every later `flwr` command finds it up.
+        """
+        code = ("import flwr.cli.local_superlink as local\n"
+                f"local.LOCAL_SUPERLINK_STARTUP_TIMEOUT = {float(timeout)}\n"
+                "if not local._is_local_superlink_started():\n"
+                "    local._start_local_superlink()\n")
+        out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, env=self.env,
+                             capture_output=True, text=True, timeout=timeout + 60)
+        if out.returncode != 0:
+            raise FederationError(f"local SuperLink did not start:\n{out.stdout}\n{out.stderr}")
+
     def submit(self, *run_configs: str) -> int:
         """Start a run; later run-config strings override earlier ones key by key."""
+        if self.local_superlink and not self.superlink_pids():
+            self.start_local_superlink()
         args = ["run", ".", self.connection, "--format", "json"]
         if self.federation_config:
             args += ["--federation-config", " ".join(
