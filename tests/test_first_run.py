@@ -202,36 +202,65 @@ def test_a_stopped_federation_runs_no_more_flwr_commands(tmp_path):
         fed.status(1)
 
 
-def test_stop_takes_processes_that_left_the_superlinks_session(tmp_path):
-    """Flower's SuperExec and flwr-simulation run in sessions of their own."""
-    fed = LocalFederation(tmp_path / "home")
-    pid_file = tmp_path / "child.pid"
+def _fake_superlink(tmp_path: Path, name: str, marker: str, port: int = 0):
+    """A process whose command line reads `<name> ... <marker>`, listening on `port` when
+    given, with a child in a session of its own (as Flower's SuperExec and simulation)."""
+    pid_file = tmp_path / f"{name}-child.pid"
     fake = textwrap.dedent(f"""
-        import subprocess, sys, time
+        import socket, subprocess, sys, time
+        if {port}:
+            server = socket.socket()
+            server.bind(("127.0.0.1", {port}))
+            server.listen()
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
                                  start_new_session=True)
         open({str(pid_file)!r}, "w").write(str(child.pid))
         time.sleep(300)
     """)
-    # Its command line looks like the local SuperLink's: `flower-superlink ... <FLWR_HOME>`.
-    link = subprocess.Popen([sys.executable, "-c", fake, "flower-superlink", str(fed.home)],
-                            start_new_session=True)
+    link = subprocess.Popen([sys.executable, "-c", fake, name, marker], start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and link.poll() is None
+        time.sleep(0.1)
+    return link, int(pid_file.read_text())
+
+
+def _kill(*pids: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_stop_takes_processes_that_left_the_superlinks_session(tmp_path):
+    """Flower's SuperExec and flwr-simulation run in sessions of their own."""
+    fed = LocalFederation(tmp_path / "home")
+    link, child = _fake_superlink(tmp_path, "flower-superlink", str(fed.home))
     try:
-        deadline = time.monotonic() + 60
-        while not pid_file.exists() or not pid_file.read_text():
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        child = int(pid_file.read_text())
         assert fed.superlink_pids() == [link.pid]
         fed.stop()
         link.wait(timeout=30)
         assert alive([link.pid, child]) == []
     finally:
-        for pid in (link.pid, *([int(pid_file.read_text())] if pid_file.exists() else [])):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill(link.pid, child)
+
+
+def test_stop_superlink_command_stops_only_the_superlink_on_its_port(tmp_path):
+    from dpfl_app.tools.federation import _free_port
+    from dpfl_app.tools.stop_superlink import main as stop_superlink
+
+    port, other_port = _free_port(), _free_port()
+    link, child = _fake_superlink(tmp_path, "flower-superlink", "ours", port)
+    other, other_child = _fake_superlink(tmp_path, "something-else", "theirs", other_port)
+    try:
+        assert stop_superlink(["--port", str(other_port)]) == 1  # not a SuperLink: untouched
+        assert stop_superlink(["--port", str(port)]) == 0
+        link.wait(timeout=30)
+        assert alive([link.pid, child]) == []
+        assert alive([other.pid, other_child]) == [other.pid, other_child]
+    finally:
+        _kill(link.pid, child, other.pid, other_child)
 
 
 def test_bench_status_thread_never_calls_flwr_after_the_watch(tmp_path):

@@ -156,13 +156,23 @@ class LocalFederation:
         hold them: collect the whole tree first, then stop it.
         """
         self.stopped = True
-        tree = [pid for root in self.superlink_pids() for pid in process_tree(root)]
-        signal_all(tree, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while alive(tree) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        signal_all(alive(tree), signal.SIGKILL)
+        stop_tree(self.superlink_pids())
         shutil.rmtree(self.home / "local-superlink", ignore_errors=True)
+
+
+def stop_tree(roots: list[int], grace: float = 20) -> list[int]:
+    """SIGTERM `roots` and all their descendants, SIGKILL what is left after `grace` s.
+
+    The tree is collected first: killing a parent re-parents its children.
+    Returns the pids that were stopped.
+    """
+    tree = [pid for root in roots for pid in process_tree(root)]
+    signal_all(tree, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive(tree) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    signal_all(alive(tree), signal.SIGKILL)
+    return tree
 
 
 def _children() -> dict[int, list[int]]:
