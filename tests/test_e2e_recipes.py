@@ -58,6 +58,7 @@ def test_recipe_reproduces_its_stated_accuracy(recipe, tmp_path):
     copy.write_text(recipe.read_text() + f"\noutput-dir = '{out}'\n")
     fed = LocalFederation(tmp_path / "home")
     fed.connection = federation
+    fed.federation_config = {}  # the connection's own size (num-supernodes) applies
     try:
         run_id = fed.submit(str(copy))
         status = fed.wait(run_id, timeout=5400, interval=30)

@@ -259,10 +259,13 @@ def main(argv: list[str] | None = None) -> int:
             for i, (setting, seed) in enumerate(plan, 1):
                 name = setting_label(setting)
                 label = f"[run {i}/{len(plan)}] {name} seed={seed}"
-                print(f"{label} starting", flush=True)
+                mean_s = (time.monotonic() - start) / (i - 1) if i > 1 else None
+                eta = f" (sweep: about {mean_s * (len(plan) - i + 1) / 60:.1f} min left)" \
+                    if mean_s else ""
+                print(f"{label} starting{eta}", flush=True)
                 out = args.output / "runs" / f"{name.replace(' ', '-')}-seed-{seed}"
-                record = (run_one(fed, setting, seed, out, args.run_config,
-                                  args.timeout_per_run, label, args.audit_canaries) if fed is not None else
+                record = (run_one(fed, setting, seed, out, args.run_config, args.timeout_per_run,
+                                  label, args.audit_canaries) if fed is not None else
                           run_inprocess(setting, seed, out, base, args.supernodes,
                                         args.holdout, label))
                 runs.append(record)
