@@ -48,7 +48,7 @@ def test_every_recipe_is_a_valid_run_config_with_its_federation_and_accuracy():
 
 
 @pytest.mark.e2e
-
+@pytest.mark.recipes  # hours on 2 cores: not in the default suite
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipe_reproduces_its_stated_accuracy(recipe, tmp_path):
     federation, accuracy = stated(recipe)
