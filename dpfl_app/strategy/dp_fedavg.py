@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
 
 import numpy as np
@@ -30,6 +31,16 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from dpfl_app.privacy import mechanism
 from dpfl_app.privacy.accounting import PrivacyLedger
 from dpfl_app.strategy.replies import screen_replies
+
+
+@dataclass
+class ClippedSum:
+    """What the mechanism needs from a round's replies, however they were summed."""
+
+    deltas: list[list[np.ndarray]]  # clipped deltas (or one entry: their sum)
+    unclipped: int  # sum of b_i
+    count: int  # n, the clients in the sum
+    rejected: int  # replies refused by screening, or dropouts of the secure protocol
 
 
 class BudgetExhausted(Exception):
@@ -142,22 +153,18 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         assert self.current_arrays is not None, "configure_train must run first"
         replies = list(replies)
         reference = {k: v.numpy() for k, v in self.current_arrays.items()}
-        accepted, rejected = screen_replies(replies, reference)
-        for bad in rejected:
-            log(WARNING, "aggregate_train: rejected reply from node %s: %s",
-                bad.node_id, bad.reason)
-
         clip, m = self._round_clip, self.num_sampled_clients
+        total = self.clipped_sum(replies, reference, clip)
         global_nd = list(reference.values())
-        skipped = len(accepted) < self.min_replies
+        skipped = total.count < self.min_replies
         new_arrays, unclipped_fraction = None, None
         if skipped:
             log(WARNING, "aggregate_train: %d accepted replies < min-replies=%d; round "
                 "skipped, model unchanged (the round is still counted by the accountant)",
-                len(accepted), self.min_replies)
+                total.count, self.min_replies)
         else:
-            new_model, unclipped_fraction, self.clipping_norm = mechanism.dp_fedavg_step(
-                global_nd, [r.arrays for r in accepted], [r.unclipped for r in accepted],
+            new_model, unclipped_fraction, self.clipping_norm = mechanism.dp_fedavg_release(
+                global_nd, total.deltas, total.unclipped, total.count,
                 clip, m, self.split, self.rng, server_lr=self.server_lr,
                 target_quantile=self.target_quantile, clip_lr=self.clip_norm_lr,
             )
@@ -173,8 +180,8 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
             "noise_std": mechanism.update_noise_stddev(self.split, clip) / m,
             "noisy_unclipped_fraction": unclipped_fraction,
             "num_sampled": self._num_sampled,  # the cohort; replies may be fewer
-            "num_replies": len(accepted),
-            "num_rejected": len(rejected),
+            "num_replies": total.count,
+            "num_rejected": total.rejected,
             "skipped": skipped,
             "epsilon": eps[eps["headline"]],
             "epsilon_rdp": eps["rdp"],
@@ -184,6 +191,22 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         released = {k: float(v) for k, v in record.items()
                     if k in ("clip_norm", "next_clip_norm", "noise_std", "epsilon")}
         return new_arrays, MetricRecord(released)
+
+    def clipped_sum(self, replies: list[Message], reference: dict[str, np.ndarray],
+                    clip: float) -> ClippedSum:
+        """Sum of clip(delta_i, C_t) and of b_i over the accepted plain replies.
+
+        The secure-aggregation strategy overrides this with the unmasked sum.
+        """
+        accepted, rejected = screen_replies(replies, reference)
+        for bad in rejected:
+            log(WARNING, "aggregate_train: rejected reply from node %s: %s",
+                bad.node_id, bad.reason)
+        global_nd = list(reference.values())
+        deltas = [mechanism.clip_to_norm([a - g for a, g in zip(r.arrays, global_nd)], clip)
+                  for r in accepted]
+        return ClippedSum(deltas, sum(r.unclipped for r in accepted), len(accepted),
+                          len(rejected))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         """Client-side evaluation: available, but *not* covered by the DP guarantee."""
