@@ -69,6 +69,8 @@ KEYS: dict[str, Key] = {
     "target-epsilon": NON_NEGATIVE,
     "seed": Key(int, lambda v: v >= 0, "an integer >= 0"),
     "deterministic-noise": Key(bool),
+    "secure-aggregation": Key(bool),
+    "secagg-neighbours": Key(int, lambda v: v >= 0, "an integer >= 0 (0 = all others)"),
     "client-eval": Key(bool),
     "min-replies": Key(int, lambda v: v >= 0, "an integer >= 0"),
     "round-timeout": POSITIVE,

@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from dpfl_app import client_policy
 from dpfl_app.run import checkpoint, outputs
 from dpfl_app.config import data_source, model_spec, validate
 from dpfl_app.data.datasets import format_label_histogram, partition_label_counts
@@ -21,6 +22,7 @@ from dpfl_app.privacy.report import privacy_report
 from dpfl_app.run.plots import plot_partitions
 from dpfl_app.run.recorder import RunRecorder
 from dpfl_app.strategy.dp_fedavg import BudgetExhausted, DPFedAvgAdaptive, wait_for_nodes
+from dpfl_app.strategy.secure_aggregation import SecureDPFedAvgAdaptive
 from dpfl_app.task import build_model
 
 app = ServerApp()
@@ -63,13 +65,18 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
         log(WARNING, "deterministic-noise=true: the DP noise is reproducible from seed=%d. "
             "Fine for experiments; never deploy with it.", cfg["seed"])
     rng = np.random.default_rng(cfg["seed"] if cfg["deterministic-noise"] else None)
-    return DPFedAvgAdaptive(
+    secure = {"neighbours": cfg["secagg-neighbours"], "stage_timeout": cfg["round-timeout"]}
+    cls = SecureDPFedAvgAdaptive if cfg["secure-aggregation"] else DPFedAvgAdaptive
+    strategy = cls(
         fedavg, split, cfg["clients"], ledger, rng,
         initial_clip=cfg["initial-clip"], target_quantile=cfg["target-quantile"],
         clip_lr=cfg["clip-lr"], sampling=cfg["sampling"], min_replies=cfg["min-replies"],
         node_wait_timeout=cfg["node-wait-timeout"], max_epsilon=cfg["max-epsilon"],
-        server_lr=cfg["server-lr"],
+        server_lr=cfg["server-lr"], **(secure if cfg["secure-aggregation"] else {}),
     )
+    strategy.announcement = client_policy.announcement(ledger.model, cfg["rounds"],
+                                                       cfg["secure-aggregation"])
+    return strategy
 
 
 def restore(strategy: DPFedAvgAdaptive, state: dict) -> None:

@@ -15,3 +15,7 @@ cryptographic primitives (`flwr.common.secure_aggregation.crypto`,
 The Flower adapters live in `dpfl_app/strategy/secure_aggregation.py` (server)
 and `dpfl_app/secagg_client.py` (client).
 """
+
+# Names on the wire, shared by the server's and the client's Flower adapters.
+RECORD = "secagg"  # the record a stage message carries (ConfigRecord; ArrayRecord for the input)
+ROUND, SRC, CIPHERTEXTS = "secagg-round", "secagg-src", "secagg-ciphertexts"  # train.secagg config

@@ -104,6 +104,9 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self.node_wait_timeout = node_wait_timeout
         self.max_epsilon = max_epsilon
         self.server_lr = server_lr
+        # The mechanism announced in every train message, for the clients' privacy
+        # policy (dpfl_app.client_policy); set by the ServerApp.
+        self.announcement: dict = {}
         self.round_offset = 0  # rounds already run before a resume
         self.records: list[dict] = []  # one per round, only released quantities
         self.current_arrays: ArrayRecord | None = None
@@ -127,6 +130,8 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self._round_clip = self.clipping_norm
         server_round += self.round_offset  # clients see the run's round, also after a resume
         config[KEY_CLIPPING_NORM] = self._round_clip
+        for key, value in self.announcement.items():
+            config[key] = value
         if self.sampling == "fixed":
             wait_for_nodes(grid, self.num_sampled_clients, self.node_wait_timeout)
             # FedAvg's own sampler (random.sample), seeded from our private RNG.
