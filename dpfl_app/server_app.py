@@ -145,7 +145,8 @@ def main(grid: Grid, context: Context) -> None:
         recorder.stop_reason = f"privacy budget: {stop}"
         log(WARNING, "training stopped early: %s", recorder.stop_reason)
     recorder.write()
-    report = privacy_report(strategy.ledger, len(strategy.records), recorder.stop_reason)
+    report = privacy_report(strategy.ledger, len(strategy.records), recorder.stop_reason,
+                            secure_aggregation=cfg["secure-aggregation"])
     outputs.write_atomic(run_dir / "privacy.md", report.encode())
     for line in report.splitlines():
         log(INFO, "%s", line)

@@ -8,6 +8,7 @@ messages; `drop` names the clients that vanish before each stage.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +25,9 @@ class Outcome:
     survivors: list[int]  # U3, the clients whose inputs are in the sum
     refusals: dict[int, str] = field(default_factory=dict)
     bytes_up: dict[int, int] = field(default_factory=dict)  # per client, payload bytes sent
+    bytes_down: dict[int, int] = field(default_factory=dict)  # per client, payload received
+    client_seconds: dict[int, float] = field(default_factory=dict)  # per client, CPU in stages
+    server_seconds: float = 0.0  # bookkeeping, routing and unmasking
 
 
 def _size(reply) -> int:
@@ -47,14 +51,21 @@ def run_round(encoded: list[np.ndarray], neighbours: int = 0,
     def step(stage, request_for, answer, receive):
         alive.difference_update(drop.get(stage, set()))
         for i in sorted(alive):
+            start = time.perf_counter()
+            request = request_for(i)
+            middle = time.perf_counter()
             try:
-                reply = answer(i, request_for(i))
+                reply = answer(i, request)
             except client.SecAggRefusal as refusal:
                 out.refusals[i] = str(refusal)
                 alive.discard(i)
                 continue
-            out.bytes_up[i] = out.bytes_up.get(i, 0) + _size(reply)
+            end = time.perf_counter()
             receive(i, reply)
+            out.server_seconds += middle - start + time.perf_counter() - end
+            out.client_seconds[i] = out.client_seconds.get(i, 0.0) + end - middle
+            out.bytes_up[i] = out.bytes_up.get(i, 0) + _size(reply)
+            out.bytes_down[i] = out.bytes_down.get(i, 0) + _size(request)
 
     def do_setup(i, request):
         states[i], reply = client.setup(request)
@@ -77,7 +88,9 @@ def run_round(encoded: list[np.ndarray], neighbours: int = 0,
     step("share_keys", server.share_keys_request, do_share, server.receive_share_keys)
     step("masked_input", server.shares_for, do_mask, server.receive_input)
     step("unmask", server.unmask_request, do_unmask, server.receive_unmask)
+    start = time.perf_counter()
     out.total = server.unmasked_sum()
+    out.server_seconds += time.perf_counter() - start
     out.survivors = sorted(server.inputs)
     return out
 
