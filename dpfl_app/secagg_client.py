@@ -66,22 +66,24 @@ def setup(msg: Message, context: Context) -> Message:
     return _reply(msg, reply)
 
 
-def share_keys(msg: Message, context: Context) -> Message:
+def _stage(step, msg: Message, context: Context) -> Message:
+    """Run one protocol step on the stored state; save the new state, or refuse."""
     try:
-        state, reply = client.share_keys(_state(context), dict(msg.content[RECORD]))
+        state, reply = step(_state(context), dict(msg.content[RECORD]))
     except client.SecAggRefusal as refusal:
         return refuse(msg, str(refusal))
     _save(context, state)
     return _reply(msg, reply)
+
+
+def share_keys(msg: Message, context: Context) -> Message:
+    """Stage 2: shares of the self-mask seed and masking key, encrypted per neighbour."""
+    return _stage(client.share_keys, msg, context)
 
 
 def unmask(msg: Message, context: Context) -> Message:
-    try:
-        state, reply = client.unmask(_state(context), dict(msg.content[RECORD]))
-    except client.SecAggRefusal as refusal:
-        return refuse(msg, str(refusal))
-    _save(context, state)
-    return _reply(msg, reply)
+    """Stage 4: the shares the server needs; never both kinds for one client."""
+    return _stage(client.unmask, msg, context)
 
 
 def clipped_delta(sent: ArrayRecord, trained: ArrayRecord) -> np.ndarray:

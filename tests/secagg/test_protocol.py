@@ -89,8 +89,8 @@ def test_a_single_survivor_is_never_released():
     assert inprocess.run_round(encoded, drop={"masked_input": {1}}).total is None
 
 
-def _client_after_masking(n=4):
-    """A server round driven up to stage 4, returning (server, client states)."""
+def _run_stages(n, up_to_masking=True):
+    """A server round driven through stage 2 (or 3), returning (server, client states)."""
     _, _, encoded = _cohort(n)
     server, states = ServerRound(1, n, 0), {}
     for i in server.indices:
@@ -99,7 +99,7 @@ def _client_after_masking(n=4):
     for i in server.indices:
         states[i], reply = client.share_keys(states[i], server.share_keys_request(i))
         server.receive_share_keys(i, reply)
-    for i in server.indices:
+    for i in server.indices if up_to_masking else []:
         states[i] = client.receive_shares(states[i], server.shares_for(i))
         states[i], vector = client.masked_input(states[i], encoded[i - 1])
         server.receive_input(i, vector)
@@ -107,14 +107,14 @@ def _client_after_masking(n=4):
 
 
 def test_a_request_for_both_shares_of_one_client_is_refused():
-    _, states = _client_after_masking()
+    _, states = _run_stages(4)
     with pytest.raises(client.SecAggRefusal, match=r"both .* client\(s\) \[2\]"):
         client.unmask(states[1], {"round": 1, "survivors": [2, 3], "dropped": [2, 4]})
 
 
 def test_a_second_unmask_request_is_refused():
     """Asking once for seed shares, then again for key shares of the same client."""
-    server, states = _client_after_masking()
+    server, states = _run_stages(4)
     states[1], reply = client.unmask(states[1], server.unmask_request(1))
     assert reply["seed_src"] == [2, 3, 4] and reply["key_src"] == []
     with pytest.raises(client.SecAggRefusal, match="out of order"):
@@ -122,7 +122,7 @@ def test_a_second_unmask_request_is_refused():
 
 
 def test_the_server_never_asks_for_both_shares():
-    server, _ = _client_after_masking(6)
+    server, _ = _run_stages(6)
     del server.inputs[3]  # client 3 "dropped" after masking
     for i in server.inputs:
         request = server.unmask_request(i)
@@ -136,14 +136,7 @@ def test_a_client_refuses_a_minority_threshold():
 
 
 def test_tampered_share_ciphertext_is_rejected():
-    _, _, encoded = _cohort(3)
-    server, states = ServerRound(1, 3, 0), {}
-    for i in server.indices:
-        states[i], reply = client.setup(server.setup_request(i))
-        server.receive_setup(i, reply)
-    for i in server.indices:
-        states[i], reply = client.share_keys(states[i], server.share_keys_request(i))
-        server.receive_share_keys(i, reply)
+    server, states = _run_stages(3, up_to_masking=False)
     request = server.shares_for(1)
     request["ciphertexts"][0] = request["ciphertexts"][0][:-2] + b"AA"
     with pytest.raises(client.SecAggRefusal, match="failed authentication"):
