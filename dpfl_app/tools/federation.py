@@ -74,14 +74,15 @@ class LocalFederation:
         for run_config in run_configs:
             if run_config:
                 args += ["--run-config", run_config]
-        self.start_superlink()
+        if self.connection == LocalFederation.connection:  # not a real deployment
+            self.start_local_superlink()
         out = self.flwr(*args)
         try:
             return int(json.loads(out.stdout)["run-id"])
         except (ValueError, KeyError, TypeError) as err:
             raise FederationError(f"flwr run failed:\n{out.stdout}\n{out.stderr}") from err
 
-    def start_superlink(self, timeout: float = 180) -> None:
+    def start_local_superlink(self, timeout: float = 180) -> None:
         """Start the local SuperLink as `flwr run` would, but wait up to `timeout` s.
 
         `flwr` gives it 15 s and then kills it; on a loaded 2-core machine
