@@ -25,11 +25,16 @@ def test_flipping_any_key_bit_changes_the_whole_stream():
         assert abs(differing - 32 * WORDS) < 2048, (bit, differing)
 
 
-def test_stream_depends_on_all_32_key_bytes_not_a_32_bit_seed():
-    """Keys equal in their first (or last) 4 bytes still give unrelated streams (flwr #7522)."""
-    a = masks.mask_stream(b"\x01" * 4 + b"\x00" * 28, 64)
-    b = masks.mask_stream(b"\x01" * 4 + b"\x00" * 27 + b"\x02", 64)
-    assert np.all(a != b)
+def test_keys_that_collide_in_flowers_32_bit_fold_give_unrelated_streams():
+    """flwr's pseudo_rand_gen XOR-folds the seed into 32 bits (flwr #7522): flipping the
+    same bits in two 4-byte words leaves its mask unchanged. Ours changes entirely."""
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+
+    key = bytes(range(32))
+    twin = bytes(b ^ 0xFF if i < 8 else b for i, b in enumerate(key))  # words 0 and 1 flipped
+    flower = [pseudo_rand_gen(k, 2**31, [(64,)])[0] for k in (key, twin)]
+    assert np.array_equal(*flower)  # the flaw our masks avoid
+    assert np.all(masks.mask_stream(key, 64) != masks.mask_stream(twin, 64))
 
 
 def test_wrong_key_length_is_refused():
