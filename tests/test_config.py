@@ -40,6 +40,7 @@ BAD_VALUES = {
     "deterministic-noise": ("yes", "bool"),
     "secure-aggregation": ("on", "bool"),
     "secagg-neighbours": (-2, ">= 0"),
+    "audit-canaries": (1, "0 (off) or an integer >= 2"),
     "client-eval": (1, "bool"),
     "min-replies": (-1, ">= 0"),
     "round-timeout": (0.0, "> 0"),

@@ -30,6 +30,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from dpfl_app.privacy import mechanism
 from dpfl_app.privacy.accounting import PrivacyLedger
+from dpfl_app.strategy.canaries import CanaryAudit
 from dpfl_app.strategy.replies import screen_replies
 
 
@@ -41,6 +42,12 @@ class ClippedSum:
     unclipped: int  # sum of b_i
     count: int  # n, the clients in the sum
     rejected: int  # replies refused by screening, or dropouts of the secure protocol
+
+
+def clipped_deltas(models: list, global_nd: list[np.ndarray], clip: float) -> list:
+    """clip(w_i - w_t, C_t) for each model, as `mechanism.dp_fedavg_step` computes them."""
+    return [mechanism.clip_to_norm([a - g for a, g in zip(model, global_nd)], clip)
+            for model in models]
 
 
 class BudgetExhausted(Exception):
@@ -86,6 +93,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         node_wait_timeout: float = 60.0,
         max_epsilon: float = 0.0,
         server_lr: float = 1.0,
+        canaries: CanaryAudit | None = None,
     ) -> None:
         # Flower's base stores the *clipped* target; ours is the unclipped
         # quantile gamma of Andrew et al. The pair is kept consistent.
@@ -107,6 +115,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         # The mechanism announced in every train message, for the clients' privacy
         # policy (dpfl_app.client_policy); set by the ServerApp.
         self.announcement: dict = {}
+        self.canaries = canaries  # the privacy audit's canary clients, or None
         self.round_offset = 0  # rounds already run before a resume
         self.records: list[dict] = []  # one per round, only released quantities
         self.current_arrays: ArrayRecord | None = None
@@ -168,11 +177,18 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
                 "skipped, model unchanged (the round is still counted by the accountant)",
                 total.count, self.min_replies)
         else:
+            deltas, unclipped, count = total.deltas, total.unclipped, total.count
+            if self.canaries is not None:  # audit: sampled canaries join the sum before the noise
+                extra, bits = self.canaries.join([], [], global_nd, clip, self.rng)
+                deltas = deltas + clipped_deltas(extra, global_nd, clip)
+                unclipped, count = unclipped + sum(bits), count + len(bits)
             new_model, unclipped_fraction, self.clipping_norm = mechanism.dp_fedavg_release(
-                global_nd, total.deltas, total.unclipped, total.count,
+                global_nd, deltas, unclipped, count,
                 clip, m, self.split, self.rng, server_lr=self.server_lr,
                 target_quantile=self.target_quantile, clip_lr=self.clip_norm_lr,
             )
+            if self.canaries is not None:
+                self.canaries.observe(global_nd, new_model)
             new_arrays = ArrayRecord({k: Array(v) for k, v in zip(reference, new_model)})
             self.current_arrays = new_arrays
         # The noise was calibrated before replies came in: count the round regardless.
@@ -207,9 +223,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         for bad in rejected:
             log(WARNING, "aggregate_train: rejected reply from node %s: %s",
                 bad.node_id, bad.reason)
-        global_nd = list(reference.values())
-        deltas = [mechanism.clip_to_norm([a - g for a, g in zip(r.arrays, global_nd)], clip)
-                  for r in accepted]
+        deltas = clipped_deltas([r.arrays for r in accepted], list(reference.values()), clip)
         return ClippedSum(deltas, sum(r.unclipped for r in accepted), len(accepted),
                           len(rejected))
 
