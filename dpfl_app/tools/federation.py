@@ -109,27 +109,11 @@ class LocalFederation:
         for run_config in run_configs:
             if run_config:
                 args += ["--run-config", run_config]
-        if self.connection == LocalFederation.connection:  # not a real deployment
-            self.start_local_superlink()
         out = self.flwr(*args)
         try:
             return int(json.loads(out.stdout)["run-id"])
         except (ValueError, KeyError, TypeError) as err:
             raise FederationError(f"flwr run failed:\n{out.stdout}\n{out.stderr}") from err
-
-    def start_local_superlink(self, timeout: float = 180) -> None:
-        """Start the local SuperLink as `flwr run` would, but wait up to `timeout` s.
-
-        `flwr` gives it 15 s and then kills it; on a loaded 2-core machine
-        importing Flower alone can take longer. `flwr run` then finds it running.
-        """
-        if self.superlink_pids():
-            return
-        script = ("import flwr.cli.local_superlink as m; "
-                  f"m.LOCAL_SUPERLINK_STARTUP_TIMEOUT = {float(timeout)}; "
-                  "m._start_local_superlink()")
-        subprocess.run([sys.executable, "-c", script], cwd=PROJECT, env=self.env,
-                       capture_output=True, text=True, timeout=timeout + 60)
 
     def status(self, run_id: int) -> str:
         out = self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json")
