@@ -3,6 +3,13 @@
 The mod is attached to `train` only: on evaluate messages (which carry no clip
 norm) it would fail. It clips w_local - w_global to the round's clip norm C_t
 and adds the `norm_bit` metric; the server adds the noise.
+
+With `secure-aggregation=true` the server drives SecAgg+ stages instead
+(`dpfl_app.secagg_client`): `train.secagg` runs the same training inside the
+same clipping mod, then masks. Every train message first passes the node's
+privacy policy (`dpfl_app.client_policy`). Torch, the model and the data are
+imported only where training or evaluation needs them, so that the
+secure-aggregation stages start fast in a fresh process.
 """
 
 from __future__ import annotations
@@ -11,15 +18,17 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod
 
-from dpfl_app.config import client_settings
-from dpfl_app.data.datasets import loader
-from dpfl_app.data.node_data import client_data
-from dpfl_app.task import build_model, test, train
+from dpfl_app import secagg_client
+from dpfl_app.secagg_client import masking_mod, policy_mod
 
 app = ClientApp()
 
 
 def _model_and_data(msg: Message, context: Context):
+    from dpfl_app.config import client_settings  # pylint: disable=import-outside-toplevel
+    from dpfl_app.data.node_data import client_data  # pylint: disable=import-outside-toplevel
+    from dpfl_app.task import build_model  # pylint: disable=import-outside-toplevel
+
     settings = client_settings(context)
     net = build_model(settings.model, settings.num_classes)
     net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -27,9 +36,12 @@ def _model_and_data(msg: Message, context: Context):
     return settings, net, train_set, val_set
 
 
-@app.train(mods=[adaptiveclipping_mod])
+@app.train(mods=[policy_mod, adaptiveclipping_mod])
 def train_fn(msg: Message, context: Context) -> Message:
     """Train the global model on this client's data and reply with the new weights."""
+    from dpfl_app.data.datasets import loader  # pylint: disable=import-outside-toplevel
+    from dpfl_app.task import train  # pylint: disable=import-outside-toplevel
+
     settings, net, train_set, _ = _model_and_data(msg, context)
     round_seed = settings.seed + 1000 * int(msg.content["config"].get("server-round", 0))
     train_loss = train(
@@ -41,9 +53,19 @@ def train_fn(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+# Secure aggregation: the same training, clipped by the same mod, then masked.
+app.train("secagg", mods=[policy_mod, masking_mod, adaptiveclipping_mod])(train_fn)
+app.query("secagg_setup")(secagg_client.setup)
+app.query("secagg_share_keys")(secagg_client.share_keys)
+app.query("secagg_unmask")(secagg_client.unmask)
+
+
 @app.evaluate()
 def evaluate_fn(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this client's validation split (not DP-covered)."""
+    from dpfl_app.data.datasets import loader  # pylint: disable=import-outside-toplevel
+    from dpfl_app.task import test  # pylint: disable=import-outside-toplevel
+
     settings, net, _, val_set = _model_and_data(msg, context)
     loss, accuracy = test(net, loader(val_set, 256, shuffle=False))
     metrics = MetricRecord(

@@ -50,7 +50,9 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
 
     from dpfl_app.privacy import mechanism
     from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger
+    from dpfl_app import client_policy
     from dpfl_app.strategy.dp_fedavg import DPFedAvgAdaptive
+    from dpfl_app.strategy.secure_aggregation import SecureDPFedAvgAdaptive
 
     stddev = cfg["clipped-count-stddev"]
     split = mechanism.split_noise(noise, cfg["clients"],
@@ -74,13 +76,19 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
             "Fine for experiments; never deploy with it.", cfg["seed"])
     rng = np.random.default_rng(cfg["seed"] if cfg["deterministic-noise"] else None)
     canaries = audit_canaries(cfg, population)
-    return DPFedAvgAdaptive(
+    secure = {"neighbours": cfg["secagg-neighbours"], "stage_timeout": cfg["round-timeout"]}
+    cls = SecureDPFedAvgAdaptive if cfg["secure-aggregation"] else DPFedAvgAdaptive
+    strategy = cls(
         fedavg, split, cfg["clients"], ledger, rng,
         initial_clip=cfg["initial-clip"], target_quantile=cfg["target-quantile"],
         clip_lr=cfg["clip-lr"], sampling=cfg["sampling"], min_replies=cfg["min-replies"],
         node_wait_timeout=cfg["node-wait-timeout"], max_epsilon=cfg["max-epsilon"],
         server_lr=cfg["server-lr"], canaries=canaries,
+        **(secure if cfg["secure-aggregation"] else {}),
     )
+    strategy.announcement = client_policy.announcement(ledger.model, cfg["rounds"],
+                                                       cfg["secure-aggregation"])
+    return strategy
 
 
 def audit_canaries(cfg: dict, population: int) -> CanaryAudit | None:
@@ -253,7 +261,7 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
         log(WARNING, "training stopped early: %s", recorder.stop_reason)
     recorder.write()
     report = privacy_report(strategy.ledger, len(strategy.records), recorder.stop_reason,
-                            audit=recorder.audit)
+                            audit=recorder.audit, secure_aggregation=cfg["secure-aggregation"])
     outputs.write_atomic(run_dir / "privacy.md", report.encode())
     for line in report.splitlines():
         log(INFO, "%s", line)

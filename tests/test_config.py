@@ -38,6 +38,8 @@ BAD_VALUES = {
     "target-epsilon": (-1.0, ">= 0"),
     "seed": (-1, ">= 0"),
     "deterministic-noise": ("yes", "bool"),
+    "secure-aggregation": ("on", "bool"),
+    "secagg-neighbours": (-2, ">= 0"),
     "audit-canaries": (1, "0 (off) or an integer >= 2"),
     "client-eval": (1, "bool"),
     "min-replies": (-1, ">= 0"),

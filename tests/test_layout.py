@@ -2,6 +2,7 @@
 
 - privacy/ imports nothing of ours but itself (and no Flower);
 - data/ imports only itself and `dpfl_app.errors`;
+- secagg/ (the secure-aggregation protocol) imports only itself and `dpfl_app.errors`;
 - strategy/ and run/ never import tools/; strategy/ never imports run/;
 - nothing outside tools/ imports tools/.
 Checked on the import graph read from the source, including imports inside functions.
@@ -66,6 +67,10 @@ def test_privacy_imports_nothing_of_ours():
 
 def test_data_imports_only_data_and_errors():
     assert _violations("data", lambda dep: folder(dep) in ("data", "errors")) == []
+
+
+def test_secagg_imports_only_itself_and_errors():
+    assert _violations("secagg", lambda dep: folder(dep) in ("secagg", "errors")) == []
 
 
 @pytest.mark.parametrize("source,forbidden", [

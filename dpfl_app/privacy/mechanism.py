@@ -133,7 +133,21 @@ def noisy_unclipped_fraction(
     Centring makes one client's contribution lie in [-1/2, 1/2], the
     sensitivity Andrew et al. Theorem 1 needs.
     """
-    centred = sum(float(b) - 0.5 for b in unclipped_bits)
+    return noisy_unclipped_fraction_of_count(sum(int(b) for b in unclipped_bits),
+                                             len(unclipped_bits), clients_per_round,
+                                             count_stddev, rng)
+
+
+def noisy_unclipped_fraction_of_count(
+    unclipped_count: int,
+    num_contributors: int,
+    clients_per_round: float,
+    count_stddev: float,
+    rng: np.random.Generator,
+) -> float:
+    """The same release from the count alone, as secure aggregation provides it:
+    sum (b_i - 1/2) = sum b_i - n/2 over the n contributors."""
+    centred = float(unclipped_count) - 0.5 * num_contributors
     if count_stddev > 0:
         centred += rng.normal(0.0, count_stddev)
     return centred / clients_per_round + 0.5
@@ -187,10 +201,37 @@ def dp_fedavg_step(
     """
     deltas = [clip_to_norm([a - g for a, g in zip(model, global_model)], clip_norm)
               for model in client_models]
-    mean = noised_mean_update(deltas, clients_per_round,
+    return dp_fedavg_release(
+        global_model, deltas, sum(int(b) for b in unclipped_bits), len(unclipped_bits),
+        clip_norm, clients_per_round, split, rng, server_lr=server_lr,
+        target_quantile=target_quantile, clip_lr=clip_lr,
+    )
+
+
+def dp_fedavg_release(
+    global_model: Sequence[np.ndarray],
+    clipped_deltas: Sequence[Sequence[np.ndarray]],
+    unclipped_count: int,
+    num_contributors: int,
+    clip_norm: float,
+    clients_per_round: float,
+    split: NoiseSplit,
+    rng: np.random.Generator,
+    *,
+    server_lr: float,
+    target_quantile: float,
+    clip_lr: float,
+) -> tuple[list[np.ndarray], float, float]:
+    """The release of `dp_fedavg_step` from already clipped deltas and the count of b_i = 1.
+
+    Secure aggregation calls it with one "delta": the unmasked sum of the
+    survivors' clipped deltas, and the unmasked sum of their norm bits; the
+    noise, the fixed denominator m and the accounting are the same.
+    """
+    mean = noised_mean_update(clipped_deltas, clients_per_round,
                               update_noise_stddev(split, clip_norm), rng, global_model)
     # A step of server-lr along the released mean: post-processing, no privacy cost.
     new_model = [np.asarray(g + server_lr * u, dtype=g.dtype) for g, u in zip(global_model, mean)]
-    fraction = noisy_unclipped_fraction(unclipped_bits, clients_per_round,
-                                        split.count_stddev, rng)
+    fraction = noisy_unclipped_fraction_of_count(unclipped_count, num_contributors,
+                                                 clients_per_round, split.count_stddev, rng)
     return new_model, fraction, next_clip_norm(clip_norm, fraction, target_quantile, clip_lr)

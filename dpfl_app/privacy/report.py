@@ -6,6 +6,7 @@ import math
 
 from .accounting import AccountingModel, PrivacyLedger
 from .calibration import calibrate_clients, calibrate_noise, max_clients_within
+from .threat_model import threat_model
 
 ACCEPTABLE_EPSILON = 8.0
 STRONG_EPSILON = 1.0
@@ -118,7 +119,7 @@ def audit_section(audit: dict) -> list[str]:
 
 
 def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | None = None,
-                   audit: dict | None = None) -> str:
+                   audit: dict | None = None, secure_aggregation: bool = False) -> str:
     """Markdown privacy report for the rounds composed in `ledger`, with the audit if any."""
     model, rounds, acc = ledger.model, ledger.rounds, ledger.headline
     eps = ledger.epsilon()
@@ -169,7 +170,7 @@ def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | No
         "a factor of e^ε. δ is the small probability that this bound fails, and it should be well "
         "below 1/N. Smaller is better. ε ≤ 1 is strong, and single digits are common in practice. "
         "Above about 20 the promise is empty.",
-        "", "## Not covered", "",
+        "", *threat_model(secure_aggregation), "## Not covered", "",
         "Client-side evaluation metrics (loss and accuracy computed on clients' private data) are "
         "not noised and are **not covered** by this guarantee. Treat them as non-private. Only the "
         "noised model update and the noised clipped-count are covered. The guarantee also assumes "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
 
 import numpy as np
@@ -31,6 +32,22 @@ from dpfl_app.privacy import mechanism, sampling
 from dpfl_app.privacy.accounting import PrivacyLedger
 from dpfl_app.strategy.canaries import CanaryAudit
 from dpfl_app.strategy.replies import screen_replies
+
+
+@dataclass
+class ClippedSum:
+    """What the mechanism needs from a round's replies, however they were summed."""
+
+    deltas: list[list[np.ndarray]]  # clipped deltas (or one entry: their sum)
+    unclipped: int  # sum of b_i
+    count: int  # n, the clients in the sum
+    rejected: int  # replies refused by screening, or dropouts of the secure protocol
+
+
+def clipped_deltas(models: list, global_nd: list[np.ndarray], clip: float) -> list:
+    """clip(w_i - w_t, C_t) for each model, as `mechanism.dp_fedavg_step` computes them."""
+    return [mechanism.clip_to_norm([a - g for a, g in zip(model, global_nd)], clip)
+            for model in models]
 
 
 class BudgetExhausted(Exception):
@@ -94,6 +111,9 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self.node_wait_timeout = node_wait_timeout
         self.max_epsilon = max_epsilon
         self.server_lr = server_lr
+        # The mechanism announced in every train message, for the clients' privacy
+        # policy (dpfl_app.client_policy); set by the ServerApp.
+        self.announcement: dict = {}
         self.canaries = canaries  # the privacy audit's canary clients, or None
         self.round_offset = 0  # rounds already run before a resume
         self.records: list[dict] = []  # one per round, only released quantities
@@ -135,6 +155,8 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self._round_clip = self.clipping_norm
         server_round += self.round_offset  # clients see the run's round, also after a resume
         config[KEY_CLIPPING_NORM] = self._round_clip
+        for key, value in self.announcement.items():
+            config[key] = value
         if self.sampling == "fixed":
             wait_for_nodes(grid, self.num_sampled_clients, self.node_wait_timeout)
             # FedAvg's own sampler (random.sample), seeded from our private RNG.
@@ -161,25 +183,23 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         assert self.current_arrays is not None, "configure_train must run first"
         replies = list(replies)
         reference = {k: v.numpy() for k, v in self.current_arrays.items()}
-        accepted, rejected = screen_replies(replies, reference)
-        for bad in rejected:
-            log(WARNING, "aggregate_train: rejected reply from node %s: %s",
-                bad.node_id, bad.reason)
-
         clip, m = self._round_clip, self.num_sampled_clients
+        total = self.clipped_sum(replies, reference, clip)
         global_nd = list(reference.values())
-        skipped = len(accepted) < self.min_replies
+        skipped = total.count < self.min_replies
         new_arrays, unclipped_fraction = None, None
         if skipped:
             log(WARNING, "aggregate_train: %d accepted replies < min-replies=%d; round "
                 "skipped, model unchanged (the round is still counted by the accountant)",
-                len(accepted), self.min_replies)
+                total.count, self.min_replies)
         else:
-            models, bits = [r.arrays for r in accepted], [r.unclipped for r in accepted]
+            deltas, unclipped, count = total.deltas, total.unclipped, total.count
             if self.canaries is not None:  # audit: sampled canaries join the sum before the noise
-                models, bits = self.canaries.join(models, bits, global_nd, clip, self.rng)
-            new_model, unclipped_fraction, self.clipping_norm = mechanism.dp_fedavg_step(
-                global_nd, models, bits,
+                extra, bits = self.canaries.join([], [], global_nd, clip, self.rng)
+                deltas = deltas + clipped_deltas(extra, global_nd, clip)
+                unclipped, count = unclipped + sum(bits), count + len(bits)
+            new_model, unclipped_fraction, self.clipping_norm = mechanism.dp_fedavg_release(
+                global_nd, deltas, unclipped, count,
                 clip, m, self.split, self.rng, server_lr=self.server_lr,
                 target_quantile=self.target_quantile, clip_lr=self.clip_norm_lr,
             )
@@ -197,8 +217,8 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
             "noise_std": mechanism.update_noise_stddev(self.split, clip) / m,
             "noisy_unclipped_fraction": unclipped_fraction,
             "num_sampled": self._num_sampled,  # the cohort; replies may be fewer
-            "num_replies": len(accepted),
-            "num_rejected": len(rejected),
+            "num_replies": total.count,
+            "num_rejected": total.rejected,
             "skipped": skipped,
             "epsilon": eps[eps["headline"]],
             "epsilon_rdp": eps["rdp"],
@@ -208,6 +228,20 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         # No MetricRecord: Flower would list these server-side values under
         # "ClientApp-side Train Metrics". The recorder logs and saves them.
         return new_arrays, None
+
+    def clipped_sum(self, replies: list[Message], reference: dict[str, np.ndarray],
+                    clip: float) -> ClippedSum:
+        """Sum of clip(delta_i, C_t) and of b_i over the accepted plain replies.
+
+        The secure-aggregation strategy overrides this with the unmasked sum.
+        """
+        accepted, rejected = screen_replies(replies, reference)
+        for bad in rejected:
+            log(WARNING, "aggregate_train: rejected reply from node %s: %s",
+                bad.node_id, bad.reason)
+        deltas = clipped_deltas([r.arrays for r in accepted], list(reference.values()), clip)
+        return ClippedSum(deltas, sum(r.unclipped for r in accepted), len(accepted),
+                          len(rejected))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         """Client-side evaluation: available, but *not* covered by the DP guarantee."""

@@ -28,31 +28,42 @@ class InProcessGrid:
 
     def __init__(self, run_config: dict, num_nodes: int = 10,
                  crash_after_train_round: int | None = None,
-                 drop_nodes: set[int] = frozenset()) -> None:
+                 drop_nodes: set[int] = frozenset(),
+                 drop_at: dict[str, set[int]] | None = None,
+                 node_config: dict[int, dict] | None = None) -> None:
         self.run_config = run_config
         self.nodes = list(range(1, num_nodes + 1))
         self.crash_after = crash_after_train_round
         self.drop_nodes = set(drop_nodes)
+        self.drop_at = drop_at or {}  # message type -> nodes that vanish on that message
+        self.extra_node_config = node_config or {}
+        self.states = {node: RecordDict() for node in self.nodes}  # context.state, kept per node
+        self.sent: list[Message] = []
         self.train_rounds = 0
 
     def get_node_ids(self):
         return list(self.nodes)
 
     def context(self, node_id: int) -> Context:
-        node_config = {"partition-id": node_id - 1, "num-partitions": len(self.nodes)}
+        node_config = {"partition-id": node_id - 1, "num-partitions": len(self.nodes),
+                       **self.extra_node_config.get(node_id, {})}
         return Context(run_id=1, node_id=node_id, node_config=node_config,
-                       state=RecordDict(), run_config=self.run_config)
+                       state=self.states[node_id], run_config=self.run_config)
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id, message_type, group_id=group_id)
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
-        if messages and messages[0].metadata.message_type == "train":
+        self.sent.extend(messages)
+        if messages and messages[0].metadata.message_type.startswith("train"):
             self.train_rounds += 1
             if self.crash_after is not None and self.train_rounds > self.crash_after:
                 raise ServerCrash(f"server died before round {self.train_rounds}")
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
-            if node in self.drop_nodes:
+            if node in self.drop_nodes | self.drop_at.get(msg.metadata.message_type, set()):
                 continue
             msg.metadata.__dict__["_message_id"] = msg.object_id  # as the SuperLink would
             reply: Message = client_app(msg, self.context(node))

@@ -182,3 +182,16 @@ def test_plan_cli_errors(args, message, capsys):
         main(["plan", "-N", "10", "-T", "5", "--delta", "1e-5", *args])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_report_states_the_threat_model_of_each_mode():
+    from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger
+    from dpfl_app.privacy.report import privacy_report
+
+    ledger = PrivacyLedger(AccountingModel("poisson", 1.0, 100, 10, 1e-5))
+    ledger.compose_round()
+    central = privacy_report(ledger, 1)
+    secure = privacy_report(ledger, 1, secure_aggregation=True)
+    assert "sees every sampled client's clipped update" in central
+    assert "un-noised sum" in secure and "no single update" in secure
+    assert "Prio" in secure and "Prio" not in central

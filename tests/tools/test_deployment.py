@@ -137,3 +137,38 @@ def test_tls_run_survives_a_supernode_killed_mid_round(secure, tmp_path):
     assert secure.wait(run_id, 120, interval=2) == "finished:failed"
     assert time.monotonic() - started < 90
     assert f"only {NODES - 1} SuperNode(s) connected" in secure.logs(run_id)
+
+
+def test_tls_secure_aggregation_survives_a_supernode_killed_mid_round(tmp_path):
+    """SecAgg+ over TLS on 4 SuperNodes (k = 3, t = 2): one dies while training in
+    round 1; the others' shares rebuild its masks, and the round sums the 3 survivors."""
+    dep = LocalDeployment(tmp_path / "secagg", tls=True)
+    try:
+        dep.start_superlink()
+        for i in range(4):
+            dep.start_supernode(f"node-{i}", f"partition-id={i} num-partitions=4")
+        dep.wait_online(4)
+        out = tmp_path / "out"
+        # Poisson with q = m/N = 1: every online node, 4 in round 1 and 3 in round 2.
+        run_id = dep.submit(SMALL_RUN, f"clients=4 secure-aggregation=true output-dir='{out}'")
+        deadline = time.monotonic() + 300
+        while "shared keys" not in (logs := dep.logs(run_id)):  # stages 1-2 done
+            assert time.monotonic() < deadline and dep.status(run_id) == "running", logs[-3000:]
+            time.sleep(2)
+        while not (training := dep.training_nodes()):
+            assert time.monotonic() < deadline, dep.logs(run_id)[-3000:]
+            time.sleep(0.5)
+        assert rounds_done(out, run_id) == 0, "round 1 ended before the kill"
+        dep.kill(training[0])
+        _finished(dep, run_id)
+        logs = dep.logs(run_id)
+        results = _results(out)
+        first, second = results["rounds"]
+        assert "secure aggregation: unmasked the sum of 3 clients" in logs, logs[-4000:]
+        assert first["num_replies"] == 3 and second["num_replies"] == 3
+        # The fixed denominator m = 4 in both rounds.
+        z_delta = results["accounting"]["update_noise_multiplier"]
+        for record in (first, second):
+            assert record["noise_std"] == pytest.approx(z_delta * record["clip_norm"] / 4)
+    finally:
+        _stopped(dep)

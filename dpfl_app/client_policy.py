@@ -1,0 +1,73 @@
+"""A client's privacy policy: refuse to train for a server weaker than it accepts.
+
+Following dpsa4flower, the server announces its mechanism in every train (and
+secure-aggregation setup) message: the noise multiplier z, the sampling, the
+population N, the clients per round m, the number of rounds T, delta, and
+whether the sum is computed by secure aggregation. A client recomputes the
+epsilon of that announcement with the same accountant the server reports
+(`dpfl_app.privacy.accounting`), and refuses when:
+
+- its node-config `max-epsilon` (> 0) is below that epsilon, or a key is missing;
+- its node-config `require-secure-aggregation` is true and the server does not
+  use secure aggregation.
+
+A refusal is an error reply: the server logs its reason and counts it as a
+dropout. The check imports no torch, so it costs nothing on a cold start.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# The announcement, as keys of the message's ConfigRecord.
+ANNOUNCED = ("dp-sampling", "dp-noise", "dp-population", "dp-clients", "dp-rounds", "dp-delta",
+             "dp-secure-aggregation")
+POLICY_KEYS = ("max-epsilon", "require-secure-aggregation")
+
+
+def announcement(model, rounds: int, secure: bool) -> dict[str, Any]:
+    """What the server puts in every train message's config (`model`: an AccountingModel)."""
+    return {"dp-sampling": model.sampling, "dp-noise": model.noise_multiplier,
+            "dp-population": model.population, "dp-clients": model.clients_per_round,
+            "dp-rounds": int(rounds), "dp-delta": model.delta, "dp-secure-aggregation": secure}
+
+
+def announced_epsilon(config: dict[str, Any]) -> float:
+    """Epsilon after all announced rounds, with the server's headline accountant."""
+    # Imported here: dp-accounting (and scipy) load only on nodes that set max-epsilon.
+    from dpfl_app.privacy.accounting import (  # pylint: disable=import-outside-toplevel
+        AccountingModel, epsilon_after, headline_accountant)
+
+    model = AccountingModel(config["dp-sampling"], float(config["dp-noise"]),
+                            int(config["dp-population"]), int(config["dp-clients"]),
+                            float(config["dp-delta"]))
+    return epsilon_after(model, int(config["dp-rounds"]), headline_accountant(model))
+
+
+def _flag(value: Any) -> bool:
+    return value is True or str(value).strip().lower() in ("true", "1", "yes")
+
+
+def refusal(config: dict[str, Any], node_config: dict[str, Any]) -> str | None:
+    """The reason this node refuses the announced mechanism, or None to take part."""
+    max_epsilon = float(node_config.get("max-epsilon", 0) or 0)
+    require_secure = _flag(node_config.get("require-secure-aggregation", False))
+    if max_epsilon <= 0 and not require_secure:
+        return None
+    missing = [key for key in ANNOUNCED if key not in config]
+    if missing:
+        return f"privacy policy: the server did not announce {', '.join(missing)}"
+    if require_secure and not _flag(config["dp-secure-aggregation"]):
+        return ("privacy policy: node-config require-secure-aggregation=true, but the server "
+                "does not use secure aggregation")
+    if max_epsilon > 0:
+        epsilon = announced_epsilon(config)
+        if not epsilon <= max_epsilon:  # also refuses inf (no noise) and nan
+            shown = "inf (no noise)" if math.isinf(epsilon) else f"{epsilon:.3f}"
+            return (f"privacy policy: the announced mechanism (z={config['dp-noise']}, "
+                    f"{config['dp-sampling']} sampling of m={config['dp-clients']} of "
+                    f"N={config['dp-population']}, T={config['dp-rounds']} rounds, "
+                    f"delta={config['dp-delta']}) gives epsilon={shown} > node-config "
+                    f"max-epsilon={max_epsilon}")
+    return None

@@ -1,0 +1,42 @@
+"""Who sees what, in each mode: the "Threat model" section of privacy.md.
+
+Plain text, no Flower imports. The README's "Secure aggregation" section says
+the same at more length.
+"""
+
+from __future__ import annotations
+
+CENTRAL = [
+    "- **Mode: central DP (secure-aggregation=false).** The server operator sees every sampled "
+    "client's clipped update and its clipping bit, in the clear. ε does not protect clients "
+    "from the server: it is trusted to add the noise and to keep the individual updates to "
+    "itself (they are never logged or saved).",
+    "- Everyone else (model users, other clients, anyone reading the outputs) sees only the "
+    "noised releases: the global models and the noised clipped-count. ε covers exactly these.",
+]
+
+SECURE = [
+    "- **Mode: secure aggregation with central DP (secure-aggregation=true).** SecAgg+ "
+    "(Bell et al. 2020) masks each client's quantized clipped update and clipping bit. The "
+    "server learns the *sum* over the clients that survive the round, un-noised, and no single "
+    "update: against an honest-but-curious server, with clients dropping out at any stage, no "
+    "client's update or bit is revealed on its own (a client never hands over both kinds of "
+    "share of another, and each neighbourhood's threshold is a majority). A round with fewer "
+    "survivors than the threshold releases noise only. The server still sees the un-noised "
+    "sum of the cohort, so ε does not protect the cohort's *aggregate* from the server; "
+    "distributed noise (each client adding a share of discrete noise) would remove that.",
+    "- Everyone else sees only the noised releases, covered by ε as in the central mode: "
+    "the noise, the fixed denominator m and the accounting are the same.",
+    "- Masking also hides a malicious client's input from the server's reply screening: a "
+    "client that skips clipping or sends out-of-range values cannot be caught or re-clipped. "
+    "That cannot hurt the privacy of honest clients (their updates stay hidden and the noise "
+    "is unchanged), but it can bias or break the model, and it breaks the sensitivity bound "
+    "for the misbehaving client's own contribution. Integrity needs verifiable aggregation, "
+    "such as the Prio zero-knowledge range proofs used by dpsa4flower.",
+]
+
+
+def threat_model(secure_aggregation: bool) -> list[str]:
+    """Markdown lines: who sees what in the mode the run used."""
+    return ["## Threat model: who sees what", "",
+            *(SECURE if secure_aggregation else CENTRAL), ""]

@@ -1,0 +1,150 @@
+"""DP-FedAvg whose clipped sum comes from SecAgg+ instead of plain replies.
+
+Each round (Bell et al. 2020; Bonawitz et al. 2017):
+
+1. `configure_train` samples the cohort as `DPFedAvgAdaptive` does, then runs
+   `query.secagg_setup` (round parameters and the announced mechanism; public
+   keys back) and `query.secagg_share_keys` (encrypted shares, routed by the
+   server), and returns `train.secagg` messages carrying each client's shares.
+2. The clients train, clip (Flower's `adaptiveclipping_mod`), encode and mask.
+3. `clipped_sum` collects the masked vectors, runs `query.secagg_unmask`, and
+   decodes the sum of the survivors' clipped deltas and norm bits. The base
+   class then adds exactly the same noise, divides by the same fixed m and
+   accounts the same round as without secure aggregation.
+
+When fewer than the threshold survive, or a needed secret cannot be rebuilt,
+the sum is withheld: the round has no contributors (noise only, never a
+partial sum). A refusal or a dropout at any stage is logged for the operator.
+"""
+
+from __future__ import annotations
+
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from dpfl_app.secagg import CIPHERTEXTS, RECORD, ROUND, SRC, quantize
+from dpfl_app.secagg.server import ServerRound
+from dpfl_app.strategy.dp_fedavg import ClippedSum, DPFedAvgAdaptive
+
+
+class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
+    """`DPFedAvgAdaptive` with the sum computed by SecAgg+ over the Message API."""
+
+    def __init__(self, *args, neighbours: int = 0, stage_timeout: float = 600.0,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.neighbours = neighbours
+        self.stage_timeout = stage_timeout
+        self._grid: Grid | None = None
+        self._round: ServerRound | None = None
+        self._nodes: dict[int, int] = {}  # secagg index -> node id
+        self._dropouts = 0
+
+    def __repr__(self) -> str:
+        return super().__repr__() + ", SecAgg+ secure aggregation"
+
+    # --- messaging ------------------------------------------------------------
+    def _exchange(self, stage: str, requests: dict[int, dict]) -> dict[int, dict]:
+        """Send `query.<stage>` to each index; the valid replies by index (others: dropouts)."""
+        assert self._grid is not None and self._round is not None
+        group = str(self._round.round_id)
+        messages = [self._grid.create_message(RecordDict({RECORD: ConfigRecord(request)}),
+                                              f"query.{stage}", self._nodes[index], group)
+                    for index, request in requests.items()]
+        by_node = {node: index for index, node in self._nodes.items()}
+        answers = {}
+        for reply in self._grid.send_and_receive(messages, timeout=self.stage_timeout):
+            index = by_node.get(reply.metadata.src_node_id)
+            if index is None or index in answers:
+                continue
+            if reply.has_error():
+                log(WARNING, "secure aggregation %s: node %s refused or failed: %s", stage,
+                    reply.metadata.src_node_id, reply.error.reason)
+            elif RECORD in reply.content.config_records:
+                answers[index] = dict(reply.content.config_records[RECORD])
+        self._dropouts += len(requests) - len(answers)
+        return answers
+
+    # --- stages 1-3 ------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid):
+        cohort = list(super().configure_train(server_round, arrays, config, grid))
+        self._grid, self._dropouts = grid, 0
+        self._nodes = {i + 1: msg.metadata.dst_node_id for i, msg in enumerate(cohort)}
+        if len(cohort) < 2:
+            log(WARNING, "secure aggregation: a cohort of %d cannot be summed securely; "
+                "this round releases noise only", len(cohort))
+            self._round = None
+            return []
+        rnd = self._round = ServerRound(self.round_offset + server_round, len(cohort),
+                                        self.neighbours)
+        quantize.check_no_wrap(len(cohort))
+        announced = {k: v for k, v in config.items() if k.startswith("dp-")}
+        for index, reply in self._exchange("secagg_setup", {
+                i: {**rnd.setup_request(i), **announced} for i in rnd.indices}).items():
+            rnd.receive_setup(index, reply)
+        for index, reply in self._exchange("secagg_share_keys", {
+                i: rnd.share_keys_request(i) for i in rnd.public_keys}).items():
+            rnd.receive_share_keys(index, reply)
+        log(INFO, "secure aggregation: %d of %d sampled clients shared keys (k=%d, t=%d)",
+            len(rnd.shared), len(cohort), len(next(iter(rnd.neighbours.values()))),
+            rnd.threshold)
+        train = []
+        for msg in cohort:
+            index = next(i for i, node in self._nodes.items() if node == msg.metadata.dst_node_id)
+            if index not in rnd.shared:
+                continue
+            shares = rnd.shares_for(index)
+            own = ConfigRecord({**msg.content["config"], ROUND: rnd.round_id,
+                                SRC: shares["src"], CIPHERTEXTS: shares["ciphertexts"]})
+            content = RecordDict({"arrays": msg.content["arrays"], "config": own})
+            train.append(grid.create_message(content, "train.secagg", msg.metadata.dst_node_id,
+                                             str(rnd.round_id)))
+        self._dropouts += len(cohort) - len(train)
+        return train
+
+    # --- stage 4 -------------------------------------------------------------
+    def clipped_sum(self, replies: list[Message], reference: dict[str, np.ndarray],
+                    clip: float) -> ClippedSum:
+        """The unmasked sum of the survivors' clipped deltas and bits, or nothing."""
+        rnd = self._round
+        if rnd is None:
+            return ClippedSum([], 0, 0, self._dropouts)
+        dim = sum(a.size for a in reference.values())
+        by_node = {node: index for index, node in self._nodes.items()}
+        for reply in replies:
+            index = by_node.get(reply.metadata.src_node_id)
+            if reply.has_error():
+                log(WARNING, "secure aggregation train: node %s refused or failed: %s",
+                    reply.metadata.src_node_id, reply.error.reason)
+                continue
+            record = reply.content.array_records.get(RECORD)
+            vector = record["masked"].numpy() if record is not None and "masked" in record \
+                else None
+            if index is None or vector is None or vector.shape != (dim + 1,) \
+                    or vector.dtype != np.uint64:
+                log(WARNING, "secure aggregation train: malformed reply from node %s",
+                    reply.metadata.src_node_id)
+                continue
+            rnd.receive_input(index, vector)
+        self._dropouts += len(rnd.shared) - len(rnd.inputs)
+        for index, reply in self._exchange("secagg_unmask", {
+                i: rnd.unmask_request(i) for i in sorted(rnd.inputs)}).items():
+            rnd.receive_unmask(index, reply)
+        total = rnd.unmasked_sum()
+        if total is None:
+            log(WARNING, "secure aggregation: %d masked inputs, fewer than needed (%d) or "
+                "secrets not recoverable; no sum is released, only noise",
+                len(rnd.inputs), rnd.min_survivors)
+            return ClippedSum([], 0, 0, self._dropouts)
+        flat, unclipped = quantize.decode_sum(total, clip)
+        sizes = np.cumsum([a.size for a in reference.values()])[:-1]
+        deltas = [part.reshape(ref.shape)
+                  for part, ref in zip(np.split(flat, sizes), reference.values())]
+        log(INFO, "secure aggregation: unmasked the sum of %d clients (%d dropped out)",
+            len(rnd.inputs), self._dropouts)
+        return ClippedSum([deltas], unclipped, len(rnd.inputs), self._dropouts)

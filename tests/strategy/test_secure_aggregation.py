@@ -1,0 +1,101 @@
+"""The real ServerApp and ClientApp in one process with `secure-aggregation=true`.
+
+The in-process grid delivers every stage message to the real ClientApp, keeps
+each node's `context.state` between messages, and can drop nodes at a stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dpfl_app.secagg import quantize
+from tests.inprocess import default_run_config, run_server
+
+
+def _config(tmp_path, name, **overrides):
+    base = {"output-dir": str(tmp_path / name), "rounds": 1, "sampling": "fixed",
+            "deterministic-noise": True}
+    return default_run_config(**{**base, **overrides})
+
+
+def _outputs(tmp_path, name):
+    (run_dir,) = list((tmp_path / name).iterdir())
+    model = torch.load(run_dir / "final_model.pt", weights_only=True)
+    return json.loads((run_dir / "results.json").read_text()), model
+
+
+def _flat(model) -> np.ndarray:
+    return np.concatenate([v.double().numpy().ravel() for v in model.values()])
+
+
+def test_secure_and_plain_rounds_end_at_the_same_model_within_the_bound(tmp_path):
+    """Noise 0, same seed: one round with and one without secure aggregation."""
+    run_server(_config(tmp_path, "plain", noise=0.0))
+    grid = run_server(_config(tmp_path, "secure", noise=0.0, **{"secure-aggregation": True}))
+    plain_results, plain = _outputs(tmp_path, "plain")
+    secure_results, secure = _outputs(tmp_path, "secure")
+    assert {m.metadata.message_type for m in grid.sent} == {
+        "query.secagg_setup", "query.secagg_share_keys", "train.secagg", "query.secagg_unmask"}
+    (p_rec,), (s_rec,) = plain_results["rounds"], secure_results["rounds"]
+    assert s_rec["num_replies"] == p_rec["num_replies"] == 6
+    assert s_rec["next_clip_norm"] == p_rec["next_clip_norm"]  # sum of bits: exact
+    a, b = _flat(plain), _flat(secure)
+    m, lr, clip = 6, plain_results["config"]["server-lr"], p_rec["clip_norm"]
+    # The sum's quantization bound, scaled by server-lr / m, plus float32 storage rounding.
+    bound = lr / m * quantize.sum_error_bound(6, a.size, clip) + math.sqrt(a.size) * float(
+        np.abs(a).max()) * 2.0**-23
+    assert 0 < np.linalg.norm(a - b) <= bound or np.array_equal(a, b)
+    assert np.linalg.norm(a - b) < 1e-3 * np.linalg.norm(a)
+
+
+@pytest.mark.parametrize("stage", ["query.secagg_share_keys", "train.secagg",
+                                   "query.secagg_unmask"])
+def test_a_dropout_at_any_stage_leaves_the_survivors_sum(tmp_path, stage, caplog):
+    """All 10 nodes sampled (k = 9, t = 5); nodes 1 and 2 vanish at `stage`."""
+    caplog.set_level(logging.INFO)
+    run_server(_config(tmp_path, "out", clients=10, **{"secure-aggregation": True}),
+               drop_at={stage: {1, 2}})
+    results, _ = _outputs(tmp_path, "out")
+    (rec,) = results["rounds"]
+    # Before sending its input a dropout leaves the sum; at unmasking its input stays.
+    assert rec["num_replies"] == (10 if stage == "query.secagg_unmask" else 8)
+    assert any("unmasked the sum of" in r.getMessage() for r in caplog.records)
+
+
+def test_fewer_survivors_than_threshold_release_noise_only(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    run_server(_config(tmp_path, "out", noise=1.0, **{"secure-aggregation": True,
+                                                      "min-replies": 0}),
+               drop_at={"train.secagg": set(range(1, 10))})
+    results, _ = _outputs(tmp_path, "out")
+    (rec,) = results["rounds"]
+    assert rec["num_replies"] == 0
+    assert any("no sum is released, only noise" in r.getMessage() for r in caplog.records)
+
+
+def test_a_client_whose_max_epsilon_is_too_low_refuses_and_the_run_continues(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    strict = {node: {"max-epsilon": 1.0} for node in (1, 2)}  # the run's epsilon is ~35
+    run_server(_config(tmp_path, "out", rounds=2, clients=10, **{"secure-aggregation": True}),
+               node_config=strict)
+    results, _ = _outputs(tmp_path, "out")
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    assert [r["num_replies"] for r in results["rounds"]] == [8, 8]  # refusals are dropouts
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()
+                and "max-epsilon=1.0" in r.getMessage()]
+    assert refusals, "the server logs the refusal's reason"
+
+
+def test_require_secure_aggregation_refuses_a_plain_server(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    run_server(_config(tmp_path, "out"),
+               node_config={n: {"require-secure-aggregation": True} for n in range(1, 11)})
+    results, _ = _outputs(tmp_path, "out")
+    assert results["rounds"][0]["num_replies"] == 0
+    assert any("require-secure-aggregation=true" in r.getMessage() for r in caplog.records)
