@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from logging import INFO, WARNING
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -17,6 +16,7 @@ from dpfl_app.data.datasets import format_label_histogram, partition_label_count
 from dpfl_app.privacy import mechanism
 from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger, headline_accountant
 from dpfl_app.privacy.calibration import calibrate_noise
+from dpfl_app.privacy.randomness import server_generators
 from dpfl_app.privacy.report import privacy_report
 from dpfl_app.run.plots import plot_partitions
 from dpfl_app.run.recorder import RunRecorder
@@ -49,8 +49,9 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
         log(WARNING, "clipped-count-stddev raised from m/20=%.3f to %.3f so that noise z=%.4g"
             " < 2*sigma_b; update noise multiplier z_delta=%.4f", split.default_count_stddev,
             split.count_stddev, noise, split.update_noise_multiplier)
+    generators = server_generators(cfg["seed"] if cfg["deterministic-noise"] else None)
     ledger = PrivacyLedger(AccountingModel(cfg["sampling"], noise, population, cfg["clients"],
-                                           cfg["target-delta"]))
+                                           cfg["target-delta"]), noise_secret=generators.secret)
     fixed = cfg["sampling"] == "fixed"
     fedavg = FedAvg(
         fraction_train=cfg["clients"] / population if fixed else 1.0,
@@ -60,11 +61,12 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
         min_evaluate_nodes=1,
     )
     if cfg["deterministic-noise"]:
-        log(WARNING, "deterministic-noise=true: the DP noise is reproducible from seed=%d. "
-            "Fine for experiments; never deploy with it.", cfg["seed"])
-    rng = np.random.default_rng(cfg["seed"] if cfg["deterministic-noise"] else None)
+        log(WARNING, "deterministic-noise=true: the DP noise is reproducible from seed=%d, "
+            "so there is NO privacy guarantee: epsilon is reported as inf. Fine for "
+            "experiments; never deploy with it.", cfg["seed"])
     return DPFedAvgAdaptive(
-        fedavg, split, cfg["clients"], ledger, rng,
+        fedavg, split, cfg["clients"], ledger, generators.noise,
+        sampling_rng=generators.sampling,
         initial_clip=cfg["initial-clip"], target_quantile=cfg["target-quantile"],
         clip_lr=cfg["clip-lr"], sampling=cfg["sampling"], min_replies=cfg["min-replies"],
         node_wait_timeout=cfg["node-wait-timeout"], max_epsilon=cfg["max-epsilon"],
@@ -78,8 +80,9 @@ def restore(strategy: DPFedAvgAdaptive, state: dict) -> None:
     strategy.round_offset = state["round"]
     strategy.clipping_norm = state["clip_norm"]
     strategy.records = list(state["records"])
-    if state["rng"] is not None:
-        strategy.rng.bit_generator.state = state["rng"]
+    if state["rng"] is not None:  # deterministic-noise only; secret generators are never saved
+        strategy.sampling_rng.bit_generator.state = state["rng"]["sampling"]
+        strategy.rng.bit_generator.state = state["rng"]["noise"]
     log(INFO, "resuming after round %d from %s (epsilon so far %.3f)", state["round"],
         state["run_dir"], strategy.ledger.epsilon())
 

@@ -17,6 +17,7 @@ from typing import Any
 
 ROUND_COLUMNS = (
     "round", "test_loss", "test_accuracy", "epsilon", "clip_norm", "noise_std",
+    "epsilon_if_noise_secret",  # deterministic-noise runs only (their epsilon is inf)
     "num_sampled", "num_replies", "num_rejected", "skipped",
 )
 

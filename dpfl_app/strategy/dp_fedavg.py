@@ -67,6 +67,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         ledger: PrivacyLedger,
         rng: np.random.Generator,
         *,
+        sampling_rng: np.random.Generator,
         initial_clip: float = 0.1,
         target_quantile: float = 0.5,
         clip_lr: float = 0.2,
@@ -86,7 +87,8 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self.noise_multiplier = split.update_noise_multiplier  # z_delta, as Flower's
         self.target_quantile = target_quantile
         self.ledger = ledger
-        self.rng = rng
+        self.rng = rng  # noise
+        self.sampling_rng = sampling_rng  # cohorts; separate, so neither predicts the other
         self.sampling = sampling
         self.population = ledger.model.population
         self.min_replies = min_replies
@@ -119,7 +121,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         if self.sampling == "fixed":
             wait_for_nodes(grid, self.num_sampled_clients, self.node_wait_timeout)
             # FedAvg's own sampler (random.sample), seeded from our private RNG.
-            random.seed(int(self.rng.integers(2**63)))
+            random.seed(int(self.sampling_rng.integers(2**63)))
             cohort = list(self.strategy.configure_train(server_round, arrays, config, grid))
             self._num_sampled = len(cohort)
             return cohort
@@ -128,7 +130,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         q = self.num_sampled_clients / self.population
         messages = sorted(self.strategy.configure_train(server_round, arrays, config, grid),
                           key=lambda msg: msg.metadata.dst_node_id)  # FedAvg shuffles them
-        cohort = [msg for msg in messages if self.rng.random() < q]
+        cohort = [msg for msg in messages if self.sampling_rng.random() < q]
         log(INFO, "configure_train: Poisson sampling (q=%.3f) kept %d of %d nodes",
             q, len(cohort), len(messages))
         self._num_sampled = len(cohort)
@@ -180,6 +182,8 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
             "epsilon_rdp": eps["rdp"],
             "epsilon_pld": eps["pld"],
         }
+        if "if_noise_secret" in eps:  # deterministic-noise: the guarantee above is inf
+            record["epsilon_if_noise_secret"] = eps["if_noise_secret"]
         self.records.append(record)
         released = {k: float(v) for k, v in record.items()
                     if k in ("clip_norm", "next_clip_norm", "noise_std", "epsilon")}
