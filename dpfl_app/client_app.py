@@ -1,16 +1,18 @@
 """dpfl_app ClientApp: local training, clipped by Flower's `adaptiveclipping_mod`.
 
-The mod is attached to `train` only: on evaluate messages (which carry no clip
-norm) it would fail. It clips w_local - w_global to the round's clip norm C_t
-and adds the `norm_bit` metric; the server adds the noise.
+The mod (through `client_mods.zero_safe_adaptiveclipping_mod`, which lets an
+all-zero update through instead of dividing by its norm) is attached to
+`train` only: on evaluate messages (which carry no clip norm) it would fail.
+It clips w_local - w_global to the round's clip norm C_t and adds the
+`norm_bit` metric; the server adds the noise.
 """
 
 from __future__ import annotations
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import adaptiveclipping_mod
 
+from dpfl_app.client_mods import zero_safe_adaptiveclipping_mod
 from dpfl_app.config import client_settings
 from dpfl_app.data.datasets import loader
 from dpfl_app.data.node_data import client_data
@@ -27,7 +29,7 @@ def _model_and_data(msg: Message, context: Context):
     return settings, net, train_set, val_set
 
 
-@app.train(mods=[adaptiveclipping_mod])
+@app.train(mods=[zero_safe_adaptiveclipping_mod])
 def train_fn(msg: Message, context: Context) -> Message:
     """Train the global model on this client's data and reply with the new weights."""
     settings, net, train_set, _ = _model_and_data(msg, context)

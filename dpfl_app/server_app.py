@@ -35,7 +35,7 @@ def choose_noise(cfg: dict, population: int) -> float:
                                                    cfg["clients"], cfg["target-delta"]))
     z = calibrate_noise(cfg["target-epsilon"], cfg["target-delta"], cfg["rounds"],
                         population, cfg["clients"], cfg["sampling"], accountant=headline)
-    log(INFO, "target-epsilon=%s: calibrated noise multiplier z=%.4f (replaces noise=%s)",
+    log(INFO, "target-epsilon=%s: calibrated noise multiplier z=%.6g (replaces noise=%s)",
         cfg["target-epsilon"], z, cfg["noise"])
     return z
 
@@ -116,7 +116,7 @@ def main(grid: Grid, context: Context) -> None:
     accounting = {**strategy.ledger.to_dict(),
                   "update_noise_multiplier": strategy.split.update_noise_multiplier,
                   "clipped_count_stddev": strategy.split.count_stddev}
-    log(INFO, "population N=%d SuperNodes, m=%d per round, sampling=%s, z=%.4f "
+    log(INFO, "population N=%d SuperNodes, m=%d per round, sampling=%s, z=%.6g "
         "(z_delta=%.4f, sigma_b=%.3f), accountant=%s", population, cfg["clients"],
         cfg["sampling"], noise, strategy.split.update_noise_multiplier,
         strategy.split.count_stddev, strategy.ledger.headline)

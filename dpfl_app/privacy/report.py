@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from .accounting import AccountingModel, PrivacyLedger
-from .calibration import calibrate_clients, calibrate_noise, max_clients_within
+from .calibration import calibrate_clients, calibrate_noise, max_clients_within, round_up
 
 ACCEPTABLE_EPSILON = 8.0
 STRONG_EPSILON = 1.0
@@ -53,7 +53,7 @@ def _reach(model: AccountingModel, rounds: int, goal: float, accountant: str) ->
     out = []
     try:
         z_need = calibrate_noise(goal, d, rounds, n, m, s, accountant)
-        out.append(f"- Keeping m = {m} clients per round: you need noise ≥ {z_need:.3f} "
+        out.append(f"- Keeping m = {m} clients per round: you need noise ≥ {z_need:g} "
                    f"(noise multiplier; now {z:.4g}).")
     except ValueError:
         out.append(f"- Keeping m = {m} clients per round: not reachable by adding noise.")
@@ -68,7 +68,7 @@ def _reach(model: AccountingModel, rounds: int, goal: float, accountant: str) ->
                    f"reachable, even with all N = {n} clients every round.")
     else:
         out.append(f"- Keeping the same noise on the averaged update (z/m = {ratio:.4g}): you need "
-                   f"≥ {m_need} clients per round (with z = {m_need * ratio:.4g}).")
+                   f"≥ {m_need} clients per round (with z = {round_up(m_need * ratio, 6):g}).")
     m_max = max_clients_within(goal, d, rounds, n, noise_multiplier=z, sampling=s,
                                accountant=accountant)
     if m_max is None:

@@ -112,7 +112,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         if self.max_epsilon > 0 and self.ledger.would_exceed(self.max_epsilon):
             raise BudgetExhausted(
                 f"round {self.round_offset + server_round} would take epsilon from "
-                f"{self.ledger.epsilon():.3f} over max-epsilon={self.max_epsilon}"
+                f"{self.ledger.epsilon_if_secret():.3f} over max-epsilon={self.max_epsilon}"
             )
         self.current_arrays = arrays
         self._round_clip = self.clipping_norm
