@@ -1,8 +1,10 @@
 """dpfl_app ClientApp: local training, clipped by Flower's `adaptiveclipping_mod`.
 
-The mod is attached to `train` only: on evaluate messages (which carry no clip
-norm) it would fail. It clips w_local - w_global to the round's clip norm C_t
-and adds the `norm_bit` metric; the server adds the noise.
+The mod (through `client_mods.zero_safe_adaptiveclipping_mod`, which lets an
+all-zero update through instead of dividing by its norm) is attached to
+`train` only: on evaluate messages (which carry no clip norm) it would fail.
+It clips w_local - w_global to the round's clip norm C_t and adds the
+`norm_bit` metric; the server adds the noise.
 
 With `secure-aggregation=true` the server drives SecAgg+ stages instead
 (`dpfl_app.secagg_client`): `train.secagg` runs the same training inside the
@@ -16,10 +18,10 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import adaptiveclipping_mod
 
 from dpfl_app import secagg_client
 from dpfl_app.secagg_client import masking_mod, policy_mod
+from dpfl_app.client_mods import zero_safe_adaptiveclipping_mod
 
 app = ClientApp()
 
@@ -36,7 +38,7 @@ def _model_and_data(msg: Message, context: Context):
     return settings, net, train_set, val_set
 
 
-@app.train(mods=[policy_mod, adaptiveclipping_mod])
+@app.train(mods=[policy_mod, zero_safe_adaptiveclipping_mod])
 def train_fn(msg: Message, context: Context) -> Message:
     """Train the global model on this client's data and reply with the new weights."""
     from dpfl_app.data.datasets import loader  # pylint: disable=import-outside-toplevel
@@ -54,7 +56,7 @@ def train_fn(msg: Message, context: Context) -> Message:
 
 
 # Secure aggregation: the same training, clipped by the same mod, then masked.
-app.train("secagg", mods=[policy_mod, masking_mod, adaptiveclipping_mod])(train_fn)
+app.train("secagg", mods=[policy_mod, masking_mod, zero_safe_adaptiveclipping_mod])(train_fn)
 app.query("secagg_setup")(secagg_client.setup)
 app.query("secagg_share_keys")(secagg_client.share_keys)
 app.query("secagg_unmask")(secagg_client.unmask)

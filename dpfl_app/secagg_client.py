@@ -6,7 +6,7 @@ registered with `@app.<category>("<action>")`):
 - `query.secagg_setup`, `query.secagg_share_keys`, `query.secagg_unmask`: the
   non-training stages. They import no torch: in deployment each message may
   start a fresh process, and these must stay cheap.
-- `train.secagg`: training, wrapped as `masking_mod(adaptiveclipping_mod(train))`.
+- `train.secagg`: training, wrapped as `masking_mod(zero_safe_adaptiveclipping_mod(train))`.
   Flower's mod clips w_local - w_global to C_t and sets the norm bit; this mod
   then encodes the clipped delta and the bit b_i, masks them, and replies with
   the masked vector only (no metrics: a loss or a bit in the clear would leak).

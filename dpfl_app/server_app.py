@@ -38,19 +38,19 @@ def choose_noise(cfg: dict, population: int) -> float:
                                                    cfg["clients"], cfg["target-delta"]))
     z = calibrate_noise(cfg["target-epsilon"], cfg["target-delta"], cfg["rounds"],
                         population, cfg["clients"], cfg["sampling"], accountant=headline)
-    log(INFO, "target-epsilon=%s: calibrated noise multiplier z=%.4f (replaces noise=%s)",
+    log(INFO, "target-epsilon=%s: calibrated noise multiplier z=%.6g (replaces noise=%s)",
         cfg["target-epsilon"], z, cfg["noise"])
     return z
 
 
 def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive:
     """FedAvg (sampling, evaluation) inside our DP wrapper (clipping, noise, accounting)."""
-    import numpy as np
     from flwr.serverapp.strategy import FedAvg
 
     from dpfl_app.privacy import mechanism
     from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger
     from dpfl_app import client_policy
+    from dpfl_app.privacy.randomness import server_generators
     from dpfl_app.strategy.dp_fedavg import DPFedAvgAdaptive
     from dpfl_app.strategy.secure_aggregation import SecureDPFedAvgAdaptive
 
@@ -61,8 +61,9 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
         log(WARNING, "clipped-count-stddev raised from m/20=%.3f to %.3f so that noise z=%.4g"
             " < 2*sigma_b; update noise multiplier z_delta=%.4f", split.default_count_stddev,
             split.count_stddev, noise, split.update_noise_multiplier)
+    generators = server_generators(cfg["seed"] if cfg["deterministic-noise"] else None)
     ledger = PrivacyLedger(AccountingModel(cfg["sampling"], noise, population, cfg["clients"],
-                                           cfg["target-delta"]))
+                                           cfg["target-delta"]), noise_secret=generators.secret)
     fixed = cfg["sampling"] == "fixed"
     fedavg = FedAvg(
         fraction_train=cfg["clients"] / population if fixed else 1.0,
@@ -72,14 +73,15 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
         min_evaluate_nodes=1,
     )
     if cfg["deterministic-noise"]:
-        log(WARNING, "deterministic-noise=true: the DP noise is reproducible from seed=%d. "
-            "Fine for experiments; never deploy with it.", cfg["seed"])
-    rng = np.random.default_rng(cfg["seed"] if cfg["deterministic-noise"] else None)
+        log(WARNING, "deterministic-noise=true: the DP noise is reproducible from seed=%d, "
+            "so there is NO privacy guarantee: epsilon is reported as inf. Fine for "
+            "experiments; never deploy with it.", cfg["seed"])
     canaries = audit_canaries(cfg, population)
     secure = {"neighbours": cfg["secagg-neighbours"], "stage_timeout": cfg["round-timeout"]}
     cls = SecureDPFedAvgAdaptive if cfg["secure-aggregation"] else DPFedAvgAdaptive
     strategy = cls(
-        fedavg, split, cfg["clients"], ledger, rng,
+        fedavg, split, cfg["clients"], ledger, generators.noise,
+        sampling_rng=generators.sampling,
         initial_clip=cfg["initial-clip"], target_quantile=cfg["target-quantile"],
         clip_lr=cfg["clip-lr"], sampling=cfg["sampling"], min_replies=cfg["min-replies"],
         node_wait_timeout=cfg["node-wait-timeout"], max_epsilon=cfg["max-epsilon"],
@@ -117,8 +119,9 @@ def restore(strategy: DPFedAvgAdaptive, state: dict) -> None:
     strategy.round_offset = state["round"]
     strategy.clipping_norm = state["clip_norm"]
     strategy.records = list(state["records"])
-    if state["rng"] is not None:
-        strategy.rng.bit_generator.state = state["rng"]
+    if state["rng"] is not None:  # deterministic-noise only; secret generators are never saved
+        strategy.sampling_rng.bit_generator.state = state["rng"]["sampling"]
+        strategy.rng.bit_generator.state = state["rng"]["noise"]
     if strategy.canaries is not None:
         strategy.canaries.load_state_dict(state["audit"])
     log(INFO, "resuming after round %d from %s (epsilon so far %.3f)", state["round"],

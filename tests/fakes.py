@@ -69,7 +69,9 @@ def make_strategy(noise: float = 0.0, m: int = 4, population: int = 10, *,
     fedavg = FedAvg(fraction_train=m / population if fixed else 1.0,
                     min_train_nodes=m if fixed else 1, min_available_nodes=1,
                     fraction_evaluate=0.0)
-    return DPFedAvgAdaptive(fedavg, split, m, ledger, np.random.default_rng(seed),
+    noise_rng, sampling_rng = np.random.SeedSequence(seed).spawn(2)
+    return DPFedAvgAdaptive(fedavg, split, m, ledger, np.random.default_rng(noise_rng),
+                            sampling_rng=np.random.default_rng(sampling_rng),
                             sampling=sampling, **kwargs)
 
 

@@ -6,8 +6,10 @@ a crash, the budget stop, noise calibration, dropouts, and what may be logged.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import re
 
 import pytest
 
@@ -21,15 +23,16 @@ def _results(out) -> tuple:
 
 
 def _config(out, **kw):
-    return default_run_config(**{"output-dir": str(out), "deterministic-noise": True, **kw})
+    """Secret noise by default (deterministic-noise makes every epsilon inf)."""
+    return default_run_config(**{"output-dir": str(out), "deterministic-noise": False, **kw})
 
 
 def test_resume_after_crash_equals_an_uninterrupted_run(tmp_path):
-    straight = _config(tmp_path / "straight", rounds=4)
+    straight = _config(tmp_path / "straight", rounds=4, **{"deterministic-noise": True})
     run_server(straight)
     _, expected = _results(tmp_path / "straight")
 
-    crashing = _config(tmp_path / "crash", rounds=4)
+    crashing = _config(tmp_path / "crash", rounds=4, **{"deterministic-noise": True})
     with pytest.raises(ServerCrash):
         run_server(crashing, crash_after_train_round=2)
     run_dir, partial = _results(tmp_path / "crash")
@@ -38,7 +41,9 @@ def test_resume_after_crash_equals_an_uninterrupted_run(tmp_path):
     _, resumed = _results(tmp_path / "crash")
 
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4]
-    assert resumed["final"]["epsilon"] == pytest.approx(expected["final"]["epsilon"], rel=1e-12)
+    assert resumed["final"]["epsilon"] == expected["final"]["epsilon"] == "inf"
+    assert resumed["final"]["epsilon_if_noise_secret"] == pytest.approx(
+        expected["final"]["epsilon_if_noise_secret"], rel=1e-12)
     # deterministic-noise restores the noise RNG too, so the runs are identical.
     assert [r["test_accuracy"] for r in resumed["rounds"]] == \
         [r["test_accuracy"] for r in expected["rounds"]]
@@ -131,3 +136,28 @@ def test_accounting_object_lets_anyone_recompute_epsilon(tmp_path, sampling):
             assert rec["epsilon"] == rec["epsilon_pld"] <= rec["epsilon_rdp"]
         else:
             assert rec["epsilon_pld"] is None and rec["epsilon"] == rec["epsilon_rdp"]
+
+
+def test_deterministic_noise_reports_no_guarantee_everywhere(tmp_path, caplog):
+    """The seed is in results.json, so the noise can be subtracted: epsilon = inf in
+    results.json, rounds.csv, privacy.md and the log; the secret-noise figure is labelled."""
+    caplog.set_level(logging.INFO)
+    run_server(_config(tmp_path, rounds=2, **{"deterministic-noise": True}))
+    run_dir, results = _results(tmp_path)
+    model = AccountingModel("poisson", 0.3, 10, 6, 1e-5)
+    assert results["config"]["seed"] is not None
+    assert results["final"]["epsilon"] == results["final"]["epsilon_rdp"] == "inf"
+    assert results["final"]["epsilon_if_noise_secret"] == pytest.approx(
+        epsilon_after(model, 2, "pld"), rel=1e-9)
+    for rec in results["rounds"]:
+        assert rec["epsilon"] == rec["epsilon_rdp"] == rec["epsilon_pld"] == "inf"
+        assert rec["epsilon_if_noise_secret"] == pytest.approx(
+            epsilon_after(model, rec["round"], "pld"), rel=1e-9)
+    with open(run_dir / "rounds.csv", newline="") as f:
+        assert {row["epsilon"] for row in csv.DictReader(f)} == {"inf"}
+    report = (run_dir / "privacy.md").read_text()
+    assert "Guarantee: none (ε = ∞)" in report
+    assert "ε if the noise were secret (NOT a guarantee for this run)" in report
+    round_lines = [r.getMessage() for r in caplog.records if "test accuracy" in r.getMessage()
+                   and "epsilon" in r.getMessage()]
+    assert round_lines and all(re.search(r"epsilon (so far )?inf ", line) for line in round_lines)

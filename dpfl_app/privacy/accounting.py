@@ -193,12 +193,20 @@ class PrivacyLedger:
 
     The headline ("auto") is PLD for Poisson sampling and RDP for fixed-size
     sampling. Epsilon is recomposed from scratch (SelfComposedDpEvent), cached.
+
+    `noise_secret=False` (deterministic-noise: the noise follows from a seed that
+    the run's results record) makes every epsilon inf: anyone with the seed can
+    regenerate the noise and subtract it. `epsilon_if_secret` still gives the
+    figure the same run would have with secret noise, for comparison only; the
+    budget check (`would_exceed`) uses it, so an experiment stops at the round
+    a real run would.
     """
 
-    def __init__(self, model: AccountingModel, headline: str = "auto"):
+    def __init__(self, model: AccountingModel, headline: str = "auto", *, noise_secret: bool = True):
         if not isinstance(model, AccountingModel):
             raise TypeError(f"model must be an AccountingModel, got {type(model).__name__}")
         self.model = model
+        self.noise_secret = bool(noise_secret)
         self.headline = _check_accountant(model, headline)
         if epsilon_after(model, 1, self.headline) is None:
             raise ValueError(
@@ -214,18 +222,29 @@ class PrivacyLedger:
             raise ValueError(f"count must be an integer >= 0, got {count!r}")
         self._rounds += int(count)
 
-    def epsilon(self, accountant: str | None = None) -> float | None:
+    def epsilon_if_secret(self, accountant: str | None = None) -> float | None:
+        """Epsilon as if the noise were secret; the guarantee only when `noise_secret`."""
         return epsilon_after(self.model, self._rounds, accountant or self.headline)
 
+    def epsilon(self, accountant: str | None = None) -> float | None:
+        """The guaranteed epsilon: inf when the noise is reproducible from a known seed."""
+        eps = self.epsilon_if_secret(accountant)
+        if eps is None or self.noise_secret or self._rounds == 0:
+            return eps
+        return math.inf
+
     def epsilons(self) -> dict:
-        return {"rdp": self.epsilon("rdp"), "pld": self.epsilon("pld"), "headline": self.headline}
+        out = {"rdp": self.epsilon("rdp"), "pld": self.epsilon("pld"), "headline": self.headline}
+        if not self.noise_secret:
+            out["if_noise_secret"] = self.epsilon_if_secret()
+        return out
 
     def would_exceed(self, max_epsilon: float, extra_rounds: int = 1) -> bool:
         return epsilon_after(self.model, self._rounds + extra_rounds, self.headline) > max_epsilon
 
     def state_dict(self) -> dict:
         return {"version": 1, "model": self.model.to_dict(), "headline": self.headline,
-                "rounds": self._rounds}
+                "rounds": self._rounds, "noise_secret": self.noise_secret}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore rounds from a checkpoint. The model must match; the headline may differ."""
@@ -241,7 +260,11 @@ class PrivacyLedger:
                              f"(field: (saved, current)) {diff}; refusing to load it")
         if not _is_int(rounds) or rounds < 0:
             raise ValueError(f"rounds in state must be an integer >= 0, got {rounds!r}")
+        if state.get("noise_secret", True) != self.noise_secret:
+            raise ValueError("checkpoint differs in whether the noise is secret "
+                             f"(saved {state.get('noise_secret', True)}, now {self.noise_secret})")
         self._rounds = int(rounds)
 
     def to_dict(self) -> dict:
-        return {**self.model.to_dict(), "accountant": self.headline, "rounds": self._rounds}
+        return {**self.model.to_dict(), "accountant": self.headline, "rounds": self._rounds,
+                "noise_secret": self.noise_secret}

@@ -9,12 +9,33 @@ from __future__ import annotations
 
 import math
 import numbers
+from decimal import ROUND_CEILING, Decimal
 
 import dp_accounting
 from dp_accounting.privacy_accountant import NeighboringRelation
 
 from dpfl_app.privacy.accountants import CachedRdpAccountant, PoissonPldAccountant, quiet_absl
 from dpfl_app.privacy.accounting import AccountingModel, _check_accountant, _is_int
+
+
+# A calibrated z is returned rounded *up* to this many significant digits, so the
+# value printed (with %g or more digits) is the value that meets the target: a
+# user who copies "1.691" gets exactly the privacy we checked, never a z rounded
+# down to 1.69 that overshoots the target.
+SIGNIFICANT_DIGITS = 4
+
+
+def round_up(x: float, digits: int = SIGNIFICANT_DIGITS) -> float:
+    """Smallest float of a decimal with `digits` significant digits that is >= x (x > 0)."""
+    exponent = math.floor(math.log10(x)) - digits + 1
+    up = Decimal(x).scaleb(-exponent).to_integral_value(ROUND_CEILING).scaleb(exponent)
+    return float(up)  # >= x: x is a float <= up, and float() rounds to the nearest
+
+
+def _next_up(x: float, digits: int = SIGNIFICANT_DIGITS) -> float:
+    """The next decimal of `digits` significant digits above x."""
+    exponent = math.floor(math.log10(x)) - digits + 1
+    return round_up(x + 10.0 ** exponent * 0.5, digits)
 
 
 def _make_fresh(sampling: str, accountant: str):
@@ -43,7 +64,7 @@ def _gap(fresh, make_event, target_epsilon, delta):
 
 def calibrate_noise(target_epsilon, delta, rounds, population, clients_per_round,
                     sampling, accountant="rdp") -> float:
-    """Smallest noise multiplier z (to within 1e-6) with epsilon <= target after `rounds`.
+    """Smallest z of SIGNIFICANT_DIGITS significant digits with epsilon <= target after `rounds`.
 
     Values below 1e-3 are not searched: if z = 1e-3 already meets the target, 1e-3 is returned.
     """
@@ -62,9 +83,13 @@ def calibrate_noise(target_epsilon, delta, rounds, population, clients_per_round
     if gap(lo) <= 0:
         return lo
     with quiet_absl():
-        return float(dp_accounting.calibrate_dp_mechanism(
+        z = float(dp_accounting.calibrate_dp_mechanism(
             fresh, make_event, target_epsilon, delta,
             dp_accounting.ExplicitBracketInterval(lo, hi)))
+    short = round_up(z)
+    while gap(short) > 0:  # epsilon falls as z grows: a guard against numerical steps
+        short = _next_up(short)
+    return short
 
 
 def _calibrate_m(target_epsilon, delta, rounds, population, sampling, accountant, z_of_m, smallest):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from .accounting import AccountingModel, PrivacyLedger
-from .calibration import calibrate_clients, calibrate_noise, max_clients_within
+from .calibration import calibrate_clients, calibrate_noise, max_clients_within, round_up
 from .threat_model import threat_model
 
 ACCEPTABLE_EPSILON = 8.0
@@ -54,7 +54,7 @@ def _reach(model: AccountingModel, rounds: int, goal: float, accountant: str) ->
     out = []
     try:
         z_need = calibrate_noise(goal, d, rounds, n, m, s, accountant)
-        out.append(f"- Keeping m = {m} clients per round: you need noise ≥ {z_need:.3f} "
+        out.append(f"- Keeping m = {m} clients per round: you need noise ≥ {z_need:g} "
                    f"(noise multiplier; now {z:.4g}).")
     except ValueError:
         out.append(f"- Keeping m = {m} clients per round: not reachable by adding noise.")
@@ -69,7 +69,7 @@ def _reach(model: AccountingModel, rounds: int, goal: float, accountant: str) ->
                    f"reachable, even with all N = {n} clients every round.")
     else:
         out.append(f"- Keeping the same noise on the averaged update (z/m = {ratio:.4g}): you need "
-                   f"≥ {m_need} clients per round (with z = {m_need * ratio:.4g}).")
+                   f"≥ {m_need} clients per round (with z = {round_up(m_need * ratio, 6):g}).")
     m_max = max_clients_within(goal, d, rounds, n, noise_multiplier=z, sampling=s,
                                accountant=accountant)
     if m_max is None:
@@ -126,8 +126,17 @@ def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | No
     eps_all = ledger.epsilons()
     cat = strength(eps)
     lines = ["# Privacy report", ""]
-    lines.append(f"**Guarantee:** user-level (ε={fmt_eps(eps)}, δ={model.delta:g})-DP for any single "
-                 f"client's entire data, under {describe_model(model, rounds, acc)}.")
+    if ledger.noise_secret:
+        lines.append(f"**Guarantee:** user-level (ε={fmt_eps(eps)}, δ={model.delta:g})-DP for any "
+                     f"single client's entire data, under {describe_model(model, rounds, acc)}.")
+    else:
+        lines += [f"**Guarantee: none (ε = ∞).** The run used deterministic-noise=true: the noise "
+                  "came from a generator seeded with the run's `seed`, which results.json records, "
+                  "so anyone can regenerate the noise and subtract it from the released models. "
+                  "Use it for reproducible experiments only.", "",
+                  f"ε if the noise were secret (NOT a guarantee for this run): "
+                  f"{fmt_eps(ledger.epsilon_if_secret())} at δ={model.delta:g}, under "
+                  f"{describe_model(model, rounds, acc)}."]
     other = "rdp" if acc == "pld" else "pld"
     if eps_all.get(other) is not None and math.isfinite(eps):
         lines.append(f"(Cross-check: the {other.upper()} accountant gives ε = "
@@ -152,6 +161,7 @@ def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | No
         lines += ["", f"**Warning:** δ = {model.delta:g} is not well below 1/N = "
                       f"{1 / model.population:.3g}. A mechanism that publishes one client's data "
                       f"outright can satisfy such a δ. Choose δ ≪ 1/N."]
+    eps = ledger.epsilon_if_secret()  # what the parameters would give: the advice below
     goal = ACCEPTABLE_EPSILON if eps > ACCEPTABLE_EPSILON else (
         STRONG_EPSILON if eps > STRONG_EPSILON else None)
     if rounds > 0 and goal is not None:

@@ -20,6 +20,7 @@ from typing import Any
 ROUND_COLUMNS = (
     "round", "test_loss", "test_accuracy", "epsilon", "epsilon_rdp", "epsilon_pld",
     "clip_norm", "next_clip_norm", "noise_std", "noisy_unclipped_fraction",
+    "epsilon_if_noise_secret",  # deterministic-noise runs only (their epsilon is inf)
     "num_sampled", "num_replies", "num_rejected", "skipped",
 )
 

@@ -82,8 +82,8 @@ def plot_run_accuracy(rounds: list[dict], path, initial: dict | None = None) -> 
     if all(np.isfinite(series["epsilon"])):
         twin.plot(series["round"], series["epsilon"], "s--", color="tab:red")
         twin.set_ylabel("epsilon", color="tab:red")
-    else:  # noise 0: no privacy guarantee, nothing finite to draw
-        twin.set_ylabel("epsilon = inf (no noise)", color="tab:red")
+    else:  # noise 0 or deterministic-noise: no privacy guarantee, nothing finite to draw
+        twin.set_ylabel("epsilon = inf (no guarantee)", color="tab:red")
     twin.tick_params(axis="y", labelcolor="tab:red")
     _save(fig, path)
     return series

@@ -91,6 +91,9 @@ class RunRecorder:
             "epsilon_rdp": self.strategy.ledger.epsilon("rdp") if done else 0.0,
             "epsilon_pld": self.strategy.ledger.epsilon("pld") if done else 0.0,
             "accountant": self.strategy.ledger.headline,
+            # deterministic-noise: epsilon above is inf; this is only a comparison figure.
+            **({} if self.strategy.ledger.noise_secret else {
+                "epsilon_if_noise_secret": self.strategy.ledger.epsilon_if_secret() if done else 0.0}),
             "delta": self.cfg["target-delta"],
             "stop_reason": self.stop_reason or (
                 "completed all rounds" if last is not self.initial
@@ -105,7 +108,7 @@ class RunRecorder:
     def write(self, final: bool = True) -> None:
         if final and self.strategy.canaries is not None:  # the estimate needs every round
             self.audit = self.strategy.canaries.summary(
-                self.cfg["target-delta"], self.strategy.ledger.epsilon(),
+                self.cfg["target-delta"], self.strategy.ledger.epsilon_if_secret(),
                 self.strategy.population)
         outputs.write_json(self.run_dir / "results.json", self.results())
         outputs.write_rounds_csv(self.run_dir / "rounds.csv", self.strategy.records)
@@ -123,7 +126,9 @@ class RunRecorder:
             "model": self.model_state,
             "clip_norm": strategy.clipping_norm,
             "ledger": strategy.ledger.state_dict(),
-            "rng": strategy.rng.bit_generator.state if deterministic else None,
+            # Only reproducible (seeded) generators; the secret ones never leave memory.
+            "rng": {"sampling": strategy.sampling_rng.bit_generator.state,
+                    "noise": strategy.rng.bit_generator.state} if deterministic else None,
             "records": strategy.records,
             "initial": self.initial,
             "config": self.cfg,

@@ -84,6 +84,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         ledger: PrivacyLedger,
         rng: np.random.Generator,
         *,
+        sampling_rng: np.random.Generator,
         initial_clip: float = 0.1,
         target_quantile: float = 0.5,
         clip_lr: float = 0.2,
@@ -104,7 +105,8 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self.noise_multiplier = split.update_noise_multiplier  # z_delta, as Flower's
         self.target_quantile = target_quantile
         self.ledger = ledger
-        self.rng = rng
+        self.rng = rng  # noise
+        self.sampling_rng = sampling_rng  # cohorts; separate, so neither predicts the other
         self.sampling = sampling
         self.population = ledger.model.population
         self.min_replies = min_replies
@@ -149,7 +151,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         if self.max_epsilon > 0 and self.ledger.would_exceed(self.max_epsilon):
             raise BudgetExhausted(
                 f"round {self.round_offset + server_round} would take epsilon from "
-                f"{self.ledger.epsilon():.3f} over max-epsilon={self.max_epsilon}"
+                f"{self.ledger.epsilon_if_secret():.3f} over max-epsilon={self.max_epsilon}"
             )
         self.current_arrays = arrays
         self._round_clip = self.clipping_norm
@@ -160,7 +162,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         if self.sampling == "fixed":
             wait_for_nodes(grid, self.num_sampled_clients, self.node_wait_timeout)
             # FedAvg's own sampler (random.sample), seeded from our private RNG.
-            random.seed(sampling.fixed_size_seed(self.rng))
+            random.seed(sampling.fixed_size_seed(self.sampling_rng))
             cohort = list(self.strategy.configure_train(server_round, arrays, config, grid))
             self._num_sampled = len(cohort)
             return cohort
@@ -169,7 +171,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         q = self.num_sampled_clients / self.population
         messages = sorted(self.strategy.configure_train(server_round, arrays, config, grid),
                           key=lambda msg: msg.metadata.dst_node_id)  # FedAvg shuffles them
-        cohort = [messages[i] for i in sampling.poisson_positions(self.rng, len(messages), q)]
+        cohort = [messages[i] for i in sampling.poisson_positions(self.sampling_rng, len(messages), q)]
         log(INFO, "configure_train: Poisson sampling (q=%.3f) kept %d of %d nodes",
             q, len(cohort), len(messages))
         self._num_sampled = len(cohort)
@@ -224,6 +226,8 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
             "epsilon_rdp": eps["rdp"],
             "epsilon_pld": eps["pld"],
         }
+        if "if_noise_secret" in eps:  # deterministic-noise: the guarantee above is inf
+            record["epsilon_if_noise_secret"] = eps["if_noise_secret"]
         self.records.append(record)
         # No MetricRecord: Flower would list these server-side values under
         # "ClientApp-side Train Metrics". The recorder logs and saves them.

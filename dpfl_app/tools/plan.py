@@ -14,7 +14,8 @@ import sys
 from dpfl_app.privacy.accounting import (
     ACCOUNTANTS, SAMPLING_MODES, AccountingModel, epsilon_after, headline_accountant,
 )
-from dpfl_app.privacy.calibration import calibrate_clients, calibrate_noise, max_clients_within
+from dpfl_app.privacy.calibration import (calibrate_clients, calibrate_noise, max_clients_within,
+                                          round_up)
 from dpfl_app.privacy.report import fmt_eps, strength
 from dpfl_app.tools.cli import HelpFormatter
 
@@ -129,6 +130,11 @@ def _validate(parser: argparse.ArgumentParser, a: argparse.Namespace) -> str:
     parser.error("--target-epsilon needs one of --clients, --noise or --noise-to-clients-ratio")
 
 
+# z is printed with this many significant digits (%.6g); a calibrated z has at
+# most calibration.SIGNIFICANT_DIGITS, so what is printed is exactly what was checked.
+PRINTED_DIGITS = 6
+
+
 def _curve_points(rounds: int) -> list[int]:
     return sorted({1, rounds} | {max(1, round(rounds * k / 10)) for k in range(1, 10)})
 
@@ -155,7 +161,7 @@ def plan(a: argparse.Namespace, mode: str) -> dict:
         m = calibrate_clients(e, d, t, n, noise_to_clients_ratio=r, sampling=s, accountant=acc)
         reachable = m is not None
         m = m if reachable else n
-        z = m * r
+        z = round_up(m * r, PRINTED_DIGITS)  # up: the printed z meets the target as printed
     else:
         question = f"ε after {t} rounds at m = {m}, z = {z:g}"
     model = AccountingModel(s, float(z), n, int(m), d)

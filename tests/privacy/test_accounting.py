@@ -241,3 +241,22 @@ def test_pld_is_fast_enough():
     start = time.perf_counter()
     epsilon_after(model, 200, "pld")
     assert time.perf_counter() - start < 2.0
+
+
+def test_ledger_with_reproducible_noise_guarantees_nothing():
+    """deterministic-noise: the seed is published, so epsilon is inf; the secret-noise
+    figure stays available (labelled) and drives the budget check."""
+    model = AccountingModel("poisson", 1.0, 100, 10, 1e-5)
+    ledger = PrivacyLedger(model, noise_secret=False)
+    assert ledger.epsilon() == 0.0  # nothing released yet
+    ledger.compose_round(20)
+    secret = epsilon_after(model, 20, "pld")
+    assert ledger.epsilon() == ledger.epsilon("rdp") == math.inf
+    assert ledger.epsilons() == {"rdp": math.inf, "pld": math.inf, "headline": "pld",
+                                 "if_noise_secret": secret}
+    assert ledger.epsilon_if_secret() == secret
+    assert not ledger.would_exceed(epsilon_after(model, 21, "pld"))
+    assert ledger.to_dict()["noise_secret"] is False
+    fresh = PrivacyLedger(model)
+    with pytest.raises(ValueError, match="secret"):
+        fresh.load_state_dict(ledger.state_dict())

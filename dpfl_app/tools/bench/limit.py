@@ -26,6 +26,7 @@ from dpfl_app.data.datasets import load_test_data, loader
 from dpfl_app.data.node_data import client_data
 from dpfl_app.privacy import mechanism
 from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger
+from dpfl_app.privacy.randomness import server_generators
 from dpfl_app.task import build_model, test, train
 
 def local_update(run_config: dict, partition_id: int, population: int,
@@ -73,9 +74,10 @@ def _run_limit(run_config: dict, population: int, rounds: int) -> dict:
     m = cfg["clients"]
     stddev = cfg["clipped-count-stddev"]
     split = mechanism.split_noise(cfg["noise"], m, None if stddev == "auto" else float(stddev))
+    generators = server_generators(cfg["seed"] if cfg["deterministic-noise"] else None)
     ledger = PrivacyLedger(AccountingModel(cfg["sampling"], cfg["noise"], population, m,
-                                           cfg["target-delta"]))
-    rng = np.random.default_rng(cfg["seed"] if cfg["deterministic-noise"] else None)
+                                           cfg["target-delta"]), noise_secret=generators.secret)
+    rng = generators.sampling
     torch.manual_seed(cfg["seed"])
     net = build_model(*model_spec(cfg))
     keys = list(net.state_dict())
@@ -99,7 +101,7 @@ def _run_limit(run_config: dict, population: int, rounds: int) -> dict:
         trained = time.perf_counter()
         if cohort:  # as the strategy with min-replies=1: an empty round changes nothing
             global_nd, _, clip = mechanism.dp_fedavg_step(
-                global_nd, models, bits, clip, m, split, rng, server_lr=cfg["server-lr"],
+                global_nd, models, bits, clip, m, split, generators.noise, server_lr=cfg["server-lr"],
                 target_quantile=cfg["target-quantile"], clip_lr=cfg["clip-lr"])
         ledger.compose_round()
         epsilon = ledger.epsilons()[ledger.headline]  # both accountants, as the strategy

@@ -129,6 +129,7 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round) -
     noise = choose_noise(cfg, population)
     strategy = build_strategy(cfg, population, noise)  # split, ledger, RNG: the ServerApp's
     rng, ledger, m = strategy.rng, strategy.ledger, cfg["clients"]
+    sampling_rng = strategy.sampling_rng  # cohorts, as the strategy draws them
     torch.manual_seed(cfg["seed"])  # the ServerApp's initial model
     net = build_model(*model_spec(cfg))
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -144,9 +145,9 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round) -
             break
         began = time.perf_counter()
         if cfg["sampling"] == "poisson":
-            cohort = sampling.poisson_positions(rng, population, m / population)
+            cohort = sampling.poisson_positions(sampling_rng, population, m / population)
         else:
-            cohort = sampling.fixed_size_positions(rng, population, m)
+            cohort = sampling.fixed_size_positions(sampling_rng, population, m)
         round_clip, unclipped_fraction, trained = clip, None, time.perf_counter()
         # As the strategy: fewer replies than min-replies skip the step (no noise drawn);
         # with min-replies=0 an empty cohort still releases pure noise.
