@@ -13,6 +13,7 @@ from flwr.supercore import log
 
 from dpfl_app.run import checkpoint, outputs
 from dpfl_app.config import data_source, model_spec, validate
+from dpfl_app.errors import ConfigError
 from dpfl_app.data.datasets import format_label_histogram, partition_label_counts
 from dpfl_app.privacy import mechanism
 from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger, headline_accountant
@@ -51,10 +52,10 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
             split.count_stddev, noise, split.update_noise_multiplier)
     ledger = PrivacyLedger(AccountingModel(cfg["sampling"], noise, population, cfg["clients"],
                                            cfg["target-delta"]))
-    fixed = cfg["sampling"] == "fixed"
+    # FedAvg addresses every online node; the strategy keeps the sampled slots.
     fedavg = FedAvg(
-        fraction_train=cfg["clients"] / population if fixed else 1.0,
-        min_train_nodes=cfg["clients"] if fixed else 1,
+        fraction_train=1.0,
+        min_train_nodes=1,
         min_available_nodes=1,
         fraction_evaluate=1.0 if cfg["client-eval"] else 0.0,
         min_evaluate_nodes=1,
@@ -62,24 +63,62 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
     if cfg["deterministic-noise"]:
         log(WARNING, "deterministic-noise=true: the DP noise is reproducible from seed=%d. "
             "Fine for experiments; never deploy with it.", cfg["seed"])
-    rng = np.random.default_rng(cfg["seed"] if cfg["deterministic-noise"] else None)
+    deterministic = cfg["deterministic-noise"]
+    rng = np.random.default_rng(cfg["seed"] if deterministic else None)
+    sampling_rng = np.random.default_rng([cfg["seed"], 1] if deterministic else None)
     return DPFedAvgAdaptive(
-        fedavg, split, cfg["clients"], ledger, rng,
+        fedavg, split, cfg["clients"], ledger, rng, sampling_rng=sampling_rng,
         initial_clip=cfg["initial-clip"], target_quantile=cfg["target-quantile"],
-        clip_lr=cfg["clip-lr"], sampling=cfg["sampling"], min_replies=cfg["min-replies"],
+        clip_lr=cfg["clip-lr"], sampling=cfg["sampling"],
         node_wait_timeout=cfg["node-wait-timeout"], max_epsilon=cfg["max-epsilon"],
         server_lr=cfg["server-lr"],
     )
 
 
+def population_size(cfg: dict, online: list[int], state: dict | None) -> int:
+    """N for the accountant: `population`, else the node count at start (an assumption)."""
+    if state:  # a resumed run keeps the N it was accounted under
+        return state["ledger"]["model"]["population"]
+    if cfg["population"] == 0:
+        return len(online)
+    if len(online) > cfg["population"]:
+        raise ConfigError(
+            f"run-config key 'population' = {cfg['population']} is smaller than the "
+            f"{len(online)} SuperNodes connected; set it to at least {len(online)}, "
+            "or 0 (= the number connected at the start)")
+    return cfg["population"]
+
+
+def population_assumption(cfg: dict, population: int) -> str:
+    """How N was chosen, in words, for the log and privacy.md."""
+    if cfg["population"]:
+        return f"N = {population} is the run-config `population`."
+    return (f"N = {population} is the number of SuperNodes connected at the start "
+            f"(run-config population=0). This is an assumption: the guarantee holds for "
+            f"this population. Nodes that join later are only sampled into free slots, "
+            f"so none is chosen more often than m/N.")
+
+
 def restore(strategy: DPFedAvgAdaptive, state: dict) -> None:
-    """Continue from a checkpoint: same rounds, clip norm, accountant and records."""
-    strategy.ledger.load_state_dict(state["ledger"])
+    """Continue from a checkpoint: same rounds, clip norm, accountant and records.
+
+    The ledger comes from ledger.json when it charged more rounds than the
+    checkpoint: a round released just before the crash stays counted.
+    """
+    ledger_state = checkpoint.charged_ledger(state["run_dir"], state["ledger"])
+    strategy.ledger.load_state_dict(ledger_state)
     strategy.round_offset = state["round"]
     strategy.clipping_norm = state["clip_norm"]
     strategy.records = list(state["records"])
+    strategy.diagnostics = [d for d in outputs.read_diagnostics(state["run_dir"])
+                            if d["round"] <= state["round"]]
     if state["rng"] is not None:
         strategy.rng.bit_generator.state = state["rng"]
+        strategy.sampling_rng.bit_generator.state = state["sampling_rng"]
+    if ledger_state["rounds"] > state["ledger"]["rounds"]:
+        log(WARNING, "the interrupted run released %d round(s) after its last checkpoint; "
+            "they stay charged, and the redone round(s) are charged again",
+            ledger_state["rounds"] - state["ledger"]["rounds"])
     log(INFO, "resuming after round %d from %s (epsilon so far %.3f)", state["round"],
         state["run_dir"], strategy.ledger.epsilon())
 
@@ -107,16 +146,18 @@ def main(grid: Grid, context: Context) -> None:
     """Validate the config, train with DP, account for every round, write results."""
     cfg = validate(dict(context.run_config))  # fails before anything starts
     state = checkpoint.load(cfg["resume-from"], cfg) if cfg["resume-from"] else None
-    population = len(wait_for_nodes(grid, cfg["clients"], cfg["node-wait-timeout"]))
+    online = wait_for_nodes(grid, cfg["clients"], cfg["node-wait-timeout"])
+    population = population_size(cfg, online, state)
     noise = state["noise"] if state else choose_noise(cfg, population)
     strategy = build_strategy(cfg, population, noise)
-    accounting = {**strategy.ledger.to_dict(),
-                  "update_noise_multiplier": strategy.split.update_noise_multiplier,
-                  "clipped_count_stddev": strategy.split.count_stddev}
-    log(INFO, "population N=%d SuperNodes, m=%d per round, sampling=%s, z=%.4f "
-        "(z_delta=%.4f, sigma_b=%.3f), accountant=%s", population, cfg["clients"],
+    assumption = population_assumption(cfg, population)
+    accounting_extra = {"update_noise_multiplier": strategy.split.update_noise_multiplier,
+                        "clipped_count_stddev": strategy.split.count_stddev,
+                        "population_source": assumption}
+    log(INFO, "population N=%d, m=%d per round, sampling=%s, z=%.4f "
+        "(z_delta=%.4f, sigma_b=%.3f), accountant=%s. %s", population, cfg["clients"],
         cfg["sampling"], noise, strategy.split.update_noise_multiplier,
-        strategy.split.count_stddev, strategy.ledger.headline)
+        strategy.split.count_stddev, strategy.ledger.headline, assumption)
 
     if state:
         restore(strategy, state)
@@ -126,8 +167,11 @@ def main(grid: Grid, context: Context) -> None:
         torch.manual_seed(cfg["seed"])
         initial_model = build_model(*model_spec(cfg)).state_dict()
         show_partitions(cfg, population, run_dir)
-    log(INFO, "writing results to %s", run_dir)
-    recorder = RunRecorder(cfg, run_dir, strategy, accounting,
+    log(INFO, "writing results to %s; exact counts for the operator only in %s", run_dir,
+        outputs.DIAGNOSTICS_FILE)
+    strategy.on_round_charged = lambda: checkpoint.save_ledger(run_dir,
+                                                               strategy.ledger.state_dict())
+    recorder = RunRecorder(cfg, run_dir, strategy, accounting_extra,
                            initial=state["initial"] if state else None)
     try:
         strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_model),
@@ -138,7 +182,8 @@ def main(grid: Grid, context: Context) -> None:
         recorder.stop_reason = f"privacy budget: {stop}"
         log(WARNING, "training stopped early: %s", recorder.stop_reason)
     recorder.write()
-    report = privacy_report(strategy.ledger, len(strategy.records), recorder.stop_reason)
+    report = privacy_report(strategy.ledger, len(strategy.records), recorder.stop_reason,
+                            assumptions=[assumption])
     outputs.write_atomic(run_dir / "privacy.md", report.encode())
     for line in report.splitlines():
         log(INFO, "%s", line)

@@ -39,7 +39,7 @@ BAD_VALUES = {
     "seed": (-1, ">= 0"),
     "deterministic-noise": ("yes", "bool"),
     "client-eval": (1, "bool"),
-    "min-replies": (-1, ">= 0"),
+    "population": (-1, ">= 0"),
     "round-timeout": (0.0, "> 0"),
     "node-wait-timeout": (-5.0, "> 0"),
     "output-dir": ("", "non-empty"),

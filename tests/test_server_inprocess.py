@@ -12,6 +12,7 @@ import logging
 import pytest
 
 from dpfl_app.privacy.accounting import AccountingModel, epsilon_after
+from dpfl_app.run.outputs import read_diagnostics
 from tests.inprocess import ServerCrash, default_run_config, run_server
 
 
@@ -80,10 +81,11 @@ def test_target_epsilon_calibrates_the_noise(tmp_path):
 def test_dropped_clients_keep_the_fixed_denominator(tmp_path):
     cfg = _config(tmp_path, rounds=2, sampling="fixed")
     run_server(cfg, drop_nodes={1, 2, 3, 4, 5})
-    _, results = _results(tmp_path)
-    for rec in results["rounds"]:
-        assert rec["num_sampled"] == 6  # fixed: exactly m sampled, dropouts or not
-        assert rec["num_replies"] < 6  # at least one of 6 sampled from 10 is among the 5 dropped
+    run_dir, results = _results(tmp_path)
+    diagnostics = read_diagnostics(run_dir)  # exact counts: operator only
+    for rec, diag in zip(results["rounds"], diagnostics, strict=True):
+        assert diag["num_sampled"] == 6  # fixed: exactly m of N=10 slots, all online
+        assert diag["num_replies"] < 6  # at least one of 6 sampled from 10 is among the 5 dropped
         assert rec["noise_std"] == pytest.approx(
             results["accounting"]["update_noise_multiplier"] * rec["clip_norm"] / 6)
 

@@ -80,8 +80,12 @@ def _reach(model: AccountingModel, rounds: int, goal: float, accountant: str) ->
     return out
 
 
-def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | None = None) -> str:
-    """Markdown privacy report for the rounds composed in `ledger`."""
+def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | None = None,
+                   assumptions: list[str] = ()) -> str:
+    """Markdown privacy report for the rounds composed in `ledger`.
+
+    `assumptions` are sentences the guarantee rests on (e.g. how N was chosen).
+    """
     model, rounds, acc = ledger.model, ledger.rounds, ledger.headline
     eps = ledger.epsilon()
     eps_all = ledger.epsilons()
@@ -93,6 +97,8 @@ def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | No
     if eps_all.get(other) is not None and math.isfinite(eps):
         lines.append(f"(Cross-check: the {other.upper()} accountant gives ε = "
                      f"{fmt_eps(eps_all[other])}.)")
+    if assumptions:
+        lines += ["", "**Assumptions:** " + " ".join(assumptions)]
     lines += ["", f"**Strength:** {cat}."]
     if model.noise_multiplier == 0:
         lines += ["", "**No DP noise was added (noise multiplier z = 0). There is no differential "

@@ -10,15 +10,22 @@
 3. the mean is unweighted with the fixed denominator m, so dropouts and
    rejected replies never lower the noise below the sensitivity;
 4. sigma_b is chosen so that z < 2 sigma_b (no bare ValueError);
-and it samples the cohort the way the accountant assumes (Poisson or fixed).
+and it samples the cohort the way the accountant assumes (Poisson or fixed, over
+the N population slots of `sampling.SlotSampler`).
+
+Every round is released, even one with no accepted reply (pure noise): a
+skipped round would reveal the un-noised participation. The round is charged
+to the ledger, and the ledger stored (`on_round_charged`), before the new
+model leaves `aggregate_train`. Exact counts and rejection reasons go to
+`diagnostics`, which only the operator may see; `records` hold only what the
+DP guarantee covers.
 """
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Iterable
-from logging import INFO, WARNING
+from collections.abc import Callable, Iterable
+from logging import INFO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -30,6 +37,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from dpfl_app.privacy import mechanism
 from dpfl_app.privacy.accounting import PrivacyLedger
 from dpfl_app.strategy.replies import screen_replies
+from dpfl_app.strategy.sampling import SlotSampler
 
 
 class BudgetExhausted(Exception):
@@ -67,11 +75,11 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         ledger: PrivacyLedger,
         rng: np.random.Generator,
         *,
+        sampling_rng: np.random.Generator,
         initial_clip: float = 0.1,
         target_quantile: float = 0.5,
         clip_lr: float = 0.2,
         sampling: str = "poisson",
-        min_replies: int = 1,
         node_wait_timeout: float = 60.0,
         max_epsilon: float = 0.0,
         server_lr: float = 1.0,
@@ -86,18 +94,24 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self.noise_multiplier = split.update_noise_multiplier  # z_delta, as Flower's
         self.target_quantile = target_quantile
         self.ledger = ledger
-        self.rng = rng
+        self.rng = rng  # noise
+        self.sampling_rng = sampling_rng  # cohorts; separate, so neither predicts the other
         self.sampling = sampling
         self.population = ledger.model.population
-        self.min_replies = min_replies
+        self.sampler = SlotSampler(self.population, clients_per_round, sampling)
         self.node_wait_timeout = node_wait_timeout
         self.max_epsilon = max_epsilon
         self.server_lr = server_lr
         self.round_offset = 0  # rounds already run before a resume
         self.records: list[dict] = []  # one per round, only released quantities
+        self.diagnostics: list[dict] = []  # one per round, exact counts: operator only
+        # Called after a round is charged and before its model is returned:
+        # must store the ledger durably (the server's crash safety).
+        self.on_round_charged: Callable[[], None] | None = None
         self.current_arrays: ArrayRecord | None = None
         self._round_clip = initial_clip
-        self._num_sampled = 0
+        self._cohort: set[int] = set()
+        self._round_diagnostics: dict = {}
 
     def __repr__(self) -> str:
         return "DP-FedAvg, adaptive clipping (Andrew et al. 2021), fixed denominator"
@@ -116,23 +130,18 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self._round_clip = self.clipping_norm
         server_round += self.round_offset  # clients see the run's round, also after a resume
         config[KEY_CLIPPING_NORM] = self._round_clip
-        if self.sampling == "fixed":
-            wait_for_nodes(grid, self.num_sampled_clients, self.node_wait_timeout)
-            # FedAvg's own sampler (random.sample), seeded from our private RNG.
-            random.seed(int(self.rng.integers(2**63)))
-            cohort = list(self.strategy.configure_train(server_round, arrays, config, grid))
-            self._num_sampled = len(cohort)
-            return cohort
         wait_for_nodes(grid, 1, self.node_wait_timeout)
-        # Poisson: FedAvg addresses every node; each is kept independently w.p. q.
-        q = self.num_sampled_clients / self.population
-        messages = sorted(self.strategy.configure_train(server_round, arrays, config, grid),
-                          key=lambda msg: msg.metadata.dst_node_id)  # FedAvg shuffles them
-        cohort = [msg for msg in messages if self.rng.random() < q]
-        log(INFO, "configure_train: Poisson sampling (q=%.3f) kept %d of %d nodes",
-            q, len(cohort), len(messages))
-        self._num_sampled = len(cohort)
-        return cohort
+        # FedAvg (fraction_train=1) addresses every online node; we keep those
+        # in the slots drawn this round. The draw never depends on who is online.
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        online = [msg.metadata.dst_node_id for msg in messages]
+        self._cohort, slots = self.sampler.sample(online, self.sampling_rng)
+        self._round_diagnostics = {
+            "round": server_round, "online": len(online), "slots_drawn": slots,
+            "num_sampled": len(self._cohort),
+            "online_without_slot": sorted(self.sampler.unslotted & set(online)),
+        }
+        return [msg for msg in messages if msg.metadata.dst_node_id in self._cohort]
 
     # --- aggregation ----------------------------------------------------------
     def aggregate_train(
@@ -142,45 +151,41 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         assert self.current_arrays is not None, "configure_train must run first"
         replies = list(replies)
         reference = {k: v.numpy() for k, v in self.current_arrays.items()}
-        accepted, rejected = screen_replies(replies, reference)
-        for bad in rejected:
-            log(WARNING, "aggregate_train: rejected reply from node %s: %s",
-                bad.node_id, bad.reason)
-
+        accepted, rejected = screen_replies(replies, reference, self._cohort)
         clip, m = self._round_clip, self.num_sampled_clients
-        global_nd = list(reference.values())
-        skipped = len(accepted) < self.min_replies
-        new_arrays, unclipped_fraction = None, None
-        if skipped:
-            log(WARNING, "aggregate_train: %d accepted replies < min-replies=%d; round "
-                "skipped, model unchanged (the round is still counted by the accountant)",
-                len(accepted), self.min_replies)
-        else:
-            new_model, unclipped_fraction, self.clipping_norm = mechanism.dp_fedavg_step(
-                global_nd, [r.arrays for r in accepted], [r.unclipped for r in accepted],
-                clip, m, self.split, self.rng, server_lr=self.server_lr,
-                target_quantile=self.target_quantile, clip_lr=self.clip_norm_lr,
-            )
-            new_arrays = ArrayRecord({k: Array(v) for k, v in zip(reference, new_model)})
-            self.current_arrays = new_arrays
-        # The noise was calibrated before replies came in: count the round regardless.
+        # Always release, also with no accepted reply (pure noise): whether a
+        # round moved the model must not depend on un-noised participation.
+        new_model, unclipped_fraction, self.clipping_norm = mechanism.dp_fedavg_step(
+            list(reference.values()), [r.arrays for r in accepted],
+            [r.unclipped for r in accepted], clip, m, self.split, self.rng,
+            server_lr=self.server_lr, target_quantile=self.target_quantile,
+            clip_lr=self.clip_norm_lr,
+        )
+        new_arrays = ArrayRecord({k: Array(v) for k, v in zip(reference, new_model)})
+        self.current_arrays = new_arrays
+        # Charge the round, durably, before its model leaves this method: a
+        # crash after the release must not let a resumed run release it uncounted.
         self.ledger.compose_round()
+        if self.on_round_charged is not None:
+            self.on_round_charged()
         eps = self.ledger.epsilons()
         record = {
             "round": self.round_offset + server_round,
+            "rounds_accounted": self.ledger.rounds,  # > round after a crash lost a release
             "clip_norm": clip,
             "next_clip_norm": self.clipping_norm,
             "noise_std": mechanism.update_noise_stddev(self.split, clip) / m,
             "noisy_unclipped_fraction": unclipped_fraction,
-            "num_sampled": self._num_sampled,  # the cohort; replies may be fewer
-            "num_replies": len(accepted),
-            "num_rejected": len(rejected),
-            "skipped": skipped,
             "epsilon": eps[eps["headline"]],
             "epsilon_rdp": eps["rdp"],
             "epsilon_pld": eps["pld"],
         }
         self.records.append(record)
+        self.diagnostics.append({
+            **self._round_diagnostics, "round": record["round"],
+            "num_replies": len(accepted), "num_rejected": len(rejected),
+            "rejected": [{"node_id": bad.node_id, "reason": bad.reason} for bad in rejected],
+        })
         released = {k: float(v) for k, v in record.items()
                     if k in ("clip_norm", "next_clip_norm", "noise_std", "epsilon")}
         return new_arrays, MetricRecord(released)
