@@ -138,9 +138,10 @@ def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | No
         "", "## Not covered", "",
         "Client-side evaluation metrics (loss and accuracy computed on clients' private data) are "
         "not noised and are **not covered** by this guarantee. Treat them as non-private. Only the "
-        "noised model update and the noised clipped-count are covered. The guarantee also assumes "
-        "the mechanism ran as modelled: an unweighted sum over the sampled clients, the fixed "
-        "denominator m, and noise scaled to the clip norm the clients used.",
+        "noised model update and the noised clipped-count are covered; exact participation "
+        "counts stay in the operator's diagnostics file and are not released. The guarantee "
+        "also assumes the mechanism ran as modelled: an unweighted sum over the sampled "
+        "clients, the fixed denominator m, and noise scaled to the clip norm the clients used.",
         "",
     ]
     return "\n".join(lines)
