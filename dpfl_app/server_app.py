@@ -166,7 +166,7 @@ def main(grid: Grid, context: Context) -> None:
         run_dir = outputs.make_run_dir(cfg["output-dir"], context.run_id)
         torch.manual_seed(cfg["seed"])
         initial_model = build_model(*model_spec(cfg)).state_dict()
-        show_partitions(cfg, population, run_dir)
+        show_partitions(cfg, len(online), run_dir)  # one demo partition per node
     log(INFO, "writing results to %s; exact counts for the operator only in %s", run_dir,
         outputs.DIAGNOSTICS_FILE)
     strategy.on_round_charged = lambda: checkpoint.save_ledger(run_dir,
