@@ -72,6 +72,8 @@ KEYS: dict[str, Key] = {
     "target-epsilon": NON_NEGATIVE,
     "seed": Key(int, lambda v: v >= 0, "an integer >= 0"),
     "deterministic-noise": Key(bool),
+    # two fitted Gaussians need at least two canaries of each kind
+    "audit-canaries": Key(int, lambda v: v == 0 or v >= 2, "0 (off) or an integer >= 2"),
     "client-eval": Key(bool),
     "round-timeout": POSITIVE,
     "node-wait-timeout": POSITIVE,

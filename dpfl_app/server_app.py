@@ -16,11 +16,13 @@ from dpfl_app.config import data_source, model_spec, validate
 from dpfl_app.errors import ConfigError
 from dpfl_app.data.datasets import format_label_histogram, partition_label_counts
 from dpfl_app.privacy import mechanism
+from dpfl_app.privacy.audit import population_warning
 from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger, headline_accountant
 from dpfl_app.privacy.calibration import calibrate_noise
 from dpfl_app.privacy.report import privacy_report
 from dpfl_app.run.plots import plot_partitions
 from dpfl_app.run.recorder import RunRecorder
+from dpfl_app.strategy.canaries import CanaryAudit, canary_seed
 from dpfl_app.strategy.dp_fedavg import BudgetExhausted, DPFedAvgAdaptive, wait_for_nodes
 from dpfl_app.task import build_model
 
@@ -66,12 +68,13 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
     deterministic = cfg["deterministic-noise"]
     rng = np.random.default_rng(cfg["seed"] if deterministic else None)
     sampling_rng = np.random.default_rng([cfg["seed"], 1] if deterministic else None)
+    canaries = audit_canaries(cfg, population)
     return DPFedAvgAdaptive(
         fedavg, split, cfg["clients"], ledger, rng, sampling_rng=sampling_rng,
         initial_clip=cfg["initial-clip"], target_quantile=cfg["target-quantile"],
         clip_lr=cfg["clip-lr"], sampling=cfg["sampling"],
         node_wait_timeout=cfg["node-wait-timeout"], max_epsilon=cfg["max-epsilon"],
-        server_lr=cfg["server-lr"],
+        server_lr=cfg["server-lr"], canaries=canaries,
     )
 
 
@@ -99,6 +102,23 @@ def population_assumption(cfg: dict, population: int) -> str:
             f"so none is chosen more often than m/N.")
 
 
+def audit_canaries(cfg: dict, population: int) -> CanaryAudit | None:
+    """The privacy audit's canary clients (Andrew et al., ICLR 2024), if asked for."""
+    k = cfg["audit-canaries"]
+    if k == 0:
+        return None
+    rate = cfg["clients"] / population
+    log(INFO, "audit-canaries=%d: the server adds %d canary clients, sampled like real ones "
+        "(rate %.3g), and estimates epsilon from this run (Andrew et al., ICLR 2024). Canaries "
+        "change the model a little: each sampled one adds C_t times a random unit direction to "
+        "the sum. The accounted epsilon of the real clients is unchanged.", k, k, rate)
+    warning = population_warning(k, population, rate)
+    if warning:
+        log(WARNING, "%s", warning)
+    seed = canary_seed(cfg["seed"] if cfg["deterministic-noise"] else None)
+    return CanaryAudit(k, seed, cfg["sampling"], rate)
+
+
 def restore(strategy: DPFedAvgAdaptive, state: dict) -> None:
     """Continue from a checkpoint: same rounds, clip norm, accountant and records.
 
@@ -115,6 +135,8 @@ def restore(strategy: DPFedAvgAdaptive, state: dict) -> None:
     if state["rng"] is not None:
         strategy.rng.bit_generator.state = state["rng"]
         strategy.sampling_rng.bit_generator.state = state["sampling_rng"]
+    if strategy.canaries is not None:
+        strategy.canaries.load_state_dict(state["audit"])
     if ledger_state["rounds"] > state["ledger"]["rounds"]:
         log(WARNING, "the interrupted run released %d round(s) after its last checkpoint; "
             "they stay charged, and the redone round(s) are charged again",
@@ -183,7 +205,7 @@ def main(grid: Grid, context: Context) -> None:
         log(WARNING, "training stopped early: %s", recorder.stop_reason)
     recorder.write()
     report = privacy_report(strategy.ledger, len(strategy.records), recorder.stop_reason,
-                            assumptions=[assumption])
+                            audit=recorder.audit, assumptions=[assumption])
     outputs.write_atomic(run_dir / "privacy.md", report.encode())
     for line in report.splitlines():
         log(INFO, "%s", line)

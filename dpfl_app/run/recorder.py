@@ -46,6 +46,7 @@ class RunRecorder:
         self.model_state: dict | None = None
         self._plotted_at = time.monotonic()
         self.stop_reason: str | None = None
+        self.audit: dict | None = None  # the privacy audit's results, once the run ends
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Test the global model on the server's held-out set."""
@@ -88,10 +89,17 @@ class RunRecorder:
                 and last["round"] == self.cfg["rounds"] else "in progress or interrupted"),
         }
         accounting = {**accounting_record(self.strategy.ledger), **self.accounting_extra}
-        return {"config": self.cfg, "accounting": accounting, "initial": self.initial,
-                "rounds": self.strategy.records, "final": final}
+        results = {"config": self.cfg, "accounting": accounting, "initial": self.initial,
+                   "rounds": self.strategy.records, "final": final}
+        if self.audit is not None:
+            results["audit"] = self.audit
+        return results
 
     def write(self, final: bool = True) -> None:
+        if final and self.strategy.canaries is not None:  # the estimate needs every round
+            self.audit = self.strategy.canaries.summary(
+                self.cfg["target-delta"], self.strategy.ledger.epsilon(),
+                self.strategy.population)
         outputs.write_json(self.run_dir / "results.json", self.results())
         outputs.write_rounds_csv(self.run_dir / "rounds.csv", self.strategy.records)
         outputs.write_diagnostics(self.run_dir, self.strategy.diagnostics)
@@ -115,4 +123,5 @@ class RunRecorder:
             "initial": self.initial,
             "config": self.cfg,
             "noise": strategy.ledger.model.noise_multiplier,
+            "audit": strategy.canaries.state_dict() if strategy.canaries else None,
         })

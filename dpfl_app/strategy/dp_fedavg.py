@@ -36,6 +36,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from dpfl_app.privacy import mechanism
 from dpfl_app.privacy.accounting import PrivacyLedger
+from dpfl_app.strategy.canaries import CanaryAudit
 from dpfl_app.strategy.replies import screen_replies
 from dpfl_app.strategy.sampling import SlotSampler
 
@@ -83,6 +84,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         node_wait_timeout: float = 60.0,
         max_epsilon: float = 0.0,
         server_lr: float = 1.0,
+        canaries: CanaryAudit | None = None,
     ) -> None:
         # Flower's base stores the *clipped* target; ours is the unclipped
         # quantile gamma of Andrew et al. The pair is kept consistent.
@@ -102,6 +104,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self.node_wait_timeout = node_wait_timeout
         self.max_epsilon = max_epsilon
         self.server_lr = server_lr
+        self.canaries = canaries  # the privacy audit's canary clients, or None
         self.round_offset = 0  # rounds already run before a resume
         self.records: list[dict] = []  # one per round, only released quantities
         self.diagnostics: list[dict] = []  # one per round, exact counts: operator only
@@ -155,12 +158,17 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         clip, m = self._round_clip, self.num_sampled_clients
         # Always release, also with no accepted reply (pure noise): whether a
         # round moved the model must not depend on un-noised participation.
+        global_nd = list(reference.values())
+        models, bits = [r.arrays for r in accepted], [r.unclipped for r in accepted]
+        if self.canaries is not None:  # audit: sampled canaries join the sum before the noise
+            models, bits = self.canaries.join(models, bits, global_nd, clip, self.sampling_rng)
         new_model, unclipped_fraction, self.clipping_norm = mechanism.dp_fedavg_step(
-            list(reference.values()), [r.arrays for r in accepted],
-            [r.unclipped for r in accepted], clip, m, self.split, self.rng,
+            global_nd, models, bits, clip, m, self.split, self.rng,
             server_lr=self.server_lr, target_quantile=self.target_quantile,
             clip_lr=self.clip_norm_lr,
         )
+        if self.canaries is not None:
+            self.canaries.observe(global_nd, new_model)
         new_arrays = ArrayRecord({k: Array(v) for k, v in zip(reference, new_model)})
         self.current_arrays = new_arrays
         # Charge the round, durably, before its model leaves this method: a
