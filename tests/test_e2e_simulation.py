@@ -56,4 +56,8 @@ def test_bad_run_config_fails_the_run_before_training(federation, tmp_path):
     run_id = federation.submit(f"noise=-1.0 output-dir='{out}'")
     assert federation.wait(run_id, timeout=180) == "finished:failed"
     assert not out.exists()  # nothing was written
-    assert "'noise' = -1.0" in federation.logs(run_id)
+    logs = federation.logs(run_id)
+    failed = [line for line in logs.splitlines() if "run FAILED" in line]
+    assert len(failed) == 1 and "run-config key 'noise' = -1.0 is invalid; allowed: a number " \
+        ">= 0" in failed[0], logs[-3000:]
+    assert "Traceback" not in logs, logs[-3000:]  # one line, not Flower's traceback

@@ -19,9 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Every per-round field of results.json except the nested client_eval_not_dp:
+# the README's per-round table lists the same (tests/test_first_run.py).
 ROUND_COLUMNS = (
-    "round", "test_loss", "test_accuracy", "epsilon", "clip_norm", "noise_std",
-    "noisy_unclipped_fraction", "rounds_accounted",
+    "round", "test_loss", "test_accuracy", "epsilon", "epsilon_rdp", "epsilon_pld",
+    "clip_norm", "next_clip_norm", "noise_std", "noisy_unclipped_fraction",
+    "rounds_accounted",
 )
 # Exact cohort sizes, reply counts and rejected replies with node ids: not
 # covered by the DP guarantee (with Poisson sampling the cohort size itself
