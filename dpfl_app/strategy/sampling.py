@@ -2,8 +2,8 @@
 
 The accountant is told N (run-config `population`) and m, and charges each
 round as Poisson sampling with q = m/N, or as m of N without replacement
-(Mironov, Talwar & Zhang 2019; Wang, Balle & Kasiviswanathan 2019). Sampling among the nodes online *now* would give each
-of them a higher rate: with 80 of 100 nodes online and fixed m = 10, a node's
+(Mironov, Talwar & Zhang 2019; Wang, Balle & Kasiviswanathan 2019).
+Sampling among the nodes online *now* would give each of them a higher rate: with 80 of 100 nodes online and fixed m = 10, a node's
 chance is 10/80, not 10/100, and epsilon is understated (24.9 reported, 30.0
 true, for z = 1, 20 rounds, delta = 1e-5).
 
