@@ -49,6 +49,9 @@ KEYS: dict[str, Key] = {
     "noise": NON_NEGATIVE,
     "rounds": POSITIVE_INT,
     "clients": POSITIVE_INT,
+    # N for the accountant; 0 = the number of SuperNodes connected at the start.
+    "population": Key(int, lambda v: v >= 0,
+                      "an integer >= 0 (0 = the SuperNodes connected at the start)"),
     "sampling": _choice(SAMPLING_MODES),
     "local-epochs": POSITIVE_INT,
     "batch-size": POSITIVE_INT,
@@ -81,7 +84,6 @@ KEYS: dict[str, Key] = {
     # two fitted Gaussians need at least two canaries of each kind
     "audit-canaries": Key(int, lambda v: v == 0 or v >= 2, "0 (off) or an integer >= 2"),
     "client-eval": Key(bool),
-    "min-replies": Key(int, lambda v: v >= 0, "an integer >= 0"),
     "round-timeout": POSITIVE,
     "node-wait-timeout": POSITIVE,
     "output-dir": Key(str, lambda v: v != "", "a non-empty path"),
@@ -134,6 +136,11 @@ def validate(run_config: dict[str, Any]) -> dict[str, Any]:
             f"target-epsilon={clean['target-epsilon']} exceeds max-epsilon="
             f"{clean['max-epsilon']}: the run would stop before reaching its target; "
             "set target-epsilon <= max-epsilon, or one of them to 0 (off)"
+        )
+    if 0 < clean["population"] < clean["clients"]:
+        raise ConfigError(
+            f"run-config key 'clients' = {clean['clients']} exceeds population="
+            f"{clean['population']}; allowed: 1..population (or population=0)"
         )
     return clean
 

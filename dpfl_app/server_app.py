@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from dpfl_app.config import validate
+from dpfl_app.errors import ConfigError
 from dpfl_app.run import outcome
 
 if TYPE_CHECKING:
@@ -64,10 +65,10 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
     generators = server_generators(cfg["seed"] if cfg["deterministic-noise"] else None)
     ledger = PrivacyLedger(AccountingModel(cfg["sampling"], noise, population, cfg["clients"],
                                            cfg["target-delta"]), noise_secret=generators.secret)
-    fixed = cfg["sampling"] == "fixed"
+    # FedAvg addresses every online node; the strategy keeps the sampled slots.
     fedavg = FedAvg(
-        fraction_train=cfg["clients"] / population if fixed else 1.0,
-        min_train_nodes=cfg["clients"] if fixed else 1,
+        fraction_train=1.0,
+        min_train_nodes=1,
         min_available_nodes=1,
         fraction_evaluate=1.0 if cfg["client-eval"] else 0.0,
         min_evaluate_nodes=1,
@@ -83,7 +84,7 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
         fedavg, split, cfg["clients"], ledger, generators.noise,
         sampling_rng=generators.sampling,
         initial_clip=cfg["initial-clip"], target_quantile=cfg["target-quantile"],
-        clip_lr=cfg["clip-lr"], sampling=cfg["sampling"], min_replies=cfg["min-replies"],
+        clip_lr=cfg["clip-lr"], sampling=cfg["sampling"],
         node_wait_timeout=cfg["node-wait-timeout"], max_epsilon=cfg["max-epsilon"],
         server_lr=cfg["server-lr"], canaries=canaries,
         **(secure if cfg["secure-aggregation"] else {}),
@@ -91,6 +92,30 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
     strategy.announcement = client_policy.announcement(ledger.model, cfg["rounds"],
                                                        cfg["secure-aggregation"])
     return strategy
+
+
+def population_size(cfg: dict, online: int, state: dict | None) -> int:
+    """N for the accountant: `population`, else the node count at start (an assumption)."""
+    if state:  # a resumed run keeps the N it was accounted under
+        return state["ledger"]["model"]["population"]
+    if cfg["population"] == 0:
+        return online
+    if online > cfg["population"]:
+        raise ConfigError(
+            f"run-config key 'population' = {cfg['population']} is smaller than the "
+            f"{online} SuperNodes connected; set it to at least {online}, "
+            "or 0 (= the number connected at the start)")
+    return cfg["population"]
+
+
+def population_assumption(cfg: dict, population: int) -> str:
+    """How N was chosen, in words, for the log and privacy.md."""
+    if cfg["population"]:
+        return f"N = {population} is the run-config `population`."
+    return (f"N = {population} is the number of SuperNodes connected at the start "
+            f"(run-config population=0). This is an assumption: the guarantee holds for "
+            f"this population. Nodes that join later are only sampled into free slots, "
+            f"so none is chosen more often than m/N.")
 
 
 def audit_canaries(cfg: dict, population: int) -> CanaryAudit | None:
@@ -114,16 +139,29 @@ def audit_canaries(cfg: dict, population: int) -> CanaryAudit | None:
 
 
 def restore(strategy: DPFedAvgAdaptive, state: dict) -> None:
-    """Continue from a checkpoint: same rounds, clip norm, accountant and records."""
-    strategy.ledger.load_state_dict(state["ledger"])
+    """Continue from a checkpoint: same rounds, clip norm, accountant and records.
+
+    The ledger comes from ledger.json when it charged more rounds than the
+    checkpoint: a round released just before the crash stays counted.
+    """
+    from dpfl_app.run import checkpoint, outputs
+
+    ledger_state = checkpoint.charged_ledger(state["run_dir"], state["ledger"])
+    strategy.ledger.load_state_dict(ledger_state)
     strategy.round_offset = state["round"]
     strategy.clipping_norm = state["clip_norm"]
     strategy.records = list(state["records"])
+    strategy.diagnostics = [d for d in outputs.read_diagnostics(state["run_dir"])
+                            if d["round"] <= state["round"]]
     if state["rng"] is not None:  # deterministic-noise only; secret generators are never saved
         strategy.sampling_rng.bit_generator.state = state["rng"]["sampling"]
         strategy.rng.bit_generator.state = state["rng"]["noise"]
     if strategy.canaries is not None:
         strategy.canaries.load_state_dict(state["audit"])
+    if ledger_state["rounds"] > state["ledger"]["rounds"]:
+        log(WARNING, "the interrupted run released %d round(s) after its last checkpoint; "
+            "they stay charged, and the redone round(s) are charged again",
+            ledger_state["rounds"] - state["ledger"]["rounds"])
     log(INFO, "resuming after round %d from %s (epsilon so far %.3f)", state["round"],
         state["run_dir"], strategy.ledger.epsilon())
 
@@ -226,12 +264,14 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
     from dpfl_app.task import build_model
 
     state = checkpoint.load(cfg["resume-from"], cfg) if cfg["resume-from"] else None
-    num_nodes = population(grid, cfg)
+    online = population(grid, cfg)  # SuperNodes connected at the start
+    num_nodes = population_size(cfg, online, state)
     noise = state["noise"] if state else choose_noise(cfg, num_nodes)
     strategy = build_strategy(cfg, num_nodes, noise)
-    accounting = {**strategy.ledger.to_dict(),
-                  "update_noise_multiplier": strategy.split.update_noise_multiplier,
-                  "clipped_count_stddev": strategy.split.count_stddev}
+    assumption = population_assumption(cfg, num_nodes)
+    accounting_extra = {"update_noise_multiplier": strategy.split.update_noise_multiplier,
+                        "clipped_count_stddev": strategy.split.count_stddev,
+                        "population_source": assumption}
     model_name, _ = model_spec(cfg)
     log(INFO, "config: %s data (%s partitions, %s model), %d rounds, N=%d SuperNodes, "
         "m=%d per round (%s sampling) | noise z=%.4g (update z_delta=%.4g, count sigma_b=%.3g),"
@@ -240,6 +280,7 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
         cfg["clients"], cfg["sampling"], noise, strategy.split.update_noise_multiplier,
         strategy.split.count_stddev, cfg["target-delta"], strategy.ledger.headline.upper(),
         cfg["server-lr"], cfg["lr"], cfg["local-epochs"], cfg["batch-size"])
+    log(INFO, "%s", assumption)
 
     if state:
         restore(strategy, state)
@@ -250,9 +291,12 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
         folder["path"] = run_dir
         torch.manual_seed(cfg["seed"])
         initial_model = build_model(*model_spec(cfg)).state_dict()
-        show_partitions(cfg, num_nodes, run_dir)
-    log(INFO, "writing results to %s", run_dir)
-    recorder = RunRecorder(cfg, run_dir, strategy, accounting,
+        show_partitions(cfg, online, run_dir)  # one demo partition per node
+    log(INFO, "writing results to %s; exact counts for the operator only in %s", run_dir,
+        outputs.DIAGNOSTICS_FILE)
+    strategy.on_round_charged = lambda: checkpoint.save_ledger(run_dir,
+                                                               strategy.ledger.state_dict())
+    recorder = RunRecorder(cfg, run_dir, strategy, accounting_extra,
                            initial=state["initial"] if state else None)
     try:
         strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_model),
@@ -264,7 +308,8 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
         log(WARNING, "training stopped early: %s", recorder.stop_reason)
     recorder.write()
     report = privacy_report(strategy.ledger, len(strategy.records), recorder.stop_reason,
-                            audit=recorder.audit, secure_aggregation=cfg["secure-aggregation"])
+                            audit=recorder.audit, secure_aggregation=cfg["secure-aggregation"],
+                            assumptions=[assumption])
     outputs.write_atomic(run_dir / "privacy.md", report.encode())
     for line in report.splitlines():
         log(INFO, "%s", line)

@@ -65,20 +65,36 @@ def make_strategy(noise: float = 0.0, m: int = 4, population: int = 10, *,
                   **kwargs) -> DPFedAvgAdaptive:
     split = mechanism.split_noise(noise, m, count_stddev)
     ledger = PrivacyLedger(AccountingModel(sampling, noise, population, m, 1e-5))
-    fixed = sampling == "fixed"
-    fedavg = FedAvg(fraction_train=m / population if fixed else 1.0,
-                    min_train_nodes=m if fixed else 1, min_available_nodes=1,
-                    fraction_evaluate=0.0)
+    fedavg = FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1,
+                    fraction_evaluate=0.0)  # as server_app.build_strategy
     noise_rng, sampling_rng = np.random.SeedSequence(seed).spawn(2)
     return DPFedAvgAdaptive(fedavg, split, m, ledger, np.random.default_rng(noise_rng),
                             sampling_rng=np.random.default_rng(sampling_rng),
                             sampling=sampling, **kwargs)
 
 
+def set_source(msg: Message, node_id: int) -> Message:
+    """Stamp a reply as coming from `node_id`, as the SuperLink does."""
+    msg.metadata.__dict__["_src_node_id"] = node_id
+    return msg
+
+
 def run_round(strategy, global_arrays: dict, replies_fn, server_round: int = 1,
               grid: FakeGrid | None = None):
-    """configure_train, then aggregate_train on the replies `replies_fn(clip)` builds."""
+    """configure_train, then aggregate_train on the replies `replies_fn(clip)` builds.
+
+    Replies are written with node ids 1, 2, ...; the k-th distinct one is sent
+    as the k-th sampled node (in id order), so tests need not know the cohort.
+    Ours are Flower messages from the cohort; Flower's own wrapper ignores ids.
+    """
     grid = grid or FakeGrid(10)
-    list(strategy.configure_train(server_round, records(global_arrays), ConfigRecord(), grid))
+    sent = strategy.configure_train(server_round, records(global_arrays), ConfigRecord(), grid)
+    cohort = sorted(msg.metadata.dst_node_id for msg in sent)
     clip = strategy.clipping_norm if not hasattr(strategy, "_round_clip") else strategy._round_clip
-    return strategy.aggregate_train(server_round, replies_fn(clip))
+    replies = replies_fn(clip)
+    order = list(dict.fromkeys(msg.metadata.src_node_id for msg in replies))
+    for msg in replies:
+        rank = order.index(msg.metadata.src_node_id)
+        if rank < len(cohort):
+            set_source(msg, cohort[rank])
+    return strategy.aggregate_train(server_round, replies)

@@ -42,7 +42,7 @@ BAD_VALUES = {
     "secagg-neighbours": (-2, ">= 0"),
     "audit-canaries": (1, "0 (off) or an integer >= 2"),
     "client-eval": (1, "bool"),
-    "min-replies": (-1, ">= 0"),
+    "population": (-1, ">= 0"),
     "round-timeout": (0.0, "> 0"),
     "node-wait-timeout": (-5.0, "> 0"),
     "output-dir": ("", "non-empty"),

@@ -33,6 +33,7 @@ def test_default_app_trains_above_chance_and_writes_outputs(federation, tmp_path
     for rec in rounds:
         for key in ("test_loss", "test_accuracy", "clip_norm", "noise_std", "epsilon"):
             assert key in rec, key
+        assert "num_replies" not in rec  # exact counts: operator diagnostics only
         assert rec["noise_std"] > 0
         assert 0 < rec["epsilon"]
         assert "client_eval_not_dp" in rec
@@ -46,6 +47,8 @@ def test_default_app_trains_above_chance_and_writes_outputs(federation, tmp_path
     with open(run_dir / "rounds.csv") as handle:
         assert [int(row["round"]) for row in csv.DictReader(handle)] == [1, 2, 3]
     assert (run_dir / "final_model.pt").stat().st_size > 0
+    diagnostics = (run_dir / "operator-diagnostics-DO-NOT-SHARE.jsonl").read_text().splitlines()
+    assert len(diagnostics) == 3
     assert "user-level" in (run_dir / "privacy.md").read_text()
 
 

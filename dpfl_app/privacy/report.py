@@ -119,8 +119,12 @@ def audit_section(audit: dict) -> list[str]:
 
 
 def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | None = None,
-                   audit: dict | None = None, secure_aggregation: bool = False) -> str:
-    """Markdown privacy report for the rounds composed in `ledger`, with the audit if any."""
+                   audit: dict | None = None, secure_aggregation: bool = False,
+                   assumptions: list[str] = ()) -> str:
+    """Markdown privacy report for the rounds composed in `ledger`, with the audit if any.
+
+    `assumptions` are sentences the guarantee rests on (e.g. how N was chosen).
+    """
     model, rounds, acc = ledger.model, ledger.rounds, ledger.headline
     eps = ledger.epsilon()
     eps_all = ledger.epsilons()
@@ -141,6 +145,8 @@ def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | No
     if eps_all.get(other) is not None and math.isfinite(eps):
         lines.append(f"(Cross-check: the {other.upper()} accountant gives ε = "
                      f"{fmt_eps(eps_all[other])}.)")
+    if assumptions:
+        lines += ["", "**Assumptions:** " + " ".join(assumptions)]
     lines += ["", f"**Strength:** {cat}."]
     if model.noise_multiplier == 0:
         lines += ["", "**No DP noise was added (noise multiplier z = 0). There is no differential "
@@ -183,9 +189,10 @@ def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | No
         "", *threat_model(secure_aggregation), "## Not covered", "",
         "Client-side evaluation metrics (loss and accuracy computed on clients' private data) are "
         "not noised and are **not covered** by this guarantee. Treat them as non-private. Only the "
-        "noised model update and the noised clipped-count are covered. The guarantee also assumes "
-        "the mechanism ran as modelled: an unweighted sum over the sampled clients, the fixed "
-        "denominator m, and noise scaled to the clip norm the clients used.",
+        "noised model update and the noised clipped-count are covered; exact participation "
+        "counts stay in the operator's diagnostics file and are not released. The guarantee "
+        "also assumes the mechanism ran as modelled: an unweighted sum over the sampled "
+        "clients, the fixed denominator m, and noise scaled to the clip norm the clients used.",
         "",
     ]
     return "\n".join(lines)

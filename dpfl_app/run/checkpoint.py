@@ -15,15 +15,17 @@ resumed real run draws fresh OS entropy, which is just as private.
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import torch
 
 from dpfl_app.errors import ConfigError
-from dpfl_app.run.outputs import write_atomic
+from dpfl_app.run.outputs import write_atomic, write_json
 
 FILENAME = "checkpoint.pt"
-VERSION = 1
+LEDGER_FILENAME = "ledger.json"
+VERSION = 2
 # Keys that may differ between the interrupted run and its resumption. Every
 # other key changes what the accountant or the model means, so it must match.
 RESUMABLE_CHANGES = frozenset(
@@ -35,6 +37,20 @@ def save(run_dir: Path, state: dict) -> None:
     buffer = io.BytesIO()
     torch.save({"version": VERSION, **state}, buffer)
     write_atomic(run_dir / FILENAME, buffer.getvalue())
+
+
+def save_ledger(run_dir: Path, ledger_state: dict) -> None:
+    """Store the ledger durably (write_atomic fsyncs the file and the folder)."""
+    write_json(run_dir / LEDGER_FILENAME, ledger_state)
+
+
+def charged_ledger(run_dir: Path, checkpoint_ledger: dict) -> dict:
+    """The ledger to resume with: ledger.json when it charged more rounds than the checkpoint."""
+    path = Path(run_dir) / LEDGER_FILENAME
+    if not path.exists():
+        return checkpoint_ledger
+    stored = json.loads(path.read_text())
+    return stored if stored.get("rounds", 0) > checkpoint_ledger["rounds"] else checkpoint_ledger
 
 
 def checkpoint_path(resume_from: str) -> Path:

@@ -2,6 +2,10 @@
 
 Every file is written atomically (write a temporary file, then rename), so a
 run killed mid-write never leaves a truncated or corrupted result behind.
+
+All of these may be shared: they hold only what the DP guarantee covers. The
+exact per-round counts and rejection reasons go to DIAGNOSTICS_FILE alone,
+whose name says it is for the operator only.
 """
 
 from __future__ import annotations
@@ -21,8 +25,12 @@ ROUND_COLUMNS = (
     "round", "test_loss", "test_accuracy", "epsilon", "epsilon_rdp", "epsilon_pld",
     "clip_norm", "next_clip_norm", "noise_std", "noisy_unclipped_fraction",
     "epsilon_if_noise_secret",  # deterministic-noise runs only (their epsilon is inf)
-    "num_sampled", "num_replies", "num_rejected", "skipped",
+    "rounds_accounted",
 )
+# Exact cohort sizes, reply counts and rejected replies with node ids: not
+# covered by the DP guarantee (with Poisson sampling the cohort size itself
+# reveals participation). Never copy them into a shared file.
+DIAGNOSTICS_FILE = "operator-diagnostics-DO-NOT-SHARE.jsonl"
 
 
 def make_run_dir(output_dir: str, run_id: int | str) -> Path:
@@ -45,6 +53,12 @@ def write_atomic(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    # The rename itself must survive a power loss too: sync the folder's entry.
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def _json_safe(value: Any) -> Any:
@@ -68,6 +82,19 @@ def write_rounds_csv(path: Path, rounds: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(rounds)
     write_atomic(path, buffer.getvalue().encode())
+
+
+def write_diagnostics(run_dir: Path, rounds: list[dict]) -> None:
+    """One JSON line per round, for the operator only (DIAGNOSTICS_FILE)."""
+    lines = "".join(json.dumps(_json_safe(r)) + "\n" for r in rounds)
+    write_atomic(run_dir / DIAGNOSTICS_FILE, lines.encode())
+
+
+def read_diagnostics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / DIAGNOSTICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def save_model(path: Path, state_dict: dict) -> None:

@@ -2,8 +2,12 @@
 
 After each round the recorder tests the global model on the server's held-out
 set (the privacy-safe metric), logs one line per round, and rewrites
-results.json, rounds.csv, final_model.pt and checkpoint.pt atomically.
-accuracy.png is redrawn at most every PLOT_INTERVAL_S, and at the end.
+results.json, rounds.csv, final_model.pt, the operator diagnostics and
+checkpoint.pt atomically. accuracy.png is redrawn at most every
+PLOT_INTERVAL_S, and at the end.
+
+The log line and every shareable file carry only DP-covered values; exact
+counts go to outputs.DIAGNOSTICS_FILE (operator only).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from flwr.supercore import log
 from dpfl_app.run import checkpoint, outputs
 from dpfl_app.config import data_source, model_spec
 from dpfl_app.data.datasets import load_test_data, loader
+from dpfl_app.privacy.record import accounting_record
 from dpfl_app.run.plots import plot_run_accuracy
 from dpfl_app.strategy.dp_fedavg import DPFedAvgAdaptive
 from dpfl_app.task import build_model, test
@@ -32,9 +37,9 @@ class RunRecorder:
     """Evaluates, logs and persists a run; `evaluate` is the strategy's evaluate_fn."""
 
     def __init__(self, cfg: dict, run_dir: Path, strategy: DPFedAvgAdaptive,
-                 accounting: dict, initial: dict | None = None) -> None:
+                 accounting_extra: dict, initial: dict | None = None) -> None:
         self.cfg, self.run_dir, self.strategy = cfg, run_dir, strategy
-        self.accounting = accounting
+        self.accounting_extra = accounting_extra  # fixed for the run; the rest is per round
         test_set = load_test_data(cfg["dataset"], cfg["seed"], **data_source(cfg))
         self.test_loader = loader(test_set, 512, False)
         self.initial: dict = initial or {}
@@ -87,9 +92,10 @@ class RunRecorder:
             "test_accuracy": last.get("test_accuracy"),
             "test_loss": last.get("test_loss"),
             "best_test_accuracy": max((r["test_accuracy"] for r in done), default=None),
-            "epsilon": self.strategy.ledger.epsilon() if done else 0.0,
-            "epsilon_rdp": self.strategy.ledger.epsilon("rdp") if done else 0.0,
-            "epsilon_pld": self.strategy.ledger.epsilon("pld") if done else 0.0,
+            # Every charged round, also one released just before a crash.
+            "epsilon": self.strategy.ledger.epsilon(),
+            "epsilon_rdp": self.strategy.ledger.epsilon("rdp"),
+            "epsilon_pld": self.strategy.ledger.epsilon("pld"),
             "accountant": self.strategy.ledger.headline,
             # deterministic-noise: epsilon above is inf; this is only a comparison figure.
             **({} if self.strategy.ledger.noise_secret else {
@@ -99,7 +105,8 @@ class RunRecorder:
                 "completed all rounds" if last is not self.initial
                 and last["round"] == self.cfg["rounds"] else "in progress or interrupted"),
         }
-        results = {"config": self.cfg, "accounting": self.accounting, "initial": self.initial,
+        accounting = {**accounting_record(self.strategy.ledger), **self.accounting_extra}
+        results = {"config": self.cfg, "accounting": accounting, "initial": self.initial,
                    "rounds": self.strategy.records, "final": final}
         if self.audit is not None:
             results["audit"] = self.audit
@@ -112,6 +119,7 @@ class RunRecorder:
                 self.strategy.population)
         outputs.write_json(self.run_dir / "results.json", self.results())
         outputs.write_rounds_csv(self.run_dir / "rounds.csv", self.strategy.records)
+        outputs.write_diagnostics(self.run_dir, self.strategy.diagnostics)
         if final or time.monotonic() - self._plotted_at >= PLOT_INTERVAL_S:
             plot_run_accuracy(self.strategy.records, self.run_dir / "accuracy.png", self.initial)
             self._plotted_at = time.monotonic()

@@ -10,16 +10,23 @@
 3. the mean is unweighted with the fixed denominator m, so dropouts and
    rejected replies never lower the noise below the sensitivity;
 4. sigma_b is chosen so that z < 2 sigma_b (no bare ValueError);
-and it samples the cohort the way the accountant assumes (Poisson or fixed).
+and it samples the cohort the way the accountant assumes (Poisson or fixed, over
+the N population slots of `sampling.SlotSampler`).
+
+Every round is released, even one with no accepted reply (pure noise): a
+skipped round would reveal the un-noised participation. The round is charged
+to the ledger, and the ledger stored (`on_round_charged`), before the new
+model leaves `aggregate_train`. Exact counts and rejection reasons go to
+`diagnostics`, which only the operator may see; `records` hold only what the
+DP guarantee covers.
 """
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
-from logging import INFO, WARNING
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import INFO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -28,10 +35,11 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideAdaptiveClippin
 from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from dpfl_app.privacy import mechanism, sampling
+from dpfl_app.privacy import mechanism
 from dpfl_app.privacy.accounting import PrivacyLedger
 from dpfl_app.strategy.canaries import CanaryAudit
 from dpfl_app.strategy.replies import screen_replies
+from dpfl_app.strategy.sampling import SlotSampler
 
 
 @dataclass
@@ -42,6 +50,8 @@ class ClippedSum:
     unclipped: int  # sum of b_i
     count: int  # n, the clients in the sum
     rejected: int  # replies refused by screening, or dropouts of the secure protocol
+    # operator-only: {"node_id", "reason"} per refused reply; never in shared files
+    reasons: list[dict] = field(default_factory=list)
 
 
 def clipped_deltas(models: list, global_nd: list[np.ndarray], clip: float) -> list:
@@ -89,7 +99,6 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         target_quantile: float = 0.5,
         clip_lr: float = 0.2,
         sampling: str = "poisson",
-        min_replies: int = 1,
         node_wait_timeout: float = 60.0,
         max_epsilon: float = 0.0,
         server_lr: float = 1.0,
@@ -109,7 +118,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self.sampling_rng = sampling_rng  # cohorts; separate, so neither predicts the other
         self.sampling = sampling
         self.population = ledger.model.population
-        self.min_replies = min_replies
+        self.sampler = SlotSampler(self.population, clients_per_round, sampling)
         self.node_wait_timeout = node_wait_timeout
         self.max_epsilon = max_epsilon
         self.server_lr = server_lr
@@ -119,9 +128,14 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self.canaries = canaries  # the privacy audit's canary clients, or None
         self.round_offset = 0  # rounds already run before a resume
         self.records: list[dict] = []  # one per round, only released quantities
+        self.diagnostics: list[dict] = []  # one per round, exact counts: operator only
+        # Called after a round is charged and before its model is returned:
+        # must store the ledger durably (the server's crash safety).
+        self.on_round_charged: Callable[[], None] | None = None
         self.current_arrays: ArrayRecord | None = None
         self._round_clip = initial_clip
-        self._num_sampled = 0
+        self._cohort: set[int] = set()
+        self._round_diagnostics: dict = {}
 
     def __repr__(self) -> str:
         return "DP-FedAvg, adaptive clipping (Andrew et al. 2021), fixed denominator"
@@ -159,23 +173,18 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         config[KEY_CLIPPING_NORM] = self._round_clip
         for key, value in self.announcement.items():
             config[key] = value
-        if self.sampling == "fixed":
-            wait_for_nodes(grid, self.num_sampled_clients, self.node_wait_timeout)
-            # FedAvg's own sampler (random.sample), seeded from our private RNG.
-            random.seed(sampling.fixed_size_seed(self.sampling_rng))
-            cohort = list(self.strategy.configure_train(server_round, arrays, config, grid))
-            self._num_sampled = len(cohort)
-            return cohort
         wait_for_nodes(grid, 1, self.node_wait_timeout)
-        # Poisson: FedAvg addresses every node; each is kept independently w.p. q.
-        q = self.num_sampled_clients / self.population
-        messages = sorted(self.strategy.configure_train(server_round, arrays, config, grid),
-                          key=lambda msg: msg.metadata.dst_node_id)  # FedAvg shuffles them
-        cohort = [messages[i] for i in sampling.poisson_positions(self.sampling_rng, len(messages), q)]
-        log(INFO, "configure_train: Poisson sampling (q=%.3f) kept %d of %d nodes",
-            q, len(cohort), len(messages))
-        self._num_sampled = len(cohort)
-        return cohort
+        # FedAvg (fraction_train=1) addresses every online node; we keep those
+        # in the slots drawn this round. The draw never depends on who is online.
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        online = [msg.metadata.dst_node_id for msg in messages]
+        self._cohort, slots = self.sampler.sample(online, self.sampling_rng)
+        self._round_diagnostics = {
+            "round": server_round, "online": len(online), "slots_drawn": slots,
+            "num_sampled": len(self._cohort),
+            "online_without_slot": sorted(self.sampler.unslotted & set(online)),
+        }
+        return [msg for msg in messages if msg.metadata.dst_node_id in self._cohort]
 
     # --- aggregation ----------------------------------------------------------
     def aggregate_train(
@@ -187,41 +196,36 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         reference = {k: v.numpy() for k, v in self.current_arrays.items()}
         clip, m = self._round_clip, self.num_sampled_clients
         total = self.clipped_sum(replies, reference, clip)
+        # Always release, also with no accepted reply (pure noise): whether a
+        # round moved the model must not depend on un-noised participation.
         global_nd = list(reference.values())
-        skipped = total.count < self.min_replies
-        new_arrays, unclipped_fraction = None, None
-        if skipped:
-            log(WARNING, "aggregate_train: %d accepted replies < min-replies=%d; round "
-                "skipped, model unchanged (the round is still counted by the accountant)",
-                total.count, self.min_replies)
-        else:
-            deltas, unclipped, count = total.deltas, total.unclipped, total.count
-            if self.canaries is not None:  # audit: sampled canaries join the sum before the noise
-                extra, bits = self.canaries.join([], [], global_nd, clip, self.rng)
-                deltas = deltas + clipped_deltas(extra, global_nd, clip)
-                unclipped, count = unclipped + sum(bits), count + len(bits)
-            new_model, unclipped_fraction, self.clipping_norm = mechanism.dp_fedavg_release(
-                global_nd, deltas, unclipped, count,
-                clip, m, self.split, self.rng, server_lr=self.server_lr,
-                target_quantile=self.target_quantile, clip_lr=self.clip_norm_lr,
-            )
-            if self.canaries is not None:
-                self.canaries.observe(global_nd, new_model)
-            new_arrays = ArrayRecord({k: Array(v) for k, v in zip(reference, new_model)})
-            self.current_arrays = new_arrays
-        # The noise was calibrated before replies came in: count the round regardless.
+        deltas, unclipped, count = total.deltas, total.unclipped, total.count
+        if self.canaries is not None:  # audit: sampled canaries join the sum before the noise
+            extra, bits = self.canaries.join([], [], global_nd, clip, self.sampling_rng)
+            deltas = deltas + clipped_deltas(extra, global_nd, clip)
+            unclipped, count = unclipped + sum(bits), count + len(bits)
+        new_model, unclipped_fraction, self.clipping_norm = mechanism.dp_fedavg_release(
+            global_nd, deltas, unclipped, count,
+            clip, m, self.split, self.rng, server_lr=self.server_lr,
+            target_quantile=self.target_quantile, clip_lr=self.clip_norm_lr,
+        )
+        if self.canaries is not None:
+            self.canaries.observe(global_nd, new_model)
+        new_arrays = ArrayRecord({k: Array(v) for k, v in zip(reference, new_model)})
+        self.current_arrays = new_arrays
+        # Charge the round, durably, before its model leaves this method: a
+        # crash after the release must not let a resumed run release it uncounted.
         self.ledger.compose_round()
+        if self.on_round_charged is not None:
+            self.on_round_charged()
         eps = self.ledger.epsilons()
         record = {
             "round": self.round_offset + server_round,
+            "rounds_accounted": self.ledger.rounds,  # > round after a crash lost a release
             "clip_norm": clip,
             "next_clip_norm": self.clipping_norm,
             "noise_std": mechanism.update_noise_stddev(self.split, clip) / m,
             "noisy_unclipped_fraction": unclipped_fraction,
-            "num_sampled": self._num_sampled,  # the cohort; replies may be fewer
-            "num_replies": total.count,
-            "num_rejected": total.rejected,
-            "skipped": skipped,
             "epsilon": eps[eps["headline"]],
             "epsilon_rdp": eps["rdp"],
             "epsilon_pld": eps["pld"],
@@ -229,6 +233,11 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         if "if_noise_secret" in eps:  # deterministic-noise: the guarantee above is inf
             record["epsilon_if_noise_secret"] = eps["if_noise_secret"]
         self.records.append(record)
+        self.diagnostics.append({
+            **self._round_diagnostics, "round": record["round"],
+            "num_replies": total.count, "num_rejected": total.rejected,
+            "rejected": total.reasons,
+        })
         # No MetricRecord: Flower would list these server-side values under
         # "ClientApp-side Train Metrics". The recorder logs and saves them.
         return new_arrays, None
@@ -239,13 +248,11 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
 
         The secure-aggregation strategy overrides this with the unmasked sum.
         """
-        accepted, rejected = screen_replies(replies, reference)
-        for bad in rejected:
-            log(WARNING, "aggregate_train: rejected reply from node %s: %s",
-                bad.node_id, bad.reason)
+        accepted, rejected = screen_replies(replies, reference, self._cohort)
         deltas = clipped_deltas([r.arrays for r in accepted], list(reference.values()), clip)
         return ClippedSum(deltas, sum(r.unclipped for r in accepted), len(accepted),
-                          len(rejected))
+                          len(rejected),
+                          [{"node_id": bad.node_id, "reason": bad.reason} for bad in rejected])
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         """Client-side evaluation: available, but *not* covered by the DP guarantee."""

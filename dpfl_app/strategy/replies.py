@@ -4,6 +4,11 @@ A reply with an error, the wrong arrays, non-finite values or a missing or
 malformed norm bit is rejected. Because the server divides by the fixed
 expected cohort size m, a rejected reply is accounted exactly like a client
 that dropped out: the noise was calibrated to m, so privacy holds.
+
+Each node may contribute at most one reply per round, and only if it was in
+the cohort sent this round: a second reply, or one from a node outside the
+cohort, would add a second clipped update and double the sensitivity. The
+first reply from a cohort node is screened; any later one is rejected.
 """
 
 from __future__ import annotations
@@ -67,11 +72,21 @@ def screen_reply(msg: Message, reference: dict[str, np.ndarray]) -> AcceptedRepl
 
 
 def screen_replies(
-    replies: list[Message], reference: dict[str, np.ndarray]
+    replies: list[Message], reference: dict[str, np.ndarray], cohort: set[int]
 ) -> tuple[list[AcceptedReply], list[RejectedReply]]:
-    """Split replies into accepted and rejected, keeping their order."""
-    accepted, rejected = [], []
+    """Split replies into accepted and rejected, keeping their order.
+
+    At most one reply per node in `cohort` is screened; the rest are rejected.
+    """
+    accepted, rejected, seen = [], [], set()
     for msg in replies:
-        result = screen_reply(msg, reference)
+        node = _node(msg)
+        if node not in cohort:
+            result = RejectedReply(node, "node was not in this round's cohort")
+        elif node in seen:
+            result = RejectedReply(node, "duplicate: this node already replied this round")
+        else:
+            result = screen_reply(msg, reference)
+        seen.add(node)
         (accepted if isinstance(result, AcceptedReply) else rejected).append(result)
     return accepted, rejected

@@ -35,11 +35,12 @@ def test_sampled_canaries_are_summed_before_the_noise_and_leave_the_count_alone(
     canaries = CanaryAudit(20, seed=5, sampling="fixed", rate=0.4)
     strategy = make_strategy(noise=0.0, m=4, population=10, sampling="fixed", canaries=canaries)
     before = {"w": np.zeros(DIM, dtype=np.float32)}
-    list(strategy.configure_train(1, records(before), ConfigRecord(), FakeGrid(10)))
+    sent = strategy.configure_train(1, records(before), ConfigRecord(), FakeGrid(10))
     clip = strategy._round_clip
-    # four real clients whose update is zero: only canaries move the model
-    arrays, _ = strategy.aggregate_train(1, [clipped_reply(i, before, {"w": np.zeros(DIM)}, clip)
-                                            for i in range(1, 5)])
+    # the four sampled clients send a zero update: only canaries move the model
+    arrays, _ = strategy.aggregate_train(1, [
+        clipped_reply(msg.metadata.dst_node_id, before, {"w": np.zeros(DIM)}, clip)
+        for msg in sent])
     delta = arrays["w"].numpy().astype(np.float64)
     dirs = canaries.directions([before["w"]])
     cosines = dirs.cosines(delta)

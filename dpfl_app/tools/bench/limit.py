@@ -99,10 +99,10 @@ def _run_limit(run_config: dict, population: int, rounds: int) -> dict:
             models.append(clipped)
             bits.append(bit)
         trained = time.perf_counter()
-        if cohort:  # as the strategy with min-replies=1: an empty round changes nothing
-            global_nd, _, clip = mechanism.dp_fedavg_step(
-                global_nd, models, bits, clip, m, split, generators.noise, server_lr=cfg["server-lr"],
-                target_quantile=cfg["target-quantile"], clip_lr=cfg["clip-lr"])
+        # As the strategy: every round is released, an empty one as pure noise.
+        global_nd, _, clip = mechanism.dp_fedavg_step(
+            global_nd, models, bits, clip, m, split, generators.noise, server_lr=cfg["server-lr"],
+            target_quantile=cfg["target-quantile"], clip_lr=cfg["clip-lr"])
         ledger.compose_round()
         epsilon = ledger.epsilons()[ledger.headline]  # both accountants, as the strategy
         aggregated = time.perf_counter()

@@ -3,7 +3,7 @@
 What runs is the app's own code: the run-config validation, `server_app`'s
 noise calibration (`choose_noise`) and strategy construction
 (`build_strategy`: the noise split, the `PrivacyLedger`, the seeded RNG), the
-strategy's cohort sampling (`privacy.sampling`), the ClientApp's data
+strategy's cohort sampling (`strategy.sampling.SlotSampler`), the ClientApp's data
 (`node_data.client_data`) and loader seeds, the clip and norm bit of Flower's
 `adaptiveclipping_mod`, the server step (`mechanism.dp_fedavg_step`) and the
 server's test-set evaluation (`task.test`). What is left out is what Flower
@@ -29,7 +29,7 @@ import torch
 from dpfl_app.config import client_settings, data_source, model_spec, validate
 from dpfl_app.data.datasets import Tensors, load_test_data, loader
 from dpfl_app.data.node_data import client_data
-from dpfl_app.privacy import mechanism, sampling
+from dpfl_app.privacy import mechanism
 from dpfl_app.server_app import build_strategy, choose_noise
 from dpfl_app.task import build_model, test
 from dpfl_app.tools.study.vectorised import VECTORISED_MODELS, CohortTrainer
@@ -129,7 +129,7 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round) -
     noise = choose_noise(cfg, population)
     strategy = build_strategy(cfg, population, noise)  # split, ledger, RNG: the ServerApp's
     rng, ledger, m = strategy.rng, strategy.ledger, cfg["clients"]
-    sampling_rng = strategy.sampling_rng  # cohorts, as the strategy draws them
+    sampling_rng, sampler = strategy.sampling_rng, strategy.sampler  # cohorts, as the strategy
     torch.manual_seed(cfg["seed"])  # the ServerApp's initial model
     net = build_model(*model_spec(cfg))
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -144,24 +144,23 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round) -
             stop_reason = f"privacy budget: round {server_round} would exceed max-epsilon"
             break
         began = time.perf_counter()
-        if cfg["sampling"] == "poisson":
-            cohort = sampling.poisson_positions(sampling_rng, population, m / population)
-        else:
-            cohort = sampling.fixed_size_positions(sampling_rng, population, m)
-        round_clip, unclipped_fraction, trained = clip, None, time.perf_counter()
-        # As the strategy: fewer replies than min-replies skip the step (no noise drawn);
-        # with min-replies=0 an empty cohort still releases pure noise.
-        if len(cohort) >= cfg["min-replies"]:
+        # The strategy's own slot sampler; population slot p holds client p.
+        chosen, _ = sampler.sample(range(population), sampling_rng)
+        cohort = sorted(chosen)
+        round_clip, trained = clip, time.perf_counter()
+        # As the strategy: every round is released, an empty cohort as pure noise.
+        global_flat = flatten(state)
+        models, bits = np.zeros((0, global_flat.numel()), dtype=np.float32), []
+        if cohort:
             local = trainer.train(state, [data[p] for p in cohort], cfg["local-epochs"],
                                   cfg["batch-size"], cfg["lr"], cfg["seed"] + 1000 * server_round)
-            trained = time.perf_counter()
-            global_flat = flatten(state)
             models, bits = mod_clip(flatten(local, stacked=True), global_flat, clip)
-            (new_model,), unclipped_fraction, clip = mechanism.dp_fedavg_step(
-                [global_flat.numpy()], [[row] for row in models], bits, clip, m,
-                strategy.split, rng, server_lr=cfg["server-lr"],
-                target_quantile=cfg["target-quantile"], clip_lr=cfg["clip-lr"])
-            state = unflatten(new_model, state)
+        trained = time.perf_counter()
+        (new_model,), unclipped_fraction, clip = mechanism.dp_fedavg_step(
+            [global_flat.numpy()], [[row] for row in models], bits, clip, m,
+            strategy.split, rng, server_lr=cfg["server-lr"],
+            target_quantile=cfg["target-quantile"], clip_lr=cfg["clip-lr"])
+        state = unflatten(new_model, state)
         stepped = time.perf_counter()
         ledger.compose_round()
         record = {"round": server_round, "clip_norm": round_clip, "next_clip_norm": clip,
