@@ -17,6 +17,7 @@ from dpfl_app.tools.study.engine import ENGINE, evaluation_sets, run_study
 from dpfl_app.tools.study.vectorised import CohortTrainer
 from dpfl_app.data.datasets import load_test_data
 from dpfl_app.task import build_model
+from dpfl_app.run.outputs import read_diagnostics
 from tests.inprocess import default_run_config, run_server
 
 SMALL = {"deterministic-noise": True, "rounds": 4, "clients": 5, "noise": 0.8, "lr": 0.05}
@@ -25,7 +26,10 @@ SMALL = {"deterministic-noise": True, "rounds": 4, "clients": 5, "noise": 0.8, "
 def _flower_results(tmp_path, config) -> dict:
     run_server({**config, "output-dir": str(tmp_path)}, num_nodes=POPULATION)
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-    return json.loads((run_dir / "results.json").read_text())
+    results = json.loads((run_dir / "results.json").read_text())
+    for record, diag in zip(results["rounds"], read_diagnostics(run_dir)):  # operator-only
+        record["num_sampled"] = diag["num_sampled"]
+    return results
 
 
 POPULATION = 12
