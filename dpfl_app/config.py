@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from dpfl_app.data.datasets import DATASETS, PARTITIONINGS, describe
+from dpfl_app.data.datasets import CLIENT_VAL_FRACTION, DATASETS, PARTITIONINGS, describe
 from dpfl_app.privacy import SAMPLING_MODES
 from dpfl_app.data.registry import is_hub_id
 from dpfl_app.data.settings import ClientSettings, node_source
@@ -151,4 +151,6 @@ def client_settings(context) -> ClientSettings:
         data_dir=cfg["data-dir"], image_column=cfg["image-column"],
         label_column=cfg["label-column"],
         num_classes=num_classes, **node,
+        # Only client-side evaluation reads a validation split; without it, train on all data.
+        val_fraction=CLIENT_VAL_FRACTION if cfg["client-eval"] else 0.0,
     )
