@@ -16,6 +16,7 @@ from dpfl_app.privacy import SAMPLING_MODES
 from dpfl_app.data.registry import is_hub_id
 from dpfl_app.data.settings import ClientSettings, node_source
 from dpfl_app.errors import ConfigError
+from dpfl_app.strategy.server_optimizer import SERVER_OPTIMIZERS
 from dpfl_app.task import MODELS
 
 
@@ -48,6 +49,8 @@ KEYS: dict[str, Key] = {
     "batch-size": POSITIVE_INT,
     "lr": POSITIVE,
     "server-lr": POSITIVE,
+    "server-optimizer": _choice(SERVER_OPTIMIZERS),
+    "server-momentum": Key(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "dataset": Key(str, lambda v: v in DATASETS or is_hub_id(v),
                    "one of " + ", ".join(DATASETS) + ", or a Hugging Face dataset id owner/name"),
     "model": Key(str, lambda v: v == "auto" or v in MODELS, "auto or one of " + ", ".join(MODELS)),

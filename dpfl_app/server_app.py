@@ -21,6 +21,7 @@ from dpfl_app.privacy.report import privacy_report
 from dpfl_app.run.plots import plot_partitions
 from dpfl_app.run.recorder import RunRecorder
 from dpfl_app.strategy.dp_fedavg import BudgetExhausted, DPFedAvgAdaptive, wait_for_nodes
+from dpfl_app.strategy.server_optimizer import ServerOptimizer
 from dpfl_app.task import build_model
 
 app = ServerApp()
@@ -69,7 +70,15 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
         clip_lr=cfg["clip-lr"], sampling=cfg["sampling"], min_replies=cfg["min-replies"],
         node_wait_timeout=cfg["node-wait-timeout"], max_epsilon=cfg["max-epsilon"],
         server_lr=cfg["server-lr"],
+        server_optimizer=server_optimizer(cfg),
     )
+
+
+def server_optimizer(cfg: dict) -> ServerOptimizer:
+    """`server-optimizer` over the model's arrays (their shapes; values come each step)."""
+    like = [v.numpy() for v in build_model(*model_spec(cfg)).state_dict().values()]
+    return ServerOptimizer(cfg["server-optimizer"], like, cfg["server-lr"],
+                           cfg["server-momentum"])
 
 
 def restore(strategy: DPFedAvgAdaptive, state: dict) -> None:
@@ -80,6 +89,8 @@ def restore(strategy: DPFedAvgAdaptive, state: dict) -> None:
     strategy.records = list(state["records"])
     if state["rng"] is not None:
         strategy.rng.bit_generator.state = state["rng"]
+    if state.get("server_optimizer") is not None:
+        strategy.server_optimizer.load_state_dict(state["server_optimizer"])
     log(INFO, "resuming after round %d from %s (epsilon so far %.3f)", state["round"],
         state["run_dir"], strategy.ledger.epsilon())
 

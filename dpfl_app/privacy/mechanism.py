@@ -16,7 +16,7 @@ Theorem 1). No Flower imports here: the strategy feeds this module numpy arrays.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,18 +179,25 @@ def dp_fedavg_step(
     server_lr: float,
     target_quantile: float,
     clip_lr: float,
+    step: Callable[[Sequence[np.ndarray], list[np.ndarray]], list[np.ndarray]] | None = None,
 ) -> tuple[list[np.ndarray], float, float]:
     """One server round: (new global model, noisy unclipped fraction, next clip norm).
 
     Shared by the strategy and the benchmark's in-process loop, so both run
     exactly the same math. The update noise is drawn before the count noise.
+    `step(global_model, noised_mean)` gives the next model (a server
+    optimizer); without it, the plain step w + server_lr * mean.
     """
     deltas = [clip_to_norm([a - g for a, g in zip(model, global_model)], clip_norm)
               for model in client_models]
     mean = noised_mean_update(deltas, clients_per_round,
                               update_noise_stddev(split, clip_norm), rng, global_model)
     # A step of server-lr along the released mean: post-processing, no privacy cost.
-    new_model = [np.asarray(g + server_lr * u, dtype=g.dtype) for g, u in zip(global_model, mean)]
+    if step is not None:
+        new_model = step(global_model, mean)
+    else:
+        new_model = [np.asarray(g + server_lr * u, dtype=g.dtype)
+                     for g, u in zip(global_model, mean)]
     fraction = noisy_unclipped_fraction(unclipped_bits, clients_per_round,
                                         split.count_stddev, rng)
     return new_model, fraction, next_clip_norm(clip_norm, fraction, target_quantile, clip_lr)

@@ -30,6 +30,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from dpfl_app.privacy import mechanism
 from dpfl_app.privacy.accounting import PrivacyLedger
 from dpfl_app.strategy.replies import screen_replies
+from dpfl_app.strategy.server_optimizer import ServerOptimizer
 
 
 class BudgetExhausted(Exception):
@@ -75,6 +76,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         node_wait_timeout: float = 60.0,
         max_epsilon: float = 0.0,
         server_lr: float = 1.0,
+        server_optimizer: ServerOptimizer | None = None,
     ) -> None:
         # Flower's base stores the *clipped* target; ours is the unclipped
         # quantile gamma of Andrew et al. The pair is kept consistent.
@@ -93,6 +95,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self.node_wait_timeout = node_wait_timeout
         self.max_epsilon = max_epsilon
         self.server_lr = server_lr
+        self.server_optimizer = server_optimizer  # None: the plain server-lr step
         self.round_offset = 0  # rounds already run before a resume
         self.records: list[dict] = []  # one per round, only released quantities
         self.current_arrays: ArrayRecord | None = None
@@ -160,6 +163,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
                 global_nd, [r.arrays for r in accepted], [r.unclipped for r in accepted],
                 clip, m, self.split, self.rng, server_lr=self.server_lr,
                 target_quantile=self.target_quantile, clip_lr=self.clip_norm_lr,
+                step=self.server_optimizer.step if self.server_optimizer else None,
             )
             new_arrays = ArrayRecord({k: Array(v) for k, v in zip(reference, new_model)})
             self.current_arrays = new_arrays

@@ -26,6 +26,7 @@ from dpfl_app.data.datasets import load_test_data, loader
 from dpfl_app.data.node_data import client_data
 from dpfl_app.privacy import mechanism
 from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger
+from dpfl_app.strategy.server_optimizer import ServerOptimizer
 from dpfl_app.task import build_model, test, train
 
 def local_update(run_config: dict, partition_id: int, population: int,
@@ -82,6 +83,8 @@ def _run_limit(run_config: dict, population: int, rounds: int) -> dict:
     global_nd = [v.numpy().copy() for v in net.state_dict().values()]
     test_loader = loader(load_test_data(cfg["dataset"], cfg["seed"], **data_source(cfg)),
                          512, False)
+    optimizer = ServerOptimizer(cfg["server-optimizer"], global_nd, cfg["server-lr"],
+                                cfg["server-momentum"])
     clip, records = cfg["initial-clip"], []
     for server_round in range(1, rounds + 1):
         start = time.perf_counter()
@@ -100,7 +103,8 @@ def _run_limit(run_config: dict, population: int, rounds: int) -> dict:
         if cohort:  # as the strategy with min-replies=1: an empty round changes nothing
             global_nd, _, clip = mechanism.dp_fedavg_step(
                 global_nd, models, bits, clip, m, split, rng, server_lr=cfg["server-lr"],
-                target_quantile=cfg["target-quantile"], clip_lr=cfg["clip-lr"])
+                target_quantile=cfg["target-quantile"], clip_lr=cfg["clip-lr"],
+                step=optimizer.step)
         ledger.compose_round()
         epsilon = ledger.epsilons()[ledger.headline]  # both accountants, as the strategy
         aggregated = time.perf_counter()
