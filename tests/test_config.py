@@ -21,6 +21,8 @@ BAD_VALUES = {
     "batch-size": (-8, ">= 1"),
     "lr": (-0.1, "> 0"),
     "server-lr": (0.0, "> 0"),
+    "server-optimizer": ("lamb", "sgd, momentum, adam"),
+    "server-momentum": (1.0, "[0, 1)"),
     "dataset": ("imagenet", "digits"),
     "model": ("resnet", "digits-mlp"),
     "partitioning": ("by-zip-code", "iid"),
