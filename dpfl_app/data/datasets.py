@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from dpfl_app.data.memory_cache import PARTITIONS
 from dpfl_app.data.registry import (  # noqa: F401  (DATASETS, DatasetSpec: re-export)
     COLOUR, DATASETS, GREY, GREY_MODES, DatasetSpec, get_spec,
 )
@@ -236,7 +237,7 @@ def _partitioned(name: str, data_dir: str, image_column: str, label_column: str,
         raise RuntimeError(_offline_help(name, spec)) from err
 
 
-@functools.lru_cache(maxsize=8)
+@PARTITIONS.cached  # bounded by bytes (memory_cache.py), not by a count of partitions
 def load_client_data(name: str, partition_id: int, num_partitions: int,
                      partitioning: str = "iid", alpha: float = 0.5, seed: int = 42,
                      data_dir: str = "", image_column: str = "",

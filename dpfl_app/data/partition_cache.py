@@ -1,8 +1,8 @@
 """A node's prepared partition on disk, so that a cold process does not re-partition.
 
 In deployment every message starts a fresh `flwr-clientapp` process; in a
-simulation with more partitions than an actor's in-memory cache holds, most
-messages miss it. Without this cache each of them imports `datasets`,
+simulation with more partitions than an actor's in-memory cache holds
+(memory_cache.py), some messages miss it. Without this cache each of them imports `datasets`,
 scikit-learn and flwr-datasets and re-runs the partitioner (seconds); with it
 they read one small `torch.save` file (milliseconds).
 
@@ -15,7 +15,6 @@ is keyed by its id: after the Hub copy changes, delete the cache folder.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -23,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from dpfl_app.data import datasets as data
+from dpfl_app.data.memory_cache import PARTITIONS
 from dpfl_app.data.registry import get_spec
 
 CACHE_ENV = "DPFL_CACHE_DIR"
@@ -77,7 +77,7 @@ def _save(path: Path, tensors: dict) -> None:
         raise
 
 
-@functools.lru_cache(maxsize=8)
+@PARTITIONS.cached  # in memory first, within a byte budget (memory_cache.py)
 def load_client_data(name: str, partition_id: int, num_partitions: int,
                      partitioning: str = "iid", alpha: float = 0.5, seed: int = 42,
                      data_dir: str = "", image_column: str = "", label_column: str = "",
