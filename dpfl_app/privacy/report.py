@@ -9,6 +9,10 @@ from .calibration import calibrate_clients, calibrate_noise, max_clients_within
 
 ACCEPTABLE_EPSILON = 8.0
 STRONG_EPSILON = 1.0
+# Where a user who got "not private" finds configurations that are private and useful.
+RECIPES_HINT = ("To train privately, start from a recipe instead: the run-config files in "
+                "`recipes/` (see README 'Recipes'), each with the federation it needs, "
+                "e.g. `flwr run . <connection> --run-config recipes/<file>.toml`.")
 
 
 def strength(epsilon: float) -> str:
@@ -100,7 +104,8 @@ def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | No
     if eps > 20:
         lines += ["", f"**This model should NOT be considered private.** With ε = {fmt_eps(eps)} "
                       f"the guarantee says nothing useful: an attacker could in principle tell "
-                      f"whether a given client took part, and learn about that client's data."]
+                      f"whether a given client took part, and learn about that client's data.",
+                  "", RECIPES_HINT]
     run = f"{rounds_run} round(s) ran"
     if stop_reason:
         lines += ["", f"Training stopped after {rounds_run} round(s): {stop_reason}."]
