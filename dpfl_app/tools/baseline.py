@@ -60,19 +60,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "training data, without federation or DP, and report test accuracy.",
     )
     parser.add_argument("--dataset", default="digits",
-                        help="registry name or Hugging Face id owner/name (default: digits)")
+                        help="registry name or Hugging Face id owner/name")
     parser.add_argument("--model", default="auto", choices=["auto", *MODELS],
-                        help="default: the dataset's model")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=0.02)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=42)
+                        help="auto: the dataset's own model")
+    parser.add_argument("--epochs", type=int, default=10, help="passes over the pooled data")
+    parser.add_argument("--lr", type=float, default=0.02, help="SGD learning rate (momentum 0.9)")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per SGD step")
+    parser.add_argument("--seed", type=int, default=42, help="model initialisation and shuffling")
     parser.add_argument("--num-partitions", type=int, default=10,
                         help="pool the training parts of this many partitions, as the "
-                             "federation's clients hold them (default: 10)")
+                             "federation's clients hold them")
     parser.add_argument("--data-dir", default="", help="local copy of the dataset (offline)")
-    parser.add_argument("--image-column", default="")
-    parser.add_argument("--label-column", default="")
+    parser.add_argument("--image-column", default="", help="empty: the dataset's own")
+    parser.add_argument("--label-column", default="", help="empty: the dataset's own")
     parser.add_argument("--output", type=Path, help="also write the result as JSON here")
     return parser.parse_args(argv)
 

@@ -34,7 +34,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if ("%(default)" in text or default in (None, False, argparse.SUPPRESS)
                 or not action.option_strings):
             return text
-        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+        shown = '""' if default == "" else "%(default)s"
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
 
 
 def overview() -> str:

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-config", default="rounds=2 clients=2",
                         help="passed to `flwr run` (output-dir and node-data are set here)")
     parser.add_argument("--workdir", type=Path, default=Path("deployment"),
-                        help="folders, logs, certificates, keys and outputs (default ./deployment)")
+                        help="folders, logs, certificates, keys and outputs")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds for the run")
     args = parser.parse_args(argv)
     if args.unregistered_node and not args.auth:

@@ -15,13 +15,13 @@ def main(argv: list[str] | None = None) -> None:
         description="Write demo partitions as site data folders for `data-path`: "
                     "one folder per partition, OUT/site-<i>/.",
         formatter_class=HelpFormatter)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--num-partitions", type=int, required=True)
-    parser.add_argument("--partitioning", default="iid")
-    parser.add_argument("--dirichlet-alpha", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--data-dir", default="")
+    parser.add_argument("out", type=Path, help="folder for site-<i>/ subfolders")
+    parser.add_argument("--dataset", default="digits", help="registry name or Hub id")
+    parser.add_argument("--num-partitions", type=int, required=True, help="sites to write")
+    parser.add_argument("--partitioning", default="iid", help="iid, dirichlet or shard")
+    parser.add_argument("--dirichlet-alpha", type=float, default=0.5, help="for dirichlet")
+    parser.add_argument("--seed", type=int, default=42, help="partitioning seed")
+    parser.add_argument("--data-dir", default="", help="local copy of the dataset (offline)")
     args = parser.parse_args(argv)
     import datasets
 

@@ -133,13 +133,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-config", default="",
                         help='other run-config overrides for every run, e.g. "rounds=5 clients=6"')
     parser.add_argument("--repeats", type=int, default=1,
-                        help="runs per noise level, with seeds seed, seed+1, ... (default 1)")
+                        help="runs per noise level, with seeds seed, seed+1, ...")
     parser.add_argument("--output", type=Path, default=None,
-                        help="new sweep folder (default sweeps/<timestamp>)")
+                        help="new sweep folder; none given: sweeps/<timestamp>")
     parser.add_argument("--timeout-per-run", type=float, default=3600, metavar="S",
-                        help="stop a run still going after S seconds (default 3600)")
+                        help="stop a run still going after S seconds")
     parser.add_argument("--supernodes", type=int, default=10,
-                        help="SuperNodes (clients) in the local simulation (default 10)")
+                        help="SuperNodes (clients) in the local simulation")
     args = parser.parse_args(argv)
     if not args.noise or args.repeats < 1 or args.supernodes < 1:
         parser.error("need at least one noise value, --repeats >= 1 and --supernodes >= 1")

@@ -115,11 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dpfl bench", description=__doc__,
                                      formatter_class=HelpFormatter)
     parser.add_argument("--scales", type=parse_scales, default="10:6,100:50,1000:50,1000:200",
-                        help="comma-separated N:m pairs (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=4)
+                        help="comma-separated N:m pairs")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per run")
     parser.add_argument("--run-config", default="",
                         help="more run-config overrides for every run, e.g. \"batch-size=32\"")
-    parser.add_argument("--output", type=Path, default=Path("bench.json"))
+    parser.add_argument("--output", type=Path, default=Path("bench.json"),
+                        help="results as JSON")
     parser.add_argument("--skip-app", action="store_true",
                         help="only the in-process limit (no flwr run)")
     parser.add_argument("--warm-cache", action="store_true",

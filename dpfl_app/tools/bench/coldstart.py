@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", choices=["train", "evaluate"], help=argparse.SUPPRESS)
     parser.add_argument("--partition-id", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--num-partitions", type=int, default=10, help=argparse.SUPPRESS)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="cold processes per measurement")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.partition_id, args.num_partitions)))
