@@ -71,6 +71,8 @@ KEYS: dict[str, Key] = {
     "max-epsilon": NON_NEGATIVE,
     "target-epsilon": NON_NEGATIVE,
     "seed": Key(int, lambda v: v >= 0, "an integer >= 0"),
+    "simulate-population": Key(int, lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    "simulate-clients": Key(int, lambda v: v >= 0, "an integer >= 0 (0 = off)"),
     "deterministic-noise": Key(bool),
     "client-eval": Key(bool),
     "min-replies": Key(int, lambda v: v >= 0, "an integer >= 0"),
@@ -127,7 +129,21 @@ def validate(run_config: dict[str, Any]) -> dict[str, Any]:
             f"{clean['max-epsilon']}: the run would stop before reaching its target; "
             "set target-epsilon <= max-epsilon, or one of them to 0 (off)"
         )
+    _check_simulation(clean)
     return clean
+
+
+def _check_simulation(cfg: dict[str, Any]) -> None:
+    """simulate-population and simulate-clients: both off, or a cohort within the population."""
+    big_n, big_m = cfg["simulate-population"], cfg["simulate-clients"]
+    if (big_n == 0) != (big_m == 0):
+        raise ConfigError(
+            f"simulate-population={big_n} and simulate-clients={big_m}: set both (a simulated "
+            "deployment of N users with cohorts of m) or neither (0 = off)")
+    if big_n and not cfg["clients"] <= big_m <= big_n:
+        raise ConfigError(
+            f"simulate-clients={big_m} must be between clients={cfg['clients']} (the real "
+            f"cohort) and simulate-population={big_n}")
 
 
 def data_source(cfg: dict[str, Any]) -> dict[str, str]:

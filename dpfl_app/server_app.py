@@ -21,6 +21,7 @@ from dpfl_app.privacy.report import privacy_report
 from dpfl_app.run.plots import plot_partitions
 from dpfl_app.run.recorder import RunRecorder
 from dpfl_app.strategy.dp_fedavg import BudgetExhausted, DPFedAvgAdaptive, wait_for_nodes
+from dpfl_app.strategy.large_deployment import deployment
 from dpfl_app.strategy.server_optimizer import ServerOptimizer
 from dpfl_app.task import build_model
 
@@ -31,11 +32,13 @@ def choose_noise(cfg: dict, population: int) -> float:
     """`noise`, or the z calibrated to meet `target-epsilon` in `rounds` rounds."""
     if cfg["target-epsilon"] <= 0:
         return cfg["noise"]
+    big = deployment(cfg, population)  # a simulated deployment is calibrated for itself
+    population, clients = big.population, big.clients_per_round
     # Calibrate with the accountant that will report the run's epsilon.
     headline = headline_accountant(AccountingModel(cfg["sampling"], 1.0, population,
-                                                   cfg["clients"], cfg["target-delta"]))
+                                                   clients, cfg["target-delta"]))
     z = calibrate_noise(cfg["target-epsilon"], cfg["target-delta"], cfg["rounds"],
-                        population, cfg["clients"], cfg["sampling"], accountant=headline)
+                        population, clients, cfg["sampling"], accountant=headline)
     log(INFO, "target-epsilon=%s: calibrated noise multiplier z=%.4f (replaces noise=%s)",
         cfg["target-epsilon"], z, cfg["noise"])
     return z
@@ -44,14 +47,15 @@ def choose_noise(cfg: dict, population: int) -> float:
 def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive:
     """FedAvg (sampling, evaluation) inside our DP wrapper (clipping, noise, accounting)."""
     stddev = cfg["clipped-count-stddev"]
-    split = mechanism.split_noise(noise, cfg["clients"],
+    big = deployment(cfg, population)  # the run's own, or a simulated larger one
+    split = mechanism.split_noise(noise, big.clients_per_round,
                                   None if stddev == "auto" else float(stddev))
     if split.raised:
         log(WARNING, "clipped-count-stddev raised from m/20=%.3f to %.3f so that noise z=%.4g"
             " < 2*sigma_b; update noise multiplier z_delta=%.4f", split.default_count_stddev,
             split.count_stddev, noise, split.update_noise_multiplier)
-    ledger = PrivacyLedger(AccountingModel(cfg["sampling"], noise, population, cfg["clients"],
-                                           cfg["target-delta"]))
+    ledger = PrivacyLedger(AccountingModel(cfg["sampling"], noise, big.population,
+                                           big.clients_per_round, cfg["target-delta"]))
     fixed = cfg["sampling"] == "fixed"
     fedavg = FedAvg(
         fraction_train=cfg["clients"] / population if fixed else 1.0,
@@ -71,6 +75,7 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
         node_wait_timeout=cfg["node-wait-timeout"], max_epsilon=cfg["max-epsilon"],
         server_lr=cfg["server-lr"],
         server_optimizer=server_optimizer(cfg),
+        noise_scale=big.noise_scale, sampling_population=population,
     )
 
 
@@ -119,6 +124,9 @@ def main(grid: Grid, context: Context) -> None:
     cfg = validate(dict(context.run_config))  # fails before anything starts
     state = checkpoint.load(cfg["resume-from"], cfg) if cfg["resume-from"] else None
     population = len(wait_for_nodes(grid, cfg["clients"], cfg["node-wait-timeout"]))
+    simulation = deployment(cfg, population)
+    if simulation.simulated:
+        log(WARNING, "%s", simulation.summary())
     noise = state["noise"] if state else choose_noise(cfg, population)
     strategy = build_strategy(cfg, population, noise)
     accounting = {**strategy.ledger.to_dict(),
@@ -149,7 +157,8 @@ def main(grid: Grid, context: Context) -> None:
         recorder.stop_reason = f"privacy budget: {stop}"
         log(WARNING, "training stopped early: %s", recorder.stop_reason)
     recorder.write()
-    report = privacy_report(strategy.ledger, len(strategy.records), recorder.stop_reason)
+    report = privacy_report(strategy.ledger, len(strategy.records), recorder.stop_reason,
+                            simulation=simulation.summary() if simulation.simulated else None)
     outputs.write_atomic(run_dir / "privacy.md", report.encode())
     for line in report.splitlines():
         log(INFO, "%s", line)

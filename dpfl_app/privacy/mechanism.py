@@ -180,6 +180,7 @@ def dp_fedavg_step(
     target_quantile: float,
     clip_lr: float,
     step: Callable[[Sequence[np.ndarray], list[np.ndarray]], list[np.ndarray]] | None = None,
+    noise_scale: float = 1.0,
 ) -> tuple[list[np.ndarray], float, float]:
     """One server round: (new global model, noisy unclipped fraction, next clip norm).
 
@@ -187,11 +188,14 @@ def dp_fedavg_step(
     exactly the same math. The update noise is drawn before the count noise.
     `step(global_model, noised_mean)` gives the next model (a server
     optimizer); without it, the plain step w + server_lr * mean.
+    `noise_scale` multiplies both noises: m / m_big simulates the noise of a
+    cohort of m_big (strategy/large_deployment.py); such a run is not private.
     """
     deltas = [clip_to_norm([a - g for a, g in zip(model, global_model)], clip_norm)
               for model in client_models]
     mean = noised_mean_update(deltas, clients_per_round,
-                              update_noise_stddev(split, clip_norm), rng, global_model)
+                              noise_scale * update_noise_stddev(split, clip_norm), rng,
+                              global_model)
     # A step of server-lr along the released mean: post-processing, no privacy cost.
     if step is not None:
         new_model = step(global_model, mean)
@@ -199,5 +203,5 @@ def dp_fedavg_step(
         new_model = [np.asarray(g + server_lr * u, dtype=g.dtype)
                      for g, u in zip(global_model, mean)]
     fraction = noisy_unclipped_fraction(unclipped_bits, clients_per_round,
-                                        split.count_stddev, rng)
+                                        noise_scale * split.count_stddev, rng)
     return new_model, fraction, next_clip_norm(clip_norm, fraction, target_quantile, clip_lr)

@@ -84,13 +84,21 @@ def _reach(model: AccountingModel, rounds: int, goal: float, accountant: str) ->
     return out
 
 
-def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | None = None) -> str:
-    """Markdown privacy report for the rounds composed in `ledger`."""
+def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | None = None,
+                   simulation: str | None = None) -> str:
+    """Markdown privacy report for the rounds composed in `ledger`.
+
+    `simulation`: the sentence that says this run only simulated the noise of
+    the deployment `ledger` accounts for; it then opens the report.
+    """
     model, rounds, acc = ledger.model, ledger.rounds, ledger.headline
     eps = ledger.epsilon()
     eps_all = ledger.epsilons()
     cat = strength(eps)
     lines = ["# Privacy report", ""]
+    if simulation:
+        lines = [f"**THIS RUN IS A {simulation}**", "", "# Privacy report (of the simulated "
+                 "deployment)", ""]
     lines.append(f"**Guarantee:** user-level (ε={fmt_eps(eps)}, δ={model.delta:g})-DP for any single "
                  f"client's entire data, under {describe_model(model, rounds, acc)}.")
     other = "rdp" if acc == "pld" else "pld"

@@ -77,6 +77,8 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         max_epsilon: float = 0.0,
         server_lr: float = 1.0,
         server_optimizer: ServerOptimizer | None = None,
+        noise_scale: float = 1.0,
+        sampling_population: int | None = None,
     ) -> None:
         # Flower's base stores the *clipped* target; ours is the unclipped
         # quantile gamma of Andrew et al. The pair is kept consistent.
@@ -90,7 +92,10 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self.ledger = ledger
         self.rng = rng
         self.sampling = sampling
-        self.population = ledger.model.population
+        # The nodes Poisson samples from: the accountant's N, unless a larger
+        # deployment is simulated (large_deployment.py), with its noise_scale.
+        self.population = sampling_population or ledger.model.population
+        self.noise_scale = noise_scale
         self.min_replies = min_replies
         self.node_wait_timeout = node_wait_timeout
         self.max_epsilon = max_epsilon
@@ -164,6 +169,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
                 clip, m, self.split, self.rng, server_lr=self.server_lr,
                 target_quantile=self.target_quantile, clip_lr=self.clip_norm_lr,
                 step=self.server_optimizer.step if self.server_optimizer else None,
+                noise_scale=self.noise_scale,
             )
             new_arrays = ArrayRecord({k: Array(v) for k, v in zip(reference, new_model)})
             self.current_arrays = new_arrays
@@ -174,7 +180,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
             "round": self.round_offset + server_round,
             "clip_norm": clip,
             "next_clip_norm": self.clipping_norm,
-            "noise_std": mechanism.update_noise_stddev(self.split, clip) / m,
+            "noise_std": self.noise_scale * mechanism.update_noise_stddev(self.split, clip) / m,
             "noisy_unclipped_fraction": unclipped_fraction,
             "num_sampled": self._num_sampled,  # the cohort; replies may be fewer
             "num_replies": len(accepted),

@@ -26,6 +26,7 @@ from dpfl_app.data.datasets import load_test_data, loader
 from dpfl_app.data.node_data import client_data
 from dpfl_app.privacy import mechanism
 from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger
+from dpfl_app.strategy.large_deployment import deployment
 from dpfl_app.strategy.server_optimizer import ServerOptimizer
 from dpfl_app.task import build_model, test, train
 
@@ -73,9 +74,11 @@ def _run_limit(run_config: dict, population: int, rounds: int) -> dict:
     cfg = validate(dict(run_config))
     m = cfg["clients"]
     stddev = cfg["clipped-count-stddev"]
-    split = mechanism.split_noise(cfg["noise"], m, None if stddev == "auto" else float(stddev))
-    ledger = PrivacyLedger(AccountingModel(cfg["sampling"], cfg["noise"], population, m,
-                                           cfg["target-delta"]))
+    big = deployment(cfg, population)  # as the ServerApp: maybe a simulated deployment
+    split = mechanism.split_noise(cfg["noise"], big.clients_per_round,
+                                  None if stddev == "auto" else float(stddev))
+    ledger = PrivacyLedger(AccountingModel(cfg["sampling"], cfg["noise"], big.population,
+                                           big.clients_per_round, cfg["target-delta"]))
     rng = np.random.default_rng(cfg["seed"] if cfg["deterministic-noise"] else None)
     torch.manual_seed(cfg["seed"])
     net = build_model(*model_spec(cfg))
@@ -104,7 +107,7 @@ def _run_limit(run_config: dict, population: int, rounds: int) -> dict:
             global_nd, _, clip = mechanism.dp_fedavg_step(
                 global_nd, models, bits, clip, m, split, rng, server_lr=cfg["server-lr"],
                 target_quantile=cfg["target-quantile"], clip_lr=cfg["clip-lr"],
-                step=optimizer.step)
+                step=optimizer.step, noise_scale=big.noise_scale)
         ledger.compose_round()
         epsilon = ledger.epsilons()[ledger.headline]  # both accountants, as the strategy
         aggregated = time.perf_counter()
