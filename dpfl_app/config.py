@@ -74,6 +74,8 @@ KEYS: dict[str, Key] = {
     "simulate-population": Key(int, lambda v: v >= 0, "an integer >= 0 (0 = off)"),
     "simulate-clients": Key(int, lambda v: v >= 0, "an integer >= 0 (0 = off)"),
     "deterministic-noise": Key(bool),
+    # two fitted Gaussians need at least two canaries of each kind
+    "audit-canaries": Key(int, lambda v: v == 0 or v >= 2, "0 (off) or an integer >= 2"),
     "client-eval": Key(bool),
     "min-replies": Key(int, lambda v: v >= 0, "an integer >= 0"),
     "round-timeout": POSITIVE,

@@ -15,11 +15,13 @@ from dpfl_app.run import checkpoint, outputs
 from dpfl_app.config import data_source, model_spec, validate
 from dpfl_app.data.datasets import format_label_histogram, partition_label_counts
 from dpfl_app.privacy import mechanism
+from dpfl_app.privacy.audit import population_warning
 from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger, headline_accountant
 from dpfl_app.privacy.calibration import calibrate_noise
 from dpfl_app.privacy.report import privacy_report
 from dpfl_app.run.plots import plot_partitions
 from dpfl_app.run.recorder import RunRecorder
+from dpfl_app.strategy.canaries import CanaryAudit, canary_seed
 from dpfl_app.strategy.dp_fedavg import BudgetExhausted, DPFedAvgAdaptive, wait_for_nodes
 from dpfl_app.strategy.large_deployment import deployment
 from dpfl_app.strategy.server_optimizer import ServerOptimizer
@@ -68,12 +70,13 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
         log(WARNING, "deterministic-noise=true: the DP noise is reproducible from seed=%d. "
             "Fine for experiments; never deploy with it.", cfg["seed"])
     rng = np.random.default_rng(cfg["seed"] if cfg["deterministic-noise"] else None)
+    canaries = audit_canaries(cfg, population)
     return DPFedAvgAdaptive(
         fedavg, split, cfg["clients"], ledger, rng,
         initial_clip=cfg["initial-clip"], target_quantile=cfg["target-quantile"],
         clip_lr=cfg["clip-lr"], sampling=cfg["sampling"], min_replies=cfg["min-replies"],
         node_wait_timeout=cfg["node-wait-timeout"], max_epsilon=cfg["max-epsilon"],
-        server_lr=cfg["server-lr"],
+        server_lr=cfg["server-lr"], canaries=canaries,
         server_optimizer=server_optimizer(cfg),
         noise_scale=big.noise_scale, sampling_population=population,
     )
@@ -86,6 +89,23 @@ def server_optimizer(cfg: dict) -> ServerOptimizer:
                            cfg["server-momentum"])
 
 
+def audit_canaries(cfg: dict, population: int) -> CanaryAudit | None:
+    """The privacy audit's canary clients (Andrew et al., ICLR 2024), if asked for."""
+    k = cfg["audit-canaries"]
+    if k == 0:
+        return None
+    rate = cfg["clients"] / population
+    log(INFO, "audit-canaries=%d: the server adds %d canary clients, sampled like real ones "
+        "(rate %.3g), and estimates epsilon from this run (Andrew et al., ICLR 2024). Canaries "
+        "change the model a little: each sampled one adds C_t times a random unit direction to "
+        "the sum. The accounted epsilon of the real clients is unchanged.", k, k, rate)
+    warning = population_warning(k, population, rate)
+    if warning:
+        log(WARNING, "%s", warning)
+    seed = canary_seed(cfg["seed"] if cfg["deterministic-noise"] else None)
+    return CanaryAudit(k, seed, cfg["sampling"], rate)
+
+
 def restore(strategy: DPFedAvgAdaptive, state: dict) -> None:
     """Continue from a checkpoint: same rounds, clip norm, accountant and records."""
     strategy.ledger.load_state_dict(state["ledger"])
@@ -96,6 +116,8 @@ def restore(strategy: DPFedAvgAdaptive, state: dict) -> None:
         strategy.rng.bit_generator.state = state["rng"]
     if state.get("server_optimizer") is not None:
         strategy.server_optimizer.load_state_dict(state["server_optimizer"])
+    if strategy.canaries is not None:
+        strategy.canaries.load_state_dict(state["audit"])
     log(INFO, "resuming after round %d from %s (epsilon so far %.3f)", state["round"],
         state["run_dir"], strategy.ledger.epsilon())
 
@@ -158,6 +180,7 @@ def main(grid: Grid, context: Context) -> None:
         log(WARNING, "training stopped early: %s", recorder.stop_reason)
     recorder.write()
     report = privacy_report(strategy.ledger, len(strategy.records), recorder.stop_reason,
+                            audit=recorder.audit,
                             simulation=simulation.summary() if simulation.simulated else None)
     outputs.write_atomic(run_dir / "privacy.md", report.encode())
     for line in report.splitlines():

@@ -40,6 +40,7 @@ BAD_VALUES = {
     "target-epsilon": (-1.0, ">= 0"),
     "seed": (-1, ">= 0"),
     "deterministic-noise": ("yes", "bool"),
+    "audit-canaries": (1, "0 (off) or an integer >= 2"),
     "client-eval": (1, "bool"),
     "min-replies": (-1, ">= 0"),
     "round-timeout": (0.0, "> 0"),

@@ -1,7 +1,8 @@
 """Privacy math, pure: no Flower imports, and nothing else of dpfl_app's.
 
 `mechanism` is what the server does each round (DP-FedAvg with adaptive
-clipping, Andrew et al. 2021); `accounting` turns what ran into (epsilon, delta).
+clipping, Andrew et al. 2021); `accounting` turns what ran into (epsilon, delta);
+`audit` estimates epsilon back from one run with canary clients (Andrew et al. 2024).
 """
 
 # Here, not in accounting.py, so that validating a run config (config.py, also in

@@ -84,9 +84,46 @@ def _reach(model: AccountingModel, rounds: int, goal: float, accountant: str) ->
     return out
 
 
+def audit_section(audit: dict) -> list[str]:
+    """The empirical audit beside the accounted epsilon, in plain words."""
+    lines = ["", "## Empirical privacy audit (one run, canary clients)", ""]
+    k, eps, acc = audit["canaries"], audit["epsilon"], audit["accounted_epsilon"]
+    lines.append(
+        f"The server inserted {k} canary clients, sampled like real clients (about "
+        f"{audit['canaries_per_round']:.3g} per round), each pushing one secret random direction, "
+        f"and kept {audit['unseen_canaries']} more directions that were never inserted (Andrew et "
+        f"al., \"One-shot Empirical Privacy Estimation for Federated Learning\", ICLR 2024). "
+        f"An attacker who sees every released model compares each direction with every round's "
+        f"update; how well that separates inserted from unseen canaries gives an ε.")
+    if eps is None:
+        return lines + ["", "No model update was released, so there is nothing to estimate."]
+    low, high = audit["epsilon_ci95"]
+    lines += ["", f"**Empirical ε ≈ {fmt_eps(eps)}** at δ = {audit['delta']:g} (95% bootstrap "
+                  f"interval {fmt_eps(low)} to {fmt_eps(high)}), against the **accounted "
+                  f"ε = {fmt_eps(acc)}**.", "",
+              "This is a lower estimate from one run, not a guarantee: it says how much this "
+              "attack actually learned, and a correct mechanism keeps it below the accounted ε."]
+    if audit["verdict"] == "below":
+        lines += ["", "It is below the accounted ε, as it must be."]
+    elif audit["verdict"] == "above-within-error":
+        lines += ["", "**Warning: the empirical ε is above the accounted ε**, although within "
+                      "the estimate's sampling error. Rerun with more canaries; if it stays above, "
+                      "the mechanism does not do what the accountant assumes."]
+    else:
+        lines += ["", "**ALERT: the empirical ε EXCEEDS the accounted ε, beyond its sampling "
+                      "error. Something is wrong: the noise, the clipping, the sampling or the "
+                      "accounting does not match what the code claims. Do not trust this run's "
+                      "ε.**"]
+    lines += ["", "Canaries change the model a little: each sampled one adds the clip norm "
+                  "times a random unit direction to the update, like one more client."]
+    if audit.get("population_warning"):
+        lines += ["", f"**Warning:** {audit['population_warning']}"]
+    return lines
+
+
 def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | None = None,
-                   simulation: str | None = None) -> str:
-    """Markdown privacy report for the rounds composed in `ledger`.
+                   audit: dict | None = None, simulation: str | None = None) -> str:
+    """Markdown privacy report for the rounds composed in `ledger`, with the audit if any.
 
     `simulation`: the sentence that says this run only simulated the noise of
     the deployment `ledger` accounts for; it then opens the report.
@@ -134,6 +171,8 @@ def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | No
         lines += _reach(model, rounds, goal, acc)
     elif rounds == 0:
         lines += ["", "No round was accounted: nothing trained was released, so ε = 0."]
+    if audit is not None:
+        lines += audit_section(audit)
     lines += [
         "", "## What ε and δ mean", "",
         "Differential privacy promises that anything computed from the released models is almost "

@@ -41,6 +41,7 @@ class RunRecorder:
         self.model_state: dict | None = None
         self._plotted_at = time.monotonic()
         self.stop_reason: str | None = None
+        self.audit: dict | None = None  # the privacy audit's results, once the run ends
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Test the global model on the server's held-out set."""
@@ -81,10 +82,17 @@ class RunRecorder:
                 "completed all rounds" if last is not self.initial
                 and last["round"] == self.cfg["rounds"] else "in progress or interrupted"),
         }
-        return {"config": self.cfg, "accounting": self.accounting, "initial": self.initial,
-                "rounds": self.strategy.records, "final": final}
+        results = {"config": self.cfg, "accounting": self.accounting, "initial": self.initial,
+                   "rounds": self.strategy.records, "final": final}
+        if self.audit is not None:
+            results["audit"] = self.audit
+        return results
 
     def write(self, final: bool = True) -> None:
+        if final and self.strategy.canaries is not None:  # the estimate needs every round
+            self.audit = self.strategy.canaries.summary(
+                self.cfg["target-delta"], self.strategy.ledger.epsilon(),
+                self.strategy.population)
         outputs.write_json(self.run_dir / "results.json", self.results())
         outputs.write_rounds_csv(self.run_dir / "rounds.csv", self.strategy.records)
         if final or time.monotonic() - self._plotted_at >= PLOT_INTERVAL_S:
@@ -109,4 +117,5 @@ class RunRecorder:
             # post-processing of released means only: safe to store (momentum, Adam moments)
             "server_optimizer": (strategy.server_optimizer.state_dict()
                                  if strategy.server_optimizer else None),
+            "audit": strategy.canaries.state_dict() if strategy.canaries else None,
         })

@@ -1,4 +1,4 @@
-"""The server's strategy: DP-FedAvg with adaptive clipping, and reply screening.
+"""The server's strategy: DP-FedAvg with adaptive clipping, reply screening, audit canaries.
 
 Runs inside `flwr run` on the ServerApp. May import privacy/ and Flower;
 never run/ or tools/.

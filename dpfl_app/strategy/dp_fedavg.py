@@ -29,6 +29,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from dpfl_app.privacy import mechanism
 from dpfl_app.privacy.accounting import PrivacyLedger
+from dpfl_app.strategy.canaries import CanaryAudit
 from dpfl_app.strategy.replies import screen_replies
 from dpfl_app.strategy.server_optimizer import ServerOptimizer
 
@@ -79,6 +80,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         server_optimizer: ServerOptimizer | None = None,
         noise_scale: float = 1.0,
         sampling_population: int | None = None,
+        canaries: CanaryAudit | None = None,
     ) -> None:
         # Flower's base stores the *clipped* target; ours is the unclipped
         # quantile gamma of Andrew et al. The pair is kept consistent.
@@ -101,6 +103,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self.max_epsilon = max_epsilon
         self.server_lr = server_lr
         self.server_optimizer = server_optimizer  # None: the plain server-lr step
+        self.canaries = canaries  # the privacy audit's canary clients, or None
         self.round_offset = 0  # rounds already run before a resume
         self.records: list[dict] = []  # one per round, only released quantities
         self.current_arrays: ArrayRecord | None = None
@@ -164,13 +167,18 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
                 "skipped, model unchanged (the round is still counted by the accountant)",
                 len(accepted), self.min_replies)
         else:
+            models, bits = [r.arrays for r in accepted], [r.unclipped for r in accepted]
+            if self.canaries is not None:  # audit: sampled canaries join the sum before the noise
+                models, bits = self.canaries.join(models, bits, global_nd, clip, self.rng)
             new_model, unclipped_fraction, self.clipping_norm = mechanism.dp_fedavg_step(
-                global_nd, [r.arrays for r in accepted], [r.unclipped for r in accepted],
+                global_nd, models, bits,
                 clip, m, self.split, self.rng, server_lr=self.server_lr,
                 target_quantile=self.target_quantile, clip_lr=self.clip_norm_lr,
                 step=self.server_optimizer.step if self.server_optimizer else None,
                 noise_scale=self.noise_scale,
             )
+            if self.canaries is not None:
+                self.canaries.observe(global_nd, new_model)
             new_arrays = ArrayRecord({k: Array(v) for k, v in zip(reference, new_model)})
             self.current_arrays = new_arrays
         # The noise was calibrated before replies came in: count the round regardless.

@@ -1,5 +1,5 @@
 """Command-line tools around the app, all behind one command, `dpfl` (cli.py).
 
-planning, sweeps, baseline, loopback deployment, benchmarks. They drive the
+planning, sweeps, the privacy audit, baseline, loopback deployment, benchmarks. They drive the
 app from outside (`flwr run`, or in process); nothing else imports tools/.
 """

@@ -1,6 +1,6 @@
 """`dpfl`: one command for the tools, as `flwr` is one command for Flower.
 
-    dpfl plan | sweep | baseline | deploy | bench | coldstart | export-data [options]
+    dpfl plan | sweep | audit | baseline | deploy | bench | coldstart | export-data [options]
 
 Each subcommand is one module's `main(argv)`; it is imported only when asked
 for, so `dpfl plan` does not pay for torch. `dpfl SUBCOMMAND --help` shows its
@@ -17,6 +17,7 @@ import sys
 COMMANDS = {
     "plan": ("dpfl_app.tools.plan", "noise or clients per round for a target (ε, δ), and the ε curve"),
     "sweep": ("dpfl_app.tools.sweep", "run the app over noise levels; table and privacy-utility plots"),
+    "audit": ("dpfl_app.tools.audit", "empirical ε from canary clients against the accounted ε"),
     "baseline": ("dpfl_app.tools.baseline", "centralised, non-private baseline of the same model"),
     "deploy": ("dpfl_app.tools.deploy", "a loopback deployment: SuperLink, SuperNodes, TLS, auth"),
     "bench": ("dpfl_app.tools.bench.__main__", "the app against its in-process limit, DP on and off"),

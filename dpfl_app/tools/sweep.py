@@ -62,6 +62,9 @@ def summarize_run(record: dict, results: dict) -> None:
         epsilon=float(final["epsilon"]), delta=final["delta"], stop_reason=final["stop_reason"],
         rounds=series["round"], accuracy=series["test_accuracy"],
     )
+    if results.get("audit"):  # audit-canaries > 0: the one-run empirical epsilon
+        record.update(empirical_epsilon=results["audit"]["epsilon"],
+                      audit_verdict=results["audit"]["verdict"])
 
 
 def progress_printer(output_dir: Path, label: str):
@@ -84,15 +87,16 @@ def progress_printer(output_dir: Path, label: str):
 
 
 def run_one(fed: LocalFederation, noise: float, seed: int, output_dir: Path, run_config: str,
-            timeout: float, label: str) -> dict:
+            timeout: float, label: str, audit_canaries: int = 0) -> dict:
     """Submit one run, wait for it, and return its record (failed ones included)."""
     record = {"noise": noise, "seed": seed, "output_dir": str(output_dir), "run_id": None,
               "error": None}
     start = time.monotonic()
     try:
         # The sweep's keys come last, so they override the user's run-config.
+        audit = f" audit-canaries={audit_canaries}" if audit_canaries else ""
         record["run_id"] = fed.submit(
-            run_config, f"noise={float(noise)!r} seed={seed} output-dir='{output_dir}'")
+            run_config, f"noise={float(noise)!r} seed={seed} output-dir='{output_dir}'{audit}")
         record["status"] = fed.wait(record["run_id"], timeout,
                                     on_poll=progress_printer(output_dir, label), interval=5)
     except RunTimeout as err:  # `wait` has stopped the run
@@ -140,9 +144,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="stop a run still going after S seconds")
     parser.add_argument("--supernodes", type=int, default=10,
                         help="SuperNodes (clients) in the local simulation")
+    parser.add_argument("--audit-canaries", type=int, default=0, metavar="K",
+                        help="canary clients per run for the one-run privacy audit (Andrew et "
+                             "al., ICLR 2024); adds the empirical epsilon column; 0 = off")
     args = parser.parse_args(argv)
-    if not args.noise or args.repeats < 1 or args.supernodes < 1:
-        parser.error("need at least one noise value, --repeats >= 1 and --supernodes >= 1")
+    if not args.noise or args.repeats < 1 or args.supernodes < 1 or args.audit_canaries < 0:
+        parser.error("need at least one noise value, --repeats >= 1, --supernodes >= 1 and "
+                     "--audit-canaries >= 0")
     try:
         args.user_config = parse_config_args([args.run_config])
     except Exception as err:  # click.ClickException: the message says what is wrong
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{label} starting", flush=True)
                 out = args.output / "runs" / f"noise-{noise:g}-seed-{seed}"
                 record = run_one(fed, noise, seed, out, args.run_config,
-                                 args.timeout_per_run, label)
+                                 args.timeout_per_run, label, args.audit_canaries)
                 runs.append(record)
                 outcome = (f"final accuracy {record['final_accuracy']:.4f}, epsilon "
                            f"{record['epsilon']:.3f}" if record["error"] is None

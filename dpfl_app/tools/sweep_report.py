@@ -18,7 +18,8 @@ from dpfl_app.run.outputs import write_atomic, write_json
 from dpfl_app.run.plots import plot_frontier, plot_sweep_rounds
 
 COLUMNS = ("noise", "status", "runs_ok", "runs", "epsilon", "delta", "final_accuracy_mean",
-           "final_accuracy_std", "best_accuracy_mean", "wall_s_mean", "error")
+           "final_accuracy_std", "best_accuracy_mean", "wall_s_mean", "error",
+           "empirical_epsilon", "audit_above")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -47,6 +48,10 @@ def summarize(runs: list[dict]) -> list[dict]:
             row["epsilon"] = mean_std([r["epsilon"] for r in ok])[0]
             row["best_accuracy_mean"] = mean_std([r["best_accuracy"] for r in ok])[0]
             row["delta"] = ok[0]["delta"]
+            audited = [r for r in ok if r.get("empirical_epsilon") is not None]
+            if audited:  # the one-run audit: mean estimate, and how many runs exceeded
+                row["empirical_epsilon"] = mean_std([r["empirical_epsilon"] for r in audited])[0]
+                row["audit_above"] = sum(r["audit_verdict"] != "below" for r in audited)
         rows.append(row)
     return rows
 
@@ -107,13 +112,23 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "(mean ± std) | best test accuracy (mean) | wall time per run | runs ok |",
         "|---:|---:|---:|---:|---:|:---|",
     ]
+    audit = any(r["empirical_epsilon"] is not None for r in rows)
+    if audit:  # one more column: the audit's empirical epsilon beside the accounted one
+        lines[-2] = lines[-2].replace(" | final test", " | empirical ε (audit) | final test")
+        lines[-1] = "|---:" + lines[-1]
     for r in rows:
         accuracy = ("failed" if not r["runs_ok"] else
                     f"{r['final_accuracy_mean']:.4f} ± {r['final_accuracy_std']:.4f}")
         status = f"{r['runs_ok']}/{r['runs']}"
         if r["error"]:
             status += " — " + r["error"].replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {r['noise']:g} | {_fmt(r['epsilon'], '.2f')} | {accuracy} | "
+        empirical = ""
+        if audit:
+            empirical = f" {_fmt(r['empirical_epsilon'], '.2f')} |"
+            if r["audit_above"]:
+                empirical = f" **{_fmt(r['empirical_epsilon'], '.2f')} ABOVE the accounted ε in " \
+                            f"{r['audit_above']} run(s)** |"
+        lines.append(f"| {r['noise']:g} | {_fmt(r['epsilon'], '.2f')} |{empirical} {accuracy} | "
                      f"{_fmt(r['best_accuracy_mean'])} | {r['wall_s_mean']:.0f} s | {status} |")
     return "\n".join(lines) + "\n"
 

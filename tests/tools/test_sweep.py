@@ -137,6 +137,23 @@ def test_arguments_are_checked_before_anything_runs(tmp_path, capsys):
     assert "--noise" in capsys.readouterr().err
 
 
+def test_audit_column_shows_the_empirical_epsilon_and_flags_runs_above(tmp_path):
+    runs = [{**_run(1.0, 42, [0.1, 0.5], 4.0), "empirical_epsilon": 2.0, "audit_verdict": "below"},
+            {**_run(1.0, 43, [0.1, 0.6], 4.0), "empirical_epsilon": 5.0, "audit_verdict": "above"}]
+    (row,) = summarize(runs)
+    assert row["empirical_epsilon"] == 3.5 and row["audit_above"] == 1
+    text = markdown([row], META)
+    assert "| empirical ε (audit) |" in text and "ABOVE the accounted ε in 1 run(s)" in text
+    header, rule = [line for line in text.splitlines() if line.startswith("|")][:2]
+    assert header.count("|") == rule.count("|")  # the table stays well-formed
+    assert "empirical" not in markdown(summarize(RUNS), META)  # no audit: no column
+    args = sweep.parse_args(["--noise", "1", "--audit-canaries", "50",
+                             "--output", str(tmp_path / "new")])
+    assert args.audit_canaries == 50
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--noise", "1", "--audit-canaries=-1"])
+
+
 @pytest.mark.e2e
 def test_tiny_sweep_records_a_failed_setting_and_goes_on(tmp_path, monkeypatch, capsys):
     made = []
