@@ -22,6 +22,8 @@ BAD_VALUES = {
     "lr": (-0.1, "> 0"),
     "server-lr": (0.0, "> 0"),
     "server-optimizer": ("lamb", "sgd, momentum, adam"),
+    "simulate-population": (-1, "an integer >= 0"),
+    "simulate-clients": (-1, "an integer >= 0"),
     "server-momentum": (1.0, "[0, 1)"),
     "dataset": ("imagenet", "digits"),
     "model": ("resnet", "digits-mlp"),
