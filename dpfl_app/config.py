@@ -3,6 +3,10 @@
 Every key of `[tool.flwr.app.config]` is checked here before anything starts,
 and a bad one fails with a message naming the key, the value and what is
 allowed. The defaults live in pyproject.toml; this table only validates.
+
+Importing this module must stay cheap (no torch, no dp-accounting, no data
+loading): the ServerApp validates before anything heavy is imported, so a bad
+value fails within seconds (tests/test_first_run.py checks sys.modules).
 """
 
 from __future__ import annotations
@@ -16,8 +20,6 @@ from dpfl_app.privacy import SAMPLING_MODES
 from dpfl_app.data.registry import is_hub_id
 from dpfl_app.data.settings import ClientSettings, node_source
 from dpfl_app.errors import ConfigError
-from dpfl_app.strategy.server_optimizer import SERVER_OPTIMIZERS
-from dpfl_app.task import MODELS
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,11 @@ UNIT = Key(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 # Where each SuperNode's data comes from: its demo partition of `dataset`
 # (node config partition-id/num-partitions), or its own files (data-path).
 NODE_DATA = ("partitions", "local")
+# The model names of task.MODELS, here so that validating needs no torch
+# (a test checks that both lists agree).
+MODEL_NAMES = ("digits-mlp", "digits-cnn", "mnist-cnn", "lenet")
+# strategy/server_optimizer.py's optimizers, here for the same reason (a test checks).
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 
 KEYS: dict[str, Key] = {
     "noise": NON_NEGATIVE,
@@ -53,7 +60,8 @@ KEYS: dict[str, Key] = {
     "server-momentum": Key(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "dataset": Key(str, lambda v: v in DATASETS or is_hub_id(v),
                    "one of " + ", ".join(DATASETS) + ", or a Hugging Face dataset id owner/name"),
-    "model": Key(str, lambda v: v == "auto" or v in MODELS, "auto or one of " + ", ".join(MODELS)),
+    "model": Key(str, lambda v: v == "auto" or v in MODEL_NAMES,
+                 "auto or one of " + ", ".join(MODEL_NAMES)),
     "partitioning": _choice(PARTITIONINGS),
     "dirichlet-alpha": POSITIVE,
     "data-dir": Key(str),  # "" = no local copy: the Hub, or its cache

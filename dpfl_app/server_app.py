@@ -1,31 +1,28 @@
-"""dpfl_app ServerApp: FedAvg wrapped in correct DP-FedAvg with adaptive clipping."""
+"""dpfl_app ServerApp: FedAvg wrapped in correct DP-FedAvg with adaptive clipping.
+
+The run config is validated before anything heavy is imported (torch, the
+datasets, dp-accounting): Flower imports this module first, so a bad value
+fails within seconds, in one line. Heavy modules are imported inside the
+functions that need them.
+"""
 
 from __future__ import annotations
 
+import time
 from logging import INFO, WARNING
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from dpfl_app.run import checkpoint, outputs
-from dpfl_app.config import data_source, model_spec, validate
-from dpfl_app.data.datasets import format_label_histogram, partition_label_counts
-from dpfl_app.privacy import mechanism
-from dpfl_app.privacy.audit import population_warning
-from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger, headline_accountant
-from dpfl_app.privacy.calibration import calibrate_noise
-from dpfl_app.privacy.report import privacy_report
-from dpfl_app.run.plots import plot_partitions
-from dpfl_app.run.recorder import RunRecorder
-from dpfl_app.strategy.canaries import CanaryAudit, canary_seed
-from dpfl_app.strategy.dp_fedavg import BudgetExhausted, DPFedAvgAdaptive, wait_for_nodes
-from dpfl_app.strategy.large_deployment import deployment
-from dpfl_app.strategy.server_optimizer import ServerOptimizer
-from dpfl_app.task import build_model
+from dpfl_app.config import validate
+from dpfl_app.run import outcome
+from dpfl_app.strategy.large_deployment import deployment  # light: no torch
+
+if TYPE_CHECKING:
+    from dpfl_app.strategy.canaries import CanaryAudit
+    from dpfl_app.strategy.dp_fedavg import DPFedAvgAdaptive
 
 app = ServerApp()
 
@@ -34,6 +31,9 @@ def choose_noise(cfg: dict, population: int) -> float:
     """`noise`, or the z calibrated to meet `target-epsilon` in `rounds` rounds."""
     if cfg["target-epsilon"] <= 0:
         return cfg["noise"]
+    from dpfl_app.privacy.accounting import AccountingModel, headline_accountant
+    from dpfl_app.privacy.calibration import calibrate_noise
+
     big = deployment(cfg, population)  # a simulated deployment is calibrated for itself
     population, clients = big.population, big.clients_per_round
     # Calibrate with the accountant that will report the run's epsilon.
@@ -48,6 +48,13 @@ def choose_noise(cfg: dict, population: int) -> float:
 
 def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive:
     """FedAvg (sampling, evaluation) inside our DP wrapper (clipping, noise, accounting)."""
+    import numpy as np
+    from flwr.serverapp.strategy import FedAvg
+
+    from dpfl_app.privacy import mechanism
+    from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger
+    from dpfl_app.strategy.dp_fedavg import DPFedAvgAdaptive
+
     stddev = cfg["clipped-count-stddev"]
     big = deployment(cfg, population)  # the run's own, or a simulated larger one
     split = mechanism.split_noise(noise, big.clients_per_round,
@@ -82,8 +89,12 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
     )
 
 
-def server_optimizer(cfg: dict) -> ServerOptimizer:
+def server_optimizer(cfg: dict):
     """`server-optimizer` over the model's arrays (their shapes; values come each step)."""
+    from dpfl_app.config import model_spec
+    from dpfl_app.strategy.server_optimizer import ServerOptimizer
+    from dpfl_app.task import build_model
+
     like = [v.numpy() for v in build_model(*model_spec(cfg)).state_dict().values()]
     return ServerOptimizer(cfg["server-optimizer"], like, cfg["server-lr"],
                            cfg["server-momentum"])
@@ -94,6 +105,9 @@ def audit_canaries(cfg: dict, population: int) -> CanaryAudit | None:
     k = cfg["audit-canaries"]
     if k == 0:
         return None
+    from dpfl_app.privacy.audit import population_warning
+    from dpfl_app.strategy.canaries import CanaryAudit, canary_seed
+
     rate = cfg["clients"] / population
     log(INFO, "audit-canaries=%d: the server adds %d canary clients, sampled like real ones "
         "(rate %.3g), and estimates epsilon from this run (Andrew et al., ICLR 2024). Canaries "
@@ -133,6 +147,12 @@ def show_partitions(cfg: dict, num_partitions: int, run_dir) -> None:
         log(INFO, "node-data='local': each SuperNode trains on its own data-path; "
             "no demo partitions to show")
         return
+    from dpfl_app.config import data_source
+    from dpfl_app.data.datasets import format_label_histogram, partition_label_counts
+    from dpfl_app.run.plots import plot_partitions
+
+    log(INFO, "preparing the %s partitions of %s for %d clients, to show their labels",
+        cfg["partitioning"], cfg["dataset"], num_partitions)
     counts = partition_label_counts(cfg["dataset"], cfg["partitioning"], num_partitions,
                                     cfg["dirichlet-alpha"], cfg["seed"], **data_source(cfg))
     log(INFO, "labels per client (%s partitioning):\n%s", cfg["partitioning"],
@@ -140,33 +160,108 @@ def show_partitions(cfg: dict, num_partitions: int, run_dir) -> None:
     plot_partitions(counts, run_dir / "partitions.png")
 
 
+def is_simulation(grid: Grid) -> bool:
+    """A local simulation: Flower's in-memory grid, whose SuperNodes never change."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid)
+
+
+def simulation_population(grid: Grid, clients: int, settle_s: float = 0.5,
+                          timeout: float = 10.0) -> int:
+    """The simulation's SuperNodes, without waiting for more: their number is fixed.
+
+    Flower registers all of them in one loop as the simulation starts; wait
+    only until the count is non-zero and steady. Too few is a set-up problem
+    with one fix, so the error says exactly what to type.
+    """
+    from dpfl_app.strategy.dp_fedavg import NotEnoughNodes
+
+    deadline = time.monotonic() + timeout
+    count = len(list(grid.get_node_ids()))
+    while time.monotonic() < deadline:
+        time.sleep(settle_s)
+        previous, count = count, len(list(grid.get_node_ids()))
+        if count and count == previous:
+            break
+    if count < clients:
+        raise NotEnoughNodes(
+            f"this local simulation has {count} SuperNode(s), fewer than clients={clients} "
+            f"per round. Give Flower's local simulation more, once: `flwr federation "
+            f"simulation-config --num-supernodes {max(10, clients)} "
+            f"--client-resources-num-cpus 1`, then run `flwr run .` again (or ask for "
+            f"fewer: `flwr run . --run-config clients={max(1, count)}`)"
+        )
+    return count
+
+
+def population(grid: Grid, cfg: dict) -> int:
+    """N: the SuperNodes the run samples from (a deployment waits for them, boundedly)."""
+    from dpfl_app.strategy.dp_fedavg import wait_for_nodes
+
+    if is_simulation(grid):
+        return simulation_population(grid, cfg["clients"])
+    return len(wait_for_nodes(grid, cfg["clients"], cfg["node-wait-timeout"]))
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Validate the config, train with DP, account for every round, write results."""
-    cfg = validate(dict(context.run_config))  # fails before anything starts
+    """Validate the config, train with DP, account for every round, write results.
+
+    The last log line says whether the run succeeded and where its outputs are.
+    """
+    folder: dict = {"path": None, "resumed": False}
+    try:
+        train(grid, context, folder)
+    except Exception as err:
+        from dpfl_app.strategy.dp_fedavg import NotEnoughNodes  # not before validating
+
+        outcome.report_failure(err, folder["path"], folder["resumed"], (NotEnoughNodes,))
+        raise
+
+
+def train(grid: Grid, context: Context, folder: dict) -> None:
+    """The run; `folder` learns the run folder as soon as there is one."""
+    cfg = validate(dict(context.run_config))  # before any heavy import: fails in seconds
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from dpfl_app.config import model_spec
+    from dpfl_app.privacy.report import privacy_report
+    from dpfl_app.run import checkpoint, outputs
+    from dpfl_app.run.recorder import RunRecorder
+    from dpfl_app.strategy.dp_fedavg import BudgetExhausted
+    from dpfl_app.task import build_model
+
     state = checkpoint.load(cfg["resume-from"], cfg) if cfg["resume-from"] else None
-    population = len(wait_for_nodes(grid, cfg["clients"], cfg["node-wait-timeout"]))
-    simulation = deployment(cfg, population)
+    num_nodes = population(grid, cfg)
+    simulation = deployment(cfg, num_nodes)
     if simulation.simulated:
         log(WARNING, "%s", simulation.summary())
-    noise = state["noise"] if state else choose_noise(cfg, population)
-    strategy = build_strategy(cfg, population, noise)
+    noise = state["noise"] if state else choose_noise(cfg, num_nodes)
+    strategy = build_strategy(cfg, num_nodes, noise)
     accounting = {**strategy.ledger.to_dict(),
                   "update_noise_multiplier": strategy.split.update_noise_multiplier,
                   "clipped_count_stddev": strategy.split.count_stddev}
-    log(INFO, "population N=%d SuperNodes, m=%d per round, sampling=%s, z=%.4f "
-        "(z_delta=%.4f, sigma_b=%.3f), accountant=%s", population, cfg["clients"],
-        cfg["sampling"], noise, strategy.split.update_noise_multiplier,
-        strategy.split.count_stddev, strategy.ledger.headline)
+    model_name, _ = model_spec(cfg)
+    log(INFO, "config: %s data (%s partitions, %s model), %d rounds, N=%d SuperNodes, "
+        "m=%d per round (%s sampling) | noise z=%.4g (update z_delta=%.4g, count sigma_b=%.3g),"
+        " delta=%g, accountant=%s | server-lr=%g, lr=%g, local-epochs=%d, batch-size=%d",
+        cfg["dataset"], cfg["partitioning"], model_name, cfg["rounds"], num_nodes,
+        cfg["clients"], cfg["sampling"], noise, strategy.split.update_noise_multiplier,
+        strategy.split.count_stddev, cfg["target-delta"], strategy.ledger.headline.upper(),
+        cfg["server-lr"], cfg["lr"], cfg["local-epochs"], cfg["batch-size"])
 
     if state:
         restore(strategy, state)
         run_dir, initial_model = state["run_dir"], state["model"]
+        folder.update(path=run_dir, resumed=True)
     else:
         run_dir = outputs.make_run_dir(cfg["output-dir"], context.run_id)
+        folder["path"] = run_dir
         torch.manual_seed(cfg["seed"])
         initial_model = build_model(*model_spec(cfg)).state_dict()
-        show_partitions(cfg, population, run_dir)
+        show_partitions(cfg, num_nodes, run_dir)
     log(INFO, "writing results to %s", run_dir)
     recorder = RunRecorder(cfg, run_dir, strategy, accounting,
                            initial=state["initial"] if state else None)
@@ -185,4 +280,6 @@ def main(grid: Grid, context: Context) -> None:
     outputs.write_atomic(run_dir / "privacy.md", report.encode())
     for line in report.splitlines():
         log(INFO, "%s", line)
-    log(INFO, "results in %s", run_dir)
+    final = recorder.results()["final"]
+    outcome.report_success(final["stop_reason"], final["rounds_completed"],
+                           final["test_accuracy"], final["epsilon"], cfg["target-delta"], run_dir)

@@ -2,7 +2,8 @@
 
 Modelled on Flower's quickstart-pytorch `task.py`; the data lives in `data.py`.
 The models have no BatchNorm: its integer `num_batches_tracked` buffer would be part of the update
-the clip acts on (dp-notes §4), so every array of every model is float.
+the clip acts on, and an integer cannot be clipped or noised (Andrew et al. 2021 clip
+the whole float update), so every array of every model is float.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class DigitsCNN(nn.Module):
 
 
 class MnistCNN(nn.Module):
-    """The seeds' small CNN for 28x28 grey images (MNIST, Fashion-MNIST)."""
+    """A small CNN for 28x28 grey images (MNIST, Fashion-MNIST)."""
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
@@ -60,7 +61,7 @@ class MnistCNN(nn.Module):
 
 
 class LeNet(nn.Module):
-    """The seeds' LeNet-style CNN for 32x32 colour images (CIFAR-10), with GroupNorm."""
+    """LeNet-5 (LeCun et al. 1998) for 32x32 colour images (CIFAR-10), with GroupNorm."""
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()

@@ -41,7 +41,7 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 # Any other Hub image-classification dataset: its images are resized to the
 # input of a model we have, grey to 28x28 (mnist-cnn), colour to 32x32 (lenet),
-# and scaled to [-1, 1] as the seeds' Normalize((0.5,), (0.5,)) does.
+# and scaled to [-1, 1] as Flower's quickstart-pytorch Normalize((0.5,), (0.5,)) does.
 GREY = dict(shape=(1, 28, 28), mean=(0.5,), std=(0.5,), model="mnist-cnn")
 COLOUR = dict(shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, model="lenet")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes read as grey

@@ -1,7 +1,7 @@
 """User-level privacy accounting for DP-FedAvg (no Flower imports).
 
 Follows dp_accounting's split: an :class:`AccountingModel` describes *what ran*
-each round as a ``DpEvent`` (dp-notes section 3); accountants interpret it.
+each round as a ``DpEvent`` (dp-accounting's event language); accountants interpret it.
 
 * ``poisson``: each of N clients joins with probability q = m/N and the server
   divides by the fixed m. Add-or-remove-one adjacency. Round event:
@@ -103,7 +103,7 @@ class AccountingModel:
         return NeighboringRelation.REPLACE_ONE
 
     def round_event(self) -> dp_accounting.DpEvent:
-        """One round, per dp-notes section 3."""
+        """One round: Poisson-sampled Gaussian, or sampled without replacement (README, Privacy)."""
         gaussian = dp_accounting.GaussianDpEvent(self.event_noise_multiplier)
         if self.sampling == "poisson":
             return dp_accounting.PoissonSampledDpEvent(self.sampling_probability, gaussian)

@@ -92,7 +92,7 @@ def _calibrate_m(target_epsilon, delta, rounds, population, sampling, accountant
 def calibrate_clients(target_epsilon, delta, rounds, population, *, noise_to_clients_ratio,
                       sampling="poisson", accountant="rdp") -> int | None:
     """Smallest m in [1, N] meeting the target when z = m * noise_to_clients_ratio
-    (the noise std on the *averaged* update, zC/m, stays fixed; seed 002's question).
+    (the noise std on the *averaged* update, zC/m, stays fixed; as in McMahan et al. 2018, where noise grows with the cohort).
     None if even m = N does not reach it.
 
     With z held fixed instead, epsilon *grows* with m; see max_clients_within.

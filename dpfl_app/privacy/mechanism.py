@@ -1,7 +1,7 @@
 """DP-FedAvg with adaptive clipping: the per-round mechanism, in plain numpy.
 
 Andrew et al. 2021, "Differentially Private Learning with Adaptive Clipping"
-(arXiv 1905.03871), as summarised in dp-notes §1. Each round t, with clip norm
+(arXiv 1905.03871), Algorithm 1 and Theorem 1. Each round t, with clip norm
 C_t, combined noise multiplier z and expected cohort size m:
 
     w_{t+1} = w_t + (sum_i clip(delta_i, C_t) + N(0, (z_delta * C_t)^2 I)) / m

@@ -40,6 +40,8 @@ class RunRecorder:
         self.initial: dict = initial or {}
         self.model_state: dict | None = None
         self._plotted_at = time.monotonic()
+        self._round_started = time.monotonic()  # reset by round 0's evaluation
+        self._round_seconds: list[float] = []
         self.stop_reason: str | None = None
         self.audit: dict | None = None  # the privacy audit's results, once the run ends
 
@@ -56,14 +58,26 @@ class RunRecorder:
         else:
             rec = self.strategy.records[-1]
             rec.update(test_loss=loss, test_accuracy=accuracy)
-            log(INFO, "round %d/%d: test accuracy %.4f, loss %.4f | clip norm %.4f -> %.4f, "
-                "noise std %.5f | replies %d (m=%d) | epsilon %.3f at delta %g",
-                rec["round"], self.cfg["rounds"], accuracy, loss, rec["clip_norm"],
-                rec["next_clip_norm"], rec["noise_std"], rec["num_replies"],
-                self.strategy.num_sampled_clients, rec["epsilon"], self.cfg["target-delta"])
+            log(INFO, "%s", self.round_line(rec))
             self.write(final=False)
             self.save_checkpoint()
+        self._round_started = time.monotonic()
         return MetricRecord({"test_loss": loss, "test_accuracy": accuracy})
+
+    def round_line(self, rec: dict) -> str:
+        """One line per round: progress, time (and what is left), accuracy, epsilon, clip norm.
+
+        No reply or cohort counts: they are not part of the analysed release.
+        """
+        seconds = time.monotonic() - self._round_started
+        self._round_seconds.append(seconds)
+        left = self.cfg["rounds"] - rec["round"]
+        steady = self._round_seconds[1:] or self._round_seconds  # round 1 pays the start-up
+        eta = f", about {left * sum(steady) / len(steady):.0f} s left" if left else ""
+        return (f"round {rec['round']}/{self.cfg['rounds']} ({seconds:.1f} s{eta}): "
+                f"test accuracy {rec['test_accuracy']:.4f} (loss {rec['test_loss']:.3f}) | "
+                f"epsilon so far {rec['epsilon']:.3f} at delta {self.cfg['target-delta']:g} | "
+                f"clip norm {rec['clip_norm']:.4f} -> {rec['next_clip_norm']:.4f}")
 
     def results(self) -> dict:
         done = [r for r in self.strategy.records if "test_accuracy" in r]

@@ -3,7 +3,7 @@
 `DPFedAvgAdaptive` subclasses Flower's
 `DifferentialPrivacyClientSideAdaptiveClipping` and keeps its protocol (the
 `clipping_norm` config key, `adaptiveclipping_mod` on the clients, the
-`norm_bit` metric), but fixes what flwr 1.41 gets wrong (dp-notes §2):
+`norm_bit` metric), but fixes what flwr 1.41 gets wrong (see the README, "What we fix in Flower"):
 
 1. the clip norm moves *toward* the target quantile (Flower's runs backwards);
 2. the noise is scaled with C_t, the norm the clients clipped with this round;
@@ -49,8 +49,7 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> list[int]:
         if time.monotonic() >= deadline:
             raise NotEnoughNodes(
                 f"only {len(nodes)} SuperNode(s) connected after {timeout:.0f}s, but "
-                f"clients={needed} are needed per round. Start more SuperNodes, raise "
-                "num-supernodes in .flwr/config.toml for a simulation, or lower "
+                f"clients={needed} are needed per round. Start more SuperNodes, or lower "
                 "`clients` (and `node-wait-timeout` to fail sooner)."
             )
         time.sleep(0.5)
@@ -112,6 +111,23 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
 
     def __repr__(self) -> str:
         return "DP-FedAvg, adaptive clipping (Andrew et al. 2021), fixed denominator"
+
+    def summary(self) -> None:
+        """Flower's start banner, with what this strategy really does.
+
+        Flower's wrapper prints z_delta unrounded and its FedAvg's "Weighted by:
+        'num-examples'"; our mean is unweighted, with the fixed denominator m.
+        """
+        log(INFO, "\t├──> DP-FedAvg with adaptive clipping (Andrew et al. 2021):")
+        log(INFO, "\t│\t├── noise multiplier z=%.4g (update z_delta=%.4g, clipped count "
+            "sigma_b=%.4g)", self.split.noise_multiplier, self.split.update_noise_multiplier,
+            self.split.count_stddev)
+        log(INFO, "\t│\t├── initial clip norm %.4g, target unclipped quantile %.4g, "
+            "clip learning rate %.4g", self._round_clip, self.target_quantile,
+            self.clip_norm_lr)
+        log(INFO, "\t│\t└── %s sampling of m=%d of N=%d clients; unweighted mean of the "
+            "clipped updates divided by m (not weighted by num-examples)", self.sampling,
+            self.num_sampled_clients, self.population)
 
     # --- sampling -----------------------------------------------------------
     def configure_train(
@@ -199,9 +215,9 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
             "epsilon_pld": eps["pld"],
         }
         self.records.append(record)
-        released = {k: float(v) for k, v in record.items()
-                    if k in ("clip_norm", "next_clip_norm", "noise_std", "epsilon")}
-        return new_arrays, MetricRecord(released)
+        # No MetricRecord: Flower would list these server-side values under
+        # "ClientApp-side Train Metrics". The recorder logs and saves them.
+        return new_arrays, None
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         """Client-side evaluation: available, but *not* covered by the DP guarantee."""

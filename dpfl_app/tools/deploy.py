@@ -64,10 +64,12 @@ class LocalDeployment(LocalFederation):
     """
 
     connection = "local-deployment"
+    local_superlink = False  # its own flower-superlink (start_superlink), not Flower's local one
 
     def __init__(self, workdir: Path, tls: bool = False, auth: bool = False) -> None:
         self.workdir = Path(workdir).resolve()
         super().__init__(self.workdir / "cli")  # the CLI's FLWR_HOME and environment
+        self.federation_config = {}  # real SuperNodes, not a simulation
         self.tls, self.auth = tls or auth, auth  # flwr refuses auth without TLS
         self.address = f"{HOST}:{_free_port()}"
         self.certs = self.workdir / "certs"

@@ -2,9 +2,14 @@
 
 Used by the sweep (`dpfl sweep`) and by the end-to-end tests.
 Each federation gets its own FLWR_HOME (a copy of the project's
-`.flwr/config.toml`) and its own ports, so it never touches a user's SuperLink,
-and it stops the SuperLink it started by PID. `flwr run` exits 0 even when the
-run fails, so the status comes from `flwr ls --run-id ID --format json`.
+`.flwr/config.toml`) and its own ports (FLWR_LOCAL_SUPERLINK_HTTP_API_PORT, which
+also serves the Runtime API, and FLWR_LOCAL_CONTROL_API_PORT: the only ports the
+local SuperLink opens), so it never touches a user's SuperLink, and it stops the
+SuperLink it started, and every process under it, by PID. Once stopped, it runs
+no more `flwr` commands: any of them would start a new SuperLink nobody stops.
+`flwr run` exits 0 even when the run fails, so the status comes from
+`flwr ls --run-id ID --format json`. The simulation's size goes with each run
+(`--federation-config`, flwr 1.42's replacement for the connection's `options.`).
 """
 
 from __future__ import annotations
@@ -45,13 +50,18 @@ class LocalFederation:
     """
 
     connection = "local"  # the `[superlink.<name>]` of config.toml that `flwr` talks to
+    local_superlink = True  # `flwr` starts Flower's local SuperLink for this connection
 
     def __init__(self, home: Path, num_supernodes: int = 10) -> None:
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
-        text = (PROJECT / ".flwr" / "config.toml").read_text()
-        text = text.replace("num-supernodes = 10", f"num-supernodes = {num_supernodes}")
-        (self.home / "config.toml").write_text(text)
+        shutil.copy(PROJECT / ".flwr" / "config.toml", self.home / "config.toml")
+        # Sent with every run: one CPU per client actor (see .flwr/config.toml).
+        self.federation_config: dict[str, int | float] = {
+            "num-supernodes": num_supernodes, "client-resources-num-cpus": 1,
+            "client-resources-num-gpus": 0.0,
+        }
+        self.stopped = False
         self.env = {
             **os.environ,
             "FLWR_HOME": str(self.home),
@@ -65,12 +75,37 @@ class LocalFederation:
         }
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        if self.stopped:
+            raise FederationError(f"`flwr {' '.join(args)}` after stop() would start a new "
+                                  "local SuperLink that nobody stops")
         return subprocess.run([str(BIN / "flwr"), *args], cwd=PROJECT, env=self.env,
                               capture_output=True, text=True, timeout=timeout)
 
+    def start_local_superlink(self, timeout: float = 180) -> None:
+        """Start the local SuperLink as `flwr` would, but with a longer start-up wait.
+
+        `flwr` gives a new local SuperLink 15 s to answer, then kills it; on a
+        busy 2-core machine its imports alone can take longer. Flower's own
+        start function, run with this federation's environment (ports,
+        FLWR_HOME), so every later `flwr` command finds it up.
+        """
+        code = ("import flwr.cli.local_superlink as local\n"
+                f"local.LOCAL_SUPERLINK_STARTUP_TIMEOUT = {float(timeout)}\n"
+                "if not local._is_local_superlink_started():\n"
+                "    local._start_local_superlink()\n")
+        out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, env=self.env,
+                             capture_output=True, text=True, timeout=timeout + 60)
+        if out.returncode != 0:
+            raise FederationError(f"local SuperLink did not start:\n{out.stdout}\n{out.stderr}")
+
     def submit(self, *run_configs: str) -> int:
         """Start a run; later run-config strings override earlier ones key by key."""
+        if self.local_superlink and not self.superlink_pids():
+            self.start_local_superlink()
         args = ["run", ".", self.connection, "--format", "json"]
+        if self.federation_config:
+            args += ["--federation-config", " ".join(
+                f"{key}={value}" for key, value in self.federation_config.items())]
         for run_config in run_configs:
             if run_config:
                 args += ["--run-config", run_config]
@@ -114,15 +149,69 @@ class LocalFederation:
         return [int(p) for p in out.stdout.split()]
 
     def stop(self) -> None:
-        """Stop this federation's SuperLink (and its process group) by PID."""
-        for pid in self.superlink_pids():
-            try:
-                os.killpg(os.getpgid(pid), signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while self.superlink_pids() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in self.superlink_pids():
-            os.kill(pid, signal.SIGKILL)
+        """Stop this federation's SuperLink and every process under it, by PID.
+
+        Flower starts the SuperExec and the simulation (`flwr-simulation`, Ray)
+        in sessions of their own, so the SuperLink's process group does not
+        hold them: collect the whole tree first, then stop it.
+        """
+        self.stopped = True
+        stop_tree(self.superlink_pids())
         shutil.rmtree(self.home / "local-superlink", ignore_errors=True)
+
+
+def stop_tree(roots: list[int], grace: float = 20) -> list[int]:
+    """SIGTERM `roots` and all their descendants, SIGKILL what is left after `grace` s.
+
+    The tree is collected first: killing a parent re-parents its children.
+    Returns the pids that were stopped.
+    """
+    tree = [pid for root in roots for pid in process_tree(root)]
+    signal_all(tree, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive(tree) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    signal_all(alive(tree), signal.SIGKILL)
+    return tree
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            children.setdefault(int(stat[1]), []).append(int(entry.name))
+    return children
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants, parents first."""
+    children, tree = _children(), [root]
+    for pid in tree:
+        tree.extend(children.get(pid, []))
+    return tree
+
+
+def alive(pids: list[int]) -> list[int]:
+    """The pids that still run (zombies, already dead, count as gone)."""
+    running = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            running.append(pid)
+    return running
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass

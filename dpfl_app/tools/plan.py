@@ -11,7 +11,9 @@ import json
 import math
 import sys
 
-from dpfl_app.privacy.accounting import ACCOUNTANTS, SAMPLING_MODES, AccountingModel, epsilon_after
+from dpfl_app.privacy.accounting import (
+    ACCOUNTANTS, SAMPLING_MODES, AccountingModel, epsilon_after, headline_accountant,
+)
 from dpfl_app.privacy.calibration import calibrate_clients, calibrate_noise, max_clients_within
 from dpfl_app.privacy.report import fmt_eps, strength
 from dpfl_app.tools.cli import HelpFormatter
@@ -33,14 +35,15 @@ Modes (which options you give decides the question):
 Every mode also prints ε after 1, T/10, 2T/10, ..., T rounds (RDP, and PLD where it
 applies).
 
-Sampling models (dp-notes section 3):
+Sampling models (Andrew et al. 2021; dp-accounting's DpEvents):
   poisson  each client joins each round with probability q = m/N, the server divides by
            the fixed m; add-or-remove-one. Event PoissonSampled(q, Gaussian(z)).
   fixed    exactly m of N without replacement (Flower's random.sample); replace-one,
            so the sensitivity doubles. Event SampledWithoutReplacement(N, m,
            Gaussian(z/2)), RDP only.
 
-Example (seed 002):
+Example (50,000 clients, 100 rounds, noise growing with the cohort as in
+McMahan et al. 2018, "Learning Differentially Private Recurrent Language Models"):
   dpfl plan --population 50000 --rounds 100 --delta 1e-4 \\
       --target-epsilon 2 --noise-to-clients-ratio 0.005
 """
@@ -87,15 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="R", help="search m with z = m·R (needs --target-epsilon)")
     plan.add_argument("--sampling", choices=SAMPLING_MODES, default="poisson",
                       help="sampling model")
-    plan.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp",
-                      help="accountant used for calibration (rdp is conservative; "
-                           "pld only with poisson)")
+    plan.add_argument("--accountant", choices=ACCOUNTANTS, default=None,
+                      help="accountant used for calibration; default: the run's headline "
+                           "accountant, pld for poisson (tighter) and rdp for fixed "
+                           "(pld does not apply to fixed)")
     plan.add_argument("--json", action="store_true", help="print machine-readable JSON")
     return plan
 
 
 def _validate(parser: argparse.ArgumentParser, a: argparse.Namespace) -> str:
     """Return the mode name, or exit through parser.error."""
+    if a.accountant is None:  # the same default as the app's run: its headline epsilon
+        a.accountant = headline_accountant(AccountingModel(a.sampling, 1.0, a.population, 1,
+                                                           a.delta))
     if a.clients is not None and a.clients > a.population:
         parser.error(f"--clients ({a.clients}) cannot exceed --population ({a.population})")
     if a.accountant == "pld" and a.sampling == "fixed":

@@ -195,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for i, (noise, seed) in enumerate(plan, 1):
                 label = f"[run {i}/{len(plan)}] noise={noise:g} seed={seed}"
-                print(f"{label} starting", flush=True)
+                mean_s = (time.monotonic() - start) / (i - 1) if i > 1 else None
+                eta = f" (sweep: about {mean_s * (len(plan) - i + 1) / 60:.1f} min left)" \
+                    if mean_s else ""
+                print(f"{label} starting{eta}", flush=True)
                 out = args.output / "runs" / f"noise-{noise:g}-seed-{seed}"
                 record = run_one(fed, noise, seed, out, args.run_config,
                                  args.timeout_per_run, label, args.audit_canaries)

@@ -18,8 +18,10 @@ from dpfl_app.tools.cli import main  # noqa: E402
 from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger, epsilon_after  # noqa: E402
 from dpfl_app.privacy.report import privacy_report, strength  # noqa: E402
 
-SEED002 = ["plan", "--population", "50000", "--rounds", "100", "--delta", "1e-4",
-           "--target-epsilon", "2", "--noise-to-clients-ratio", "0.005"]
+# McMahan et al. 2018's question: noise growing with the cohort (z = 0.005 m), RDP as there.
+RATIO_EXAMPLE = ["plan", "--population", "50000", "--rounds", "100", "--delta", "1e-4",
+                 "--target-epsilon", "2", "--noise-to-clients-ratio", "0.005",
+                 "--accountant", "rdp"]
 
 
 def _ledger(sampling, z, n, m, delta, rounds):
@@ -115,20 +117,34 @@ def test_delta_not_below_one_over_n_is_flagged():
     assert "not well below 1/N" not in privacy_report(_ledger("poisson", 2.0, 10, 2, 1e-5, 1), 1)
 
 
-def test_plan_cli_seed002_text_and_json(capsys):
-    res = _cli(*SEED002)
+def test_plan_cli_ratio_example_text_and_json(capsys):
+    res = _cli(*RATIO_EXAMPLE)
     assert res.returncode == 0, res.stderr
     assert "m = 124 clients per round, noise multiplier z = 0.62" in res.stdout
     assert "RDP ε = 1.97" in res.stdout
     assert "not well below 1/N" in res.stdout  # 1e-4 vs 1/50000 = 2e-5
     rows = [ln.split() for ln in res.stdout.splitlines() if ln.strip()[:1].isdigit()]
     assert [int(r[0]) for r in rows] == [1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
-    assert main([*SEED002, "--json"]) == 0  # same entry point, in-process (faster)
+    assert main([*RATIO_EXAMPLE, "--json"]) == 0  # same entry point, in-process (faster)
     out = json.loads(capsys.readouterr().out)
     assert out["answer"] == {"clients_per_round": 124, "noise_multiplier": pytest.approx(0.62)}
     assert out["epsilon"]["rdp"] == pytest.approx(1.9697, abs=1e-3)
     rdp = [row["rdp"] for row in out["curve"]]
     assert rdp == sorted(rdp) and out["curve"][-1]["rounds"] == 100
+
+
+@pytest.mark.parametrize("sampling,headline", [("poisson", "pld"), ("fixed", "rdp")])
+def test_plan_defaults_to_the_accountant_of_the_runs_headline(capsys, sampling, headline):
+    from dpfl_app.server_app import choose_noise
+
+    assert main(["plan", "-N", "10", "-T", "5", "--delta", "1e-5", "--target-epsilon", "8",
+                 "--clients", "6", "--sampling", sampling, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["accountant"] == headline
+    cfg = {"target-epsilon": 8.0, "target-delta": 1e-5, "rounds": 5, "clients": 6,
+           "sampling": sampling, "noise": 0.3}
+    # the noise the app would calibrate for the same target: the plan's answer
+    assert out["answer"]["noise_multiplier"] == pytest.approx(choose_noise(cfg, 10), rel=1e-6)
 
 
 def test_plan_cli_help_exits_zero():
@@ -146,7 +162,7 @@ def test_plan_in_process_modes(capsys):
     assert out["epsilon"]["rdp"] == pytest.approx(180.48, abs=0.05) and out["epsilon"]["pld"] is None
     assert out["strength"] == "no meaningful protection"
     assert main(["plan", "-N", "3383", "-T", "100", "--delta", "1e-5", "--target-epsilon", "2",
-                 "--noise", "1.2"]) == 0
+                 "--noise", "1.2", "--accountant", "rdp"]) == 0
     assert "m = 120 clients per round" in capsys.readouterr().out
     assert main(["plan", "-N", "10", "-T", "5", "--delta", "1e-5", "--noise", "0", "--clients", "6",
                  "--json"]) == 0

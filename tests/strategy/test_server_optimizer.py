@@ -72,6 +72,12 @@ def test_state_survives_a_checkpoint_round_trip(name):
         np.testing.assert_array_equal(a, b)
 
 
+def test_the_config_lists_the_same_optimizers():
+    from dpfl_app.config import SERVER_OPTIMIZERS as listed
+    from dpfl_app.strategy.server_optimizer import SERVER_OPTIMIZERS
+    assert listed == SERVER_OPTIMIZERS
+
+
 def _final_model(out) -> dict:
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
     return torch.load(run_dir / "final_model.pt", weights_only=True), run_dir

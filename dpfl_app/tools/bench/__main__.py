@@ -134,8 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report: dict = {"machine": machine(), "command": " ".join(sys.argv), "scales": []}
     with tempfile.TemporaryDirectory(prefix="dpfl-bench-") as work:
-        for population, clients in args.scales:
+        for i, (population, clients) in enumerate(args.scales, 1):
             start = time.monotonic()
+            print(f"[scale {i}/{len(args.scales)}] N={population} m={clients}: in-process limit"
+                  + ("" if args.skip_app else ", then `flwr run .` with DP on and off")
+                  + f", {args.rounds} rounds each ...", flush=True)
             result = run_scale(population, clients, args.rounds, args.run_config, Path(work),
                                args.skip_app, args.warm_cache)
             report["scales"].append(result)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 import threading
 import time
@@ -107,19 +106,16 @@ def run_app(home: Path, population: int, run_config: str, rounds: int,
             client_cpus: float | None = None, ray_cpus: int | None = None) -> dict:
     """One `flwr run .` with `rounds` rounds on `population` SuperNodes; its timings.
 
-    `client_cpus` overrides .flwr/config.toml's client-resources num-cpus;
+    `client_cpus` overrides the CPUs per client actor (1, see .flwr/config.toml);
     `ray_cpus` tells Ray how many CPUs to share out (default: the machine's),
     so that ray_cpus / client_cpus client actors run.
     """
     fed = LocalFederation(home, num_supernodes=population)
     fed.env.update(env or {})
     if client_cpus is not None:
-        config = fed.home / "config.toml"
-        config.write_text(re.sub(r"num-cpus = [0-9.]+", f"num-cpus = {client_cpus:g}",
-                                 config.read_text()))
+        fed.federation_config["client-resources-num-cpus"] = int(client_cpus)
     if ray_cpus is not None:
-        with open(fed.home / "config.toml", "a") as config:
-            config.write(f"\n[superlink.local.options.backend.init-args]\nnum-cpus = {ray_cpus}\n")
+        fed.federation_config["init-args-num-cpus"] = int(ray_cpus)
     out = Path(tempfile.mkdtemp(dir=home, prefix="out-"))  # never an older run's folder
     sampler = TreeSampler(home)
     sampler.start()
@@ -145,7 +141,7 @@ def run_app(home: Path, population: int, run_config: str, rounds: int,
             "peak_rss_mb": sampler.peak_rss / 2**20, "cpu_s": cpu, "log_bytes": log_bytes}
 
 
-def _watch(out: Path, status, deadline: float) -> dict:
+def _watch(out: Path, status, deadline: float, status_interval: float = 10.0) -> dict:
     """Stamp each round by results.json's modification time, until privacy.md appears.
 
     The recorder rewrites results.json once per round, so each new mtime is one
@@ -153,14 +149,18 @@ def _watch(out: Path, status, deadline: float) -> dict:
     """
     found = {"status": "running", "server_start": None, "round_written": []}
     finished: list[str] = []  # set by a thread: `flwr ls` takes seconds, stat calls must not wait
+    done = threading.Event()  # set when watching ends: no `flwr ls` after that
 
     def check_status() -> None:  # a failed run writes nothing more: only Flower knows
-        while not finished and time.time() < deadline:
-            time.sleep(10)
+        # Wake on `done`, not after a blind sleep: once the caller has stopped the
+        # SuperLink, a `flwr ls` would start a new one that nobody stops.
+        while not done.wait(status_interval) and time.time() < deadline:
             if (current := status()).startswith("finished"):
                 finished.append(current)
+                return
 
-    threading.Thread(target=check_status, daemon=True).start()
+    checker = threading.Thread(target=check_status, daemon=True)
+    checker.start()
     run_dir, last_mtime = None, None
     while time.time() < deadline and not finished:
         time.sleep(0.02)
@@ -180,9 +180,10 @@ def _watch(out: Path, status, deadline: float) -> dict:
                 found["status"] = "completed"
                 break
     found["ended"] = time.time()
+    done.set()
+    checker.join()  # a `flwr ls` in flight ends before the caller stops the SuperLink
     if finished and found["status"] == "running":
         found["status"] = finished[0]
-    finished.append("stop")  # ends check_status
     return found
 
 
