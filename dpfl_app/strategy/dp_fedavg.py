@@ -15,6 +15,8 @@ and it samples the cohort the way the accountant assumes (Poisson or fixed).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import random
 import time
 from collections.abc import Iterable
@@ -31,7 +33,9 @@ from dpfl_app.privacy import mechanism
 from dpfl_app.privacy.accounting import PrivacyLedger
 from dpfl_app.strategy.canaries import CanaryAudit
 from dpfl_app.strategy.replies import screen_replies
-from dpfl_app.strategy.server_optimizer import ServerOptimizer
+
+if TYPE_CHECKING:  # torch.optim: imported only when a run builds one
+    from dpfl_app.strategy.server_optimizer import ServerOptimizer
 
 
 class BudgetExhausted(Exception):
