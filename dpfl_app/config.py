@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from dpfl_app.data.datasets import DATASETS, PARTITIONINGS, describe
+from dpfl_app.data.datasets import CLIENT_VAL_FRACTION, DATASETS, PARTITIONINGS, describe
 from dpfl_app.privacy import SAMPLING_MODES
 from dpfl_app.data.registry import is_hub_id
 from dpfl_app.data.settings import ClientSettings, node_source
@@ -44,6 +44,8 @@ NODE_DATA = ("partitions", "local")
 # The model names of task.MODELS, here so that validating needs no torch
 # (a test checks that both lists agree).
 MODEL_NAMES = ("digits-mlp", "digits-cnn", "mnist-cnn", "lenet")
+# strategy/server_optimizer.py's optimizers, here for the same reason (a test checks).
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 
 KEYS: dict[str, Key] = {
     "noise": NON_NEGATIVE,
@@ -57,6 +59,8 @@ KEYS: dict[str, Key] = {
     "batch-size": POSITIVE_INT,
     "lr": POSITIVE,
     "server-lr": POSITIVE,
+    "server-optimizer": _choice(SERVER_OPTIMIZERS),
+    "server-momentum": Key(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "dataset": Key(str, lambda v: v in DATASETS or is_hub_id(v),
                    "one of " + ", ".join(DATASETS) + ", or a Hugging Face dataset id owner/name"),
     "model": Key(str, lambda v: v == "auto" or v in MODEL_NAMES,
@@ -78,6 +82,8 @@ KEYS: dict[str, Key] = {
     "max-epsilon": NON_NEGATIVE,
     "target-epsilon": NON_NEGATIVE,
     "seed": Key(int, lambda v: v >= 0, "an integer >= 0"),
+    "simulate-population": Key(int, lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    "simulate-clients": Key(int, lambda v: v >= 0, "an integer >= 0 (0 = off)"),
     "deterministic-noise": Key(bool),
     "secure-aggregation": Key(bool),
     "secagg-neighbours": Key(int, lambda v: v >= 0, "an integer >= 0 (0 = all others)"),
@@ -142,7 +148,21 @@ def validate(run_config: dict[str, Any]) -> dict[str, Any]:
             f"run-config key 'clients' = {clean['clients']} exceeds population="
             f"{clean['population']}; allowed: 1..population (or population=0)"
         )
+    _check_simulation(clean)
     return clean
+
+
+def _check_simulation(cfg: dict[str, Any]) -> None:
+    """simulate-population and simulate-clients: both off, or a cohort within the population."""
+    big_n, big_m = cfg["simulate-population"], cfg["simulate-clients"]
+    if (big_n == 0) != (big_m == 0):
+        raise ConfigError(
+            f"simulate-population={big_n} and simulate-clients={big_m}: set both (a simulated "
+            "deployment of N users with cohorts of m) or neither (0 = off)")
+    if big_n and not cfg["clients"] <= big_m <= big_n:
+        raise ConfigError(
+            f"simulate-clients={big_m} must be between clients={cfg['clients']} (the real "
+            f"cohort) and simulate-population={big_n}")
 
 
 def data_source(cfg: dict[str, Any]) -> dict[str, str]:
@@ -169,4 +189,6 @@ def client_settings(context) -> ClientSettings:
         data_dir=cfg["data-dir"], image_column=cfg["image-column"],
         label_column=cfg["label-column"],
         num_classes=num_classes, **node,
+        # Only client-side evaluation reads a validation split; without it, train on all data.
+        val_fraction=CLIENT_VAL_FRACTION if cfg["client-eval"] else 0.0,
     )

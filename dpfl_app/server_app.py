@@ -19,6 +19,7 @@ from flwr.supercore import log
 from dpfl_app.config import validate
 from dpfl_app.errors import ConfigError
 from dpfl_app.run import outcome
+from dpfl_app.strategy.large_deployment import deployment  # light: no torch
 
 if TYPE_CHECKING:
     from dpfl_app.strategy.canaries import CanaryAudit
@@ -34,11 +35,13 @@ def choose_noise(cfg: dict, population: int) -> float:
     from dpfl_app.privacy.accounting import AccountingModel, headline_accountant
     from dpfl_app.privacy.calibration import calibrate_noise
 
+    big = deployment(cfg, population)  # a simulated deployment is calibrated for itself
+    population, clients = big.population, big.clients_per_round
     # Calibrate with the accountant that will report the run's epsilon.
     headline = headline_accountant(AccountingModel(cfg["sampling"], 1.0, population,
-                                                   cfg["clients"], cfg["target-delta"]))
+                                                   clients, cfg["target-delta"]))
     z = calibrate_noise(cfg["target-epsilon"], cfg["target-delta"], cfg["rounds"],
-                        population, cfg["clients"], cfg["sampling"], accountant=headline)
+                        population, clients, cfg["sampling"], accountant=headline)
     log(INFO, "target-epsilon=%s: calibrated noise multiplier z=%.6g (replaces noise=%s)",
         cfg["target-epsilon"], z, cfg["noise"])
     return z
@@ -56,15 +59,17 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
     from dpfl_app.strategy.secure_aggregation import SecureDPFedAvgAdaptive
 
     stddev = cfg["clipped-count-stddev"]
-    split = mechanism.split_noise(noise, cfg["clients"],
+    big = deployment(cfg, population)  # the run's own, or a simulated larger one
+    split = mechanism.split_noise(noise, big.clients_per_round,
                                   None if stddev == "auto" else float(stddev))
     if split.raised:
         log(WARNING, "clipped-count-stddev raised from m/20=%.3f to %.3f so that noise z=%.4g"
             " < 2*sigma_b; update noise multiplier z_delta=%.4f", split.default_count_stddev,
             split.count_stddev, noise, split.update_noise_multiplier)
     generators = server_generators(cfg["seed"] if cfg["deterministic-noise"] else None)
-    ledger = PrivacyLedger(AccountingModel(cfg["sampling"], noise, population, cfg["clients"],
-                                           cfg["target-delta"]), noise_secret=generators.secret)
+    ledger = PrivacyLedger(AccountingModel(cfg["sampling"], noise, big.population,
+                                           big.clients_per_round, cfg["target-delta"]),
+                           noise_secret=generators.secret)
     # FedAvg addresses every online node; the strategy keeps the sampled slots.
     fedavg = FedAvg(
         fraction_train=1.0,
@@ -88,6 +93,8 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
         node_wait_timeout=cfg["node-wait-timeout"], max_epsilon=cfg["max-epsilon"],
         server_lr=cfg["server-lr"], canaries=canaries,
         **(secure if cfg["secure-aggregation"] else {}),
+        server_optimizer=server_optimizer(cfg),
+        noise_scale=big.noise_scale, sampling_population=population,
     )
     strategy.announcement = client_policy.announcement(ledger.model, cfg["rounds"],
                                                        cfg["secure-aggregation"])
@@ -116,6 +123,17 @@ def population_assumption(cfg: dict, population: int) -> str:
             f"(run-config population=0). This is an assumption: the guarantee holds for "
             f"this population. Nodes that join later are only sampled into free slots, "
             f"so none is chosen more often than m/N.")
+
+
+def server_optimizer(cfg: dict):
+    """`server-optimizer` over the model's arrays (their shapes; values come each step)."""
+    from dpfl_app.config import model_spec
+    from dpfl_app.strategy.server_optimizer import ServerOptimizer
+    from dpfl_app.task import build_model
+
+    like = [v.numpy() for v in build_model(*model_spec(cfg)).state_dict().values()]
+    return ServerOptimizer(cfg["server-optimizer"], like, cfg["server-lr"],
+                           cfg["server-momentum"])
 
 
 def audit_canaries(cfg: dict, population: int) -> CanaryAudit | None:
@@ -156,6 +174,8 @@ def restore(strategy: DPFedAvgAdaptive, state: dict) -> None:
     if state["rng"] is not None:  # deterministic-noise only; secret generators are never saved
         strategy.sampling_rng.bit_generator.state = state["rng"]["sampling"]
         strategy.rng.bit_generator.state = state["rng"]["noise"]
+    if state.get("server_optimizer") is not None:
+        strategy.server_optimizer.load_state_dict(state["server_optimizer"])
     if strategy.canaries is not None:
         strategy.canaries.load_state_dict(state["audit"])
     if ledger_state["rounds"] > state["ledger"]["rounds"]:
@@ -266,6 +286,9 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
     state = checkpoint.load(cfg["resume-from"], cfg) if cfg["resume-from"] else None
     online = population(grid, cfg)  # SuperNodes connected at the start
     num_nodes = population_size(cfg, online, state)
+    simulation = deployment(cfg, num_nodes)
+    if simulation.simulated:
+        log(WARNING, "%s", simulation.summary())
     noise = state["noise"] if state else choose_noise(cfg, num_nodes)
     strategy = build_strategy(cfg, num_nodes, noise)
     assumption = population_assumption(cfg, num_nodes)
@@ -309,7 +332,8 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
     recorder.write()
     report = privacy_report(strategy.ledger, len(strategy.records), recorder.stop_reason,
                             audit=recorder.audit, secure_aggregation=cfg["secure-aggregation"],
-                            assumptions=[assumption])
+                            assumptions=[assumption],
+                            simulation=simulation.summary() if simulation.simulated else None)
     outputs.write_atomic(run_dir / "privacy.md", report.encode())
     for line in report.splitlines():
         log(INFO, "%s", line)

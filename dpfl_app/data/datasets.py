@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from dpfl_app.data.memory_cache import PARTITIONS
 from dpfl_app.data.registry import (  # noqa: F401  (DATASETS, DatasetSpec: re-export)
     COLOUR, DATASETS, GREY, GREY_MODES, DatasetSpec, get_spec,
 )
@@ -25,7 +26,9 @@ from dpfl_app.data.registry import (  # noqa: F401  (DATASETS, DatasetSpec: re-e
 PARTITIONINGS = ("iid", "dirichlet", "shard")
 # The server's held-out test set for `digits`, which has no official split.
 DIGITS_TEST_FRACTION = 0.2
-# Each client keeps this fraction of its partition for local validation.
+# With client-eval on, each client keeps this fraction of its partition for
+# local validation. With it off (the default) nothing reads a validation split,
+# so clients train on all their data (val_fraction=0).
 CLIENT_VAL_FRACTION = 0.2
 
 
@@ -234,26 +237,32 @@ def _partitioned(name: str, data_dir: str, image_column: str, label_column: str,
         raise RuntimeError(_offline_help(name, spec)) from err
 
 
-@functools.lru_cache(maxsize=8)
+@PARTITIONS.cached  # bounded by bytes (memory_cache.py), not by a count of partitions
 def load_client_data(name: str, partition_id: int, num_partitions: int,
                      partitioning: str = "iid", alpha: float = 0.5, seed: int = 42,
                      data_dir: str = "", image_column: str = "",
-                     label_column: str = "") -> tuple[Tensors, Tensors]:
-    """A client's (train, validation) tensors: its partition, split 80/20."""
+                     label_column: str = "", val_fraction: float = 0.0) -> tuple[Tensors, Tensors]:
+    """A client's (train, validation) tensors: its partition, `val_fraction` held out."""
     spec = describe(name, data_dir, image_column, label_column)
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id={partition_id} must be in [0, {num_partitions})")
     partitioner, _ = _partitioned(name, data_dir, image_column, label_column,
                                   partitioning, num_partitions, alpha, seed)
-    return split_for_client(partitioner.load_partition(partition_id), spec, seed)
+    return split_for_client(partitioner.load_partition(partition_id), spec, seed, val_fraction)
 
 
-def split_for_client(rows, spec: DatasetSpec, seed: int) -> tuple[Tensors, Tensors]:
-    """A client's rows (a `datasets.Dataset`) as (train, validation) tensors, 80/20."""
-    if len(rows) < 2:  # e.g. digits over 1,000 clients: one example, all of it for training
+def split_for_client(rows, spec: DatasetSpec, seed: int,
+                     val_fraction: float = 0.0) -> tuple[Tensors, Tensors]:
+    """A client's rows (a `datasets.Dataset`) as (train, validation) tensors.
+
+    `val_fraction=0` (client-eval off): every row trains, the validation split is
+    empty. Otherwise that fraction is held out, except from a one-row client
+    (e.g. digits over 1,000 clients), which trains on its one example.
+    """
+    if val_fraction <= 0 or len(rows) < 2:
         train = to_tensors(rows[:], spec)
         return train, Tensors(train.images[:0], train.labels[:0])
-    split = rows.train_test_split(test_size=CLIENT_VAL_FRACTION, seed=seed)
+    split = rows.train_test_split(test_size=val_fraction, seed=seed)
     return to_tensors(split["train"][:], spec), to_tensors(split["test"][:], spec)
 
 

@@ -14,8 +14,8 @@ encoded images as `datasets` writes them (PNG/JPEG bytes) or arrays of pixels
 (digits: 8x8 floats in [0, 16]). The folder is read like `hf download
 --local-dir` output: files named train*.parquet (or in a train/ folder) are the
 train split, other split names are ignored; with no split names at all, every
-file is training data. The site keeps 20% of it for its local validation,
-as with the demo partitions. `dpfl export-data` writes a
+file is training data. With client-eval on, the site keeps 20% of it for its
+local validation, as with the demo partitions; with it off, all of it trains. `dpfl export-data` writes a
 demo partition in this format.
 """
 
@@ -74,7 +74,8 @@ def _read_train_split(data_path: str, spec: DatasetSpec):
 
 
 @functools.lru_cache(maxsize=2)
-def load_node_data(data_path: str, spec: DatasetSpec, seed: int = 42) -> tuple[Tensors, Tensors]:
+def load_node_data(data_path: str, spec: DatasetSpec, seed: int = 42,
+                   val_fraction: float = 0.0) -> tuple[Tensors, Tensors]:
     """This site's (train, validation) tensors from the files at `data_path`."""
     train = _read_train_split(data_path, spec)
     if len(train) < 2:
@@ -84,7 +85,7 @@ def load_node_data(data_path: str, spec: DatasetSpec, seed: int = 42) -> tuple[T
                  if not isinstance(label, int) or not 0 <= label < spec.num_classes)
     if bad:
         raise _fail(data_path, f"has labels outside [0, {spec.num_classes}): {bad[:5]}", spec)
-    return split_for_client(train, spec, seed)
+    return split_for_client(train, spec, seed, val_fraction)
 
 
 def client_data(settings: ClientSettings) -> tuple[Tensors, Tensors]:
@@ -92,11 +93,12 @@ def client_data(settings: ClientSettings) -> tuple[Tensors, Tensors]:
     if settings.data_path:
         spec = describe(settings.dataset, settings.data_dir, settings.image_column,
                         settings.label_column)
-        return load_node_data(settings.data_path, spec, settings.seed)
+        return load_node_data(settings.data_path, spec, settings.seed, settings.val_fraction)
     return load_client_data(
         settings.dataset, settings.partition_id, settings.num_partitions,
         settings.partitioning, settings.dirichlet_alpha, settings.seed,
         settings.data_dir, settings.image_column, settings.label_column,
+        settings.val_fraction,
     )
 
 

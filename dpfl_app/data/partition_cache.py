@@ -1,8 +1,8 @@
 """A node's prepared partition on disk, so that a cold process does not re-partition.
 
 In deployment every message starts a fresh `flwr-clientapp` process; in a
-simulation with more partitions than an actor's in-memory cache holds, most
-messages miss it. Without this cache each of them imports `datasets`,
+simulation with more partitions than an actor's in-memory cache holds
+(memory_cache.py), some messages miss it. Without this cache each of them imports `datasets`,
 scikit-learn and flwr-datasets and re-runs the partitioner (seconds); with it
 they read one small `torch.save` file (milliseconds).
 
@@ -15,7 +15,6 @@ is keyed by its id: after the Hub copy changes, delete the cache folder.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -23,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from dpfl_app.data import datasets as data
+from dpfl_app.data.memory_cache import PARTITIONS
 from dpfl_app.data.registry import get_spec
 
 CACHE_ENV = "DPFL_CACHE_DIR"
@@ -49,7 +49,7 @@ def _fingerprint(data_dir: str) -> list:
 
 def cache_key(name: str, partition_id: int, num_partitions: int, partitioning: str,
               alpha: float, seed: int, data_dir: str, image_column: str,
-              label_column: str) -> str:
+              label_column: str, val_fraction: float) -> str:
     """A hash of every input of `data.load_client_data`, and of the constants it uses."""
     spec = get_spec(name, image_column, label_column)
     params = {
@@ -57,7 +57,7 @@ def cache_key(name: str, partition_id: int, num_partitions: int, partitioning: s
         "num_partitions": num_partitions, "partitioning": partitioning, "alpha": alpha,
         "seed": seed, "data_dir": str(Path(data_dir).expanduser().resolve()) if data_dir else "",
         "files": _fingerprint(data_dir), "spec": dataclasses.asdict(spec),
-        "val_fraction": data.CLIENT_VAL_FRACTION, "test_fraction": data.DIGITS_TEST_FRACTION,
+        "val_fraction": val_fraction, "test_fraction": data.DIGITS_TEST_FRACTION,
     }
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -77,14 +77,14 @@ def _save(path: Path, tensors: dict) -> None:
         raise
 
 
-@functools.lru_cache(maxsize=8)
+@PARTITIONS.cached  # in memory first, within a byte budget (memory_cache.py)
 def load_client_data(name: str, partition_id: int, num_partitions: int,
                      partitioning: str = "iid", alpha: float = 0.5, seed: int = 42,
-                     data_dir: str = "", image_column: str = "",
-                     label_column: str = "") -> tuple[data.Tensors, data.Tensors]:
+                     data_dir: str = "", image_column: str = "", label_column: str = "",
+                     val_fraction: float = 0.0) -> tuple[data.Tensors, data.Tensors]:
     """`data.load_client_data`, served from the disk cache when it holds the partition."""
     args = (name, partition_id, num_partitions, partitioning, alpha, seed, data_dir,
-            image_column, label_column)
+            image_column, label_column, val_fraction)
     folder = cache_dir()
     if folder is None:
         return data.load_client_data(*args)

@@ -32,6 +32,8 @@ class ClientSettings:
     label_column: str = ""
     num_classes: int = 10
     data_path: str = ""  # node-data='local': this site's own files
+    # Held out for client-side evaluation; 0 (client-eval off): train on all data.
+    val_fraction: float = 0.0
 
 
 def node_source(node: dict[str, Any], node_data: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ Theorem 1). No Flower imports here: the strategy feeds this module numpy arrays.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -241,18 +241,24 @@ def dp_fedavg_step(
     server_lr: float,
     target_quantile: float,
     clip_lr: float,
+    step: Callable[[Sequence[np.ndarray], list[np.ndarray]], list[np.ndarray]] | None = None,
+    noise_scale: float = 1.0,
 ) -> tuple[list[np.ndarray], float, float]:
     """One server round: (new global model, noisy unclipped fraction, next clip norm).
 
     Shared by the strategy and the benchmark's in-process loop, so both run
     exactly the same math. The update noise is drawn before the count noise.
+    `step(global_model, noised_mean)` gives the next model (a server
+    optimizer); without it, the plain step w + server_lr * mean.
+    `noise_scale` multiplies both noises: m / m_big simulates the noise of a
+    cohort of m_big (strategy/large_deployment.py); such a run is not private.
     """
     deltas = [clip_to_norm([a - g for a, g in zip(model, global_model)], clip_norm)
               for model in client_models]
     return dp_fedavg_release(
         global_model, deltas, sum(int(b) for b in unclipped_bits), len(unclipped_bits),
         clip_norm, clients_per_round, split, rng, server_lr=server_lr,
-        target_quantile=target_quantile, clip_lr=clip_lr,
+        target_quantile=target_quantile, clip_lr=clip_lr, step=step, noise_scale=noise_scale,
     )
 
 
@@ -269,6 +275,8 @@ def dp_fedavg_release(
     server_lr: float,
     target_quantile: float,
     clip_lr: float,
+    step: Callable[[Sequence[np.ndarray], list[np.ndarray]], list[np.ndarray]] | None = None,
+    noise_scale: float = 1.0,
 ) -> tuple[list[np.ndarray], float, float]:
     """The release of `dp_fedavg_step` from already clipped deltas and the count of b_i = 1.
 
@@ -277,10 +285,15 @@ def dp_fedavg_release(
     noise, the fixed denominator m and the accounting are the same.
     """
     mean = noised_mean_update(clipped_deltas, clients_per_round,
-                              update_noise_stddev(split, clip_norm), rng, global_model,
-                              sum_bound=clients_per_round * clip_norm)
-    # A step of server-lr along the released mean: post-processing, no privacy cost.
-    new_model = [np.asarray(g + server_lr * u, dtype=g.dtype) for g, u in zip(global_model, mean)]
+                              noise_scale * update_noise_stddev(split, clip_norm), rng,
+                              global_model, sum_bound=clients_per_round * clip_norm)
+    # A step along the released mean: post-processing, no privacy cost.
+    if step is not None:
+        new_model = step(global_model, mean)
+    else:
+        new_model = [np.asarray(g + server_lr * u, dtype=g.dtype)
+                     for g, u in zip(global_model, mean)]
     fraction = noisy_unclipped_fraction_of_count(unclipped_count, num_contributors,
-                                                 clients_per_round, split.count_stddev, rng)
+                                                 clients_per_round,
+                                                 noise_scale * split.count_stddev, rng)
     return new_model, fraction, next_clip_norm(clip_norm, fraction, target_quantile, clip_lr)

@@ -10,6 +10,10 @@ from .threat_model import threat_model
 
 ACCEPTABLE_EPSILON = 8.0
 STRONG_EPSILON = 1.0
+# Where a user who got "not private" finds configurations that are private and useful.
+RECIPES_HINT = ("To train privately, start from a recipe instead: the run-config files in "
+                "`recipes/` (see README 'Recipes'), each with the federation it needs, "
+                "e.g. `flwr run . <connection> --run-config recipes/<file>.toml`.")
 
 
 def strength(epsilon: float) -> str:
@@ -120,16 +124,21 @@ def audit_section(audit: dict) -> list[str]:
 
 def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | None = None,
                    audit: dict | None = None, secure_aggregation: bool = False,
-                   assumptions: list[str] = ()) -> str:
+                   assumptions: list[str] = (), simulation: str | None = None) -> str:
     """Markdown privacy report for the rounds composed in `ledger`, with the audit if any.
 
     `assumptions` are sentences the guarantee rests on (e.g. how N was chosen).
+    `simulation`: the sentence that says this run only simulated the noise of
+    the deployment `ledger` accounts for; it then opens the report.
     """
     model, rounds, acc = ledger.model, ledger.rounds, ledger.headline
     eps = ledger.epsilon()
     eps_all = ledger.epsilons()
     cat = strength(eps)
     lines = ["# Privacy report", ""]
+    if simulation:
+        lines = [f"**THIS RUN IS A {simulation}**", "", "# Privacy report (of the simulated "
+                 "deployment)", ""]
     if ledger.noise_secret:
         lines.append(f"**Guarantee:** user-level (ε={fmt_eps(eps)}, δ={model.delta:g})-DP for any "
                      f"single client's entire data, under {describe_model(model, rounds, acc)}.")
@@ -154,7 +163,8 @@ def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | No
     if eps > 20:
         lines += ["", f"**This model should NOT be considered private.** With ε = {fmt_eps(eps)} "
                       f"the guarantee says nothing useful: an attacker could in principle tell "
-                      f"whether a given client took part, and learn about that client's data."]
+                      f"whether a given client took part, and learn about that client's data.",
+                  "", RECIPES_HINT]
     run = f"{rounds_run} round(s) ran"
     if stop_reason:
         lines += ["", f"Training stopped after {rounds_run} round(s): {stop_reason}."]

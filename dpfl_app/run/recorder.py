@@ -141,5 +141,8 @@ class RunRecorder:
             "initial": self.initial,
             "config": self.cfg,
             "noise": strategy.ledger.model.noise_multiplier,
+            # post-processing of released means only: safe to store (momentum, Adam moments)
+            "server_optimizer": (strategy.server_optimizer.state_dict()
+                                 if strategy.server_optimizer else None),
             "audit": strategy.canaries.state_dict() if strategy.canaries else None,
         })

@@ -23,6 +23,7 @@ DP guarantee covers.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ def clipped_deltas(models: list, global_nd: list[np.ndarray], clip: float) -> li
     """clip(w_i - w_t, C_t) for each model, as `mechanism.dp_fedavg_step` computes them."""
     return [mechanism.clip_to_norm([a - g for a, g in zip(model, global_nd)], clip)
             for model in models]
+
+if TYPE_CHECKING:  # torch.optim: imported only when a run builds one
+    from dpfl_app.strategy.server_optimizer import ServerOptimizer
 
 
 class BudgetExhausted(Exception):
@@ -102,6 +106,9 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         node_wait_timeout: float = 60.0,
         max_epsilon: float = 0.0,
         server_lr: float = 1.0,
+        server_optimizer: ServerOptimizer | None = None,
+        noise_scale: float = 1.0,
+        sampling_population: int | None = None,
         canaries: CanaryAudit | None = None,
     ) -> None:
         # Flower's base stores the *clipped* target; ours is the unclipped
@@ -117,11 +124,15 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self.rng = rng  # noise
         self.sampling_rng = sampling_rng  # cohorts; separate, so neither predicts the other
         self.sampling = sampling
-        self.population = ledger.model.population
+        # The nodes sampled from: the accountant's N, unless a larger
+        # deployment is simulated (large_deployment.py), with its noise_scale.
+        self.population = sampling_population or ledger.model.population
         self.sampler = SlotSampler(self.population, clients_per_round, sampling)
+        self.noise_scale = noise_scale
         self.node_wait_timeout = node_wait_timeout
         self.max_epsilon = max_epsilon
         self.server_lr = server_lr
+        self.server_optimizer = server_optimizer  # None: the plain server-lr step
         # The mechanism announced in every train message, for the clients' privacy
         # policy (dpfl_app.client_policy); set by the ServerApp.
         self.announcement: dict = {}
@@ -208,6 +219,8 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
             global_nd, deltas, unclipped, count,
             clip, m, self.split, self.rng, server_lr=self.server_lr,
             target_quantile=self.target_quantile, clip_lr=self.clip_norm_lr,
+            step=self.server_optimizer.step if self.server_optimizer else None,
+            noise_scale=self.noise_scale,
         )
         if self.canaries is not None:
             self.canaries.observe(global_nd, new_model)
@@ -224,7 +237,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
             "rounds_accounted": self.ledger.rounds,  # > round after a crash lost a release
             "clip_norm": clip,
             "next_clip_norm": self.clipping_norm,
-            "noise_std": mechanism.update_noise_stddev(self.split, clip) / m,
+            "noise_std": self.noise_scale * mechanism.update_noise_stddev(self.split, clip) / m,
             "noisy_unclipped_fraction": unclipped_fraction,
             "epsilon": eps[eps["headline"]],
             "epsilon_rdp": eps["rdp"],

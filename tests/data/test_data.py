@@ -332,8 +332,8 @@ def test_other_hub_dataset_gets_a_model_by_its_images(tmp_path, size, mode, mode
 # --- the built-in default ---------------------------------------------------
 
 def test_digits_train_and_test_are_disjoint_and_complete():
-    train, _ = data.load_client_data("digits", 0, 1, "iid", 0.5, 42)
-    _, val = data.load_client_data("digits", 0, 1, "iid", 0.5, 42)
+    train, val = data.load_client_data("digits", 0, 1, "iid", 0.5, 42,
+                                       val_fraction=data.CLIENT_VAL_FRACTION)
     test = data.load_test_data("digits", 42)
     as_rows = lambda t: {row.tobytes() for row in t.images.numpy()}  # noqa: E731
     train_rows, val_rows, test_rows = as_rows(train), as_rows(val), as_rows(test)

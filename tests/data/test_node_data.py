@@ -112,7 +112,7 @@ def test_png_images_in_the_hub_schema_load(tmp_path):
     """An mnist-schema site: PNG bytes in an Image struct, as `datasets` writes them."""
     labels = balanced_labels(20, seed=3)
     write_split(tmp_path / "train-00000-of-00001.parquet", labels, 0, 28, "L", metadata=False)
-    train, val = node_data.load_node_data(str(tmp_path), DATASETS["mnist"], 42)
+    train, val = node_data.load_node_data(str(tmp_path), DATASETS["mnist"], 42, 0.2)
     assert train.images.shape == (16, 1, 28, 28) and val.images.shape == (4, 1, 28, 28)
     assert sorted(train.labels.tolist() + val.labels.tolist()) == sorted(labels.tolist())
 

@@ -56,6 +56,7 @@ def test_seed000_report_says_not_private(sampling, eps_text, model_words):
         assert words in text
     assert "no meaningful protection" in text
     assert "should NOT be considered private" in text
+    assert "start from a recipe instead" in text and "`recipes/`" in text
     assert "What would reach ε ≤ 8" in text
     assert "you need noise ≥" in text
     assert "not reachable, even with all N = 10 clients" in text
@@ -73,6 +74,7 @@ def test_not_private_warning_starts_above_20(z, eps_text, word, not_private):
     assert f"({eps_text}, δ=1e-05)-DP" in text
     assert f"**Strength:** {word}." in text
     assert ("should NOT be considered private" in text) is not_private
+    assert ("`recipes/`" in text) is not_private
 
 
 def test_moderate_report_and_ratio_recommendation():

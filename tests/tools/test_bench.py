@@ -23,7 +23,8 @@ from dpfl_app.tools.bench.limit import run_limit
 from dpfl_app.task import build_model, train
 
 KEY_ARGS = dict(name="digits", partition_id=1, num_partitions=10, partitioning="iid",
-                alpha=0.5, seed=42, data_dir="", image_column="", label_column="")
+                alpha=0.5, seed=42, data_dir="", image_column="", label_column="",
+                val_fraction=0.0)
 
 
 @pytest.fixture
@@ -107,7 +108,8 @@ def test_the_key_covers_every_argument_of_load_client_data(tmp_path):
     assert (list(inspect.signature(partition_cache.cache_key).parameters)
             == list(inspect.signature(data.load_client_data).parameters))
     changed = dict(name="mnist", partition_id=2, num_partitions=11, partitioning="dirichlet",
-                   alpha=0.3, seed=7, data_dir=str(tmp_path), image_column="img", label_column="y")
+                   alpha=0.3, seed=7, data_dir=str(tmp_path), image_column="img", label_column="y",
+                   val_fraction=0.2)
     base = partition_cache.cache_key(**KEY_ARGS)
     for arg, value in changed.items():
         assert partition_cache.cache_key(**{**KEY_ARGS, arg: value}) != base, arg
@@ -123,7 +125,7 @@ def test_the_key_changes_when_a_local_copy_changes(tmp_path):
 
 def test_the_key_changes_with_the_split_constants(monkeypatch):
     base = partition_cache.cache_key(**KEY_ARGS)
-    monkeypatch.setattr(data, "CLIENT_VAL_FRACTION", 0.3)
+    monkeypatch.setattr(data, "DIGITS_TEST_FRACTION", 0.3)
     assert partition_cache.cache_key(**KEY_ARGS) != base
 
 
@@ -150,7 +152,7 @@ def test_a_thousand_clients_on_digits_each_get_data():
     train_set, val_set = data.load_client_data("digits", 999, 1000)
     assert len(train_set.labels) == 1 and len(val_set.labels) == 0
     assert val_set.images.shape[1:] == train_set.images.shape[1:]
-    train_set, val_set = data.load_client_data("digits", 0, 1000)
+    train_set, val_set = data.load_client_data("digits", 0, 1000, val_fraction=0.2)
     assert len(train_set.labels) == 1 and len(val_set.labels) == 1
 
 

@@ -27,6 +27,8 @@ from dpfl_app.data.node_data import client_data
 from dpfl_app.privacy import mechanism
 from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger
 from dpfl_app.privacy.randomness import server_generators
+from dpfl_app.strategy.large_deployment import deployment
+from dpfl_app.strategy.server_optimizer import ServerOptimizer
 from dpfl_app.task import build_model, test, train
 
 def local_update(run_config: dict, partition_id: int, population: int,
@@ -73,10 +75,13 @@ def _run_limit(run_config: dict, population: int, rounds: int) -> dict:
     cfg = validate(dict(run_config))
     m = cfg["clients"]
     stddev = cfg["clipped-count-stddev"]
-    split = mechanism.split_noise(cfg["noise"], m, None if stddev == "auto" else float(stddev))
+    big = deployment(cfg, population)  # as the ServerApp: maybe a simulated deployment
+    split = mechanism.split_noise(cfg["noise"], big.clients_per_round,
+                                  None if stddev == "auto" else float(stddev))
     generators = server_generators(cfg["seed"] if cfg["deterministic-noise"] else None)
-    ledger = PrivacyLedger(AccountingModel(cfg["sampling"], cfg["noise"], population, m,
-                                           cfg["target-delta"]), noise_secret=generators.secret)
+    ledger = PrivacyLedger(AccountingModel(cfg["sampling"], cfg["noise"], big.population,
+                                           big.clients_per_round, cfg["target-delta"]),
+                           noise_secret=generators.secret)
     rng = generators.sampling
     torch.manual_seed(cfg["seed"])
     net = build_model(*model_spec(cfg))
@@ -84,6 +89,8 @@ def _run_limit(run_config: dict, population: int, rounds: int) -> dict:
     global_nd = [v.numpy().copy() for v in net.state_dict().values()]
     test_loader = loader(load_test_data(cfg["dataset"], cfg["seed"], **data_source(cfg)),
                          512, False)
+    optimizer = ServerOptimizer(cfg["server-optimizer"], global_nd, cfg["server-lr"],
+                                cfg["server-momentum"])
     clip, records = cfg["initial-clip"], []
     for server_round in range(1, rounds + 1):
         start = time.perf_counter()
@@ -102,7 +109,8 @@ def _run_limit(run_config: dict, population: int, rounds: int) -> dict:
         # As the strategy: every round is released, an empty one as pure noise.
         global_nd, _, clip = mechanism.dp_fedavg_step(
             global_nd, models, bits, clip, m, split, generators.noise, server_lr=cfg["server-lr"],
-            target_quantile=cfg["target-quantile"], clip_lr=cfg["clip-lr"])
+            target_quantile=cfg["target-quantile"], clip_lr=cfg["clip-lr"],
+            step=optimizer.step, noise_scale=big.noise_scale)
         ledger.compose_round()
         epsilon = ledger.epsilons()[ledger.headline]  # both accountants, as the strategy
         aggregated = time.perf_counter()
