@@ -25,8 +25,13 @@ def test_an_audit_run_reports_beside_the_accounted_epsilon_and_survives_a_resume
     assert audit["canaries"] == audit["unseen_canaries"] == 40
     assert audit["rounds_observed"] == 3  # the resumed run kept round 1's cosines
     assert len(audit["max_cosines"]["inserted"]) == len(audit["max_cosines"]["unseen"]) == 40
-    assert audit["accounted_epsilon"] == pytest.approx(results["final"]["epsilon"])
-    assert 0 < audit["epsilon"] < audit["accounted_epsilon"] and audit["verdict"] == "below"
+    final = results["final"]  # deterministic-noise: compare with the secret-noise figure
+    assert audit["accounted_epsilon"] == pytest.approx(
+        final.get("epsilon_if_noise_secret", final["epsilon"]))
+    # 40 canaries give a wide interval at epsilon ~37 (seeds 42-46: 22 to 57): the
+    # estimate may exceed the accounted epsilon by chance, its 95% interval may not.
+    assert audit["epsilon"] > 0 and audit["verdict"] in ("below", "above-within-error")
+    assert audit["epsilon_ci95"][0] <= audit["accounted_epsilon"]
     assert audit["canaries_per_round"] == pytest.approx(24, abs=6)  # 40 * 6/10 on average
 
     report = (run_dir / "privacy.md").read_text()

@@ -135,7 +135,7 @@ def test_the_app_trains_on_site_folders_without_demo_partitions(sites, tmp_path,
     out = tmp_path / "out"
     cfg = default_run_config(**{"node-data": "local", "rounds": 2, "clients": 3,
                                 "sampling": "fixed", "output-dir": str(out)})
-    monkeypatch.setattr("tests.inprocess.InProcessGrid",
+    monkeypatch.setattr("dpfl_app.tools.inprocess.InProcessGrid",
                         lambda run_config, **_: SitesGrid(run_config, sites))
     run_server(cfg)
     (run_dir,) = out.iterdir()

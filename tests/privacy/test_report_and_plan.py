@@ -142,7 +142,7 @@ def test_plan_defaults_to_the_accountant_of_the_runs_headline(capsys, sampling, 
     out = json.loads(capsys.readouterr().out)
     assert out["accountant"] == headline
     cfg = {"target-epsilon": 8.0, "target-delta": 1e-5, "rounds": 5, "clients": 6,
-           "sampling": sampling, "noise": 0.3}
+           "sampling": sampling, "noise": 0.3, "simulate-population": 0, "simulate-clients": 0}
     # the noise the app would calibrate for the same target: the plan's answer
     assert out["answer"]["noise_multiplier"] == pytest.approx(choose_noise(cfg, 10), rel=1e-6)
 

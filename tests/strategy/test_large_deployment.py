@@ -11,6 +11,7 @@ import pytest
 from dpfl_app.config import validate
 from dpfl_app.errors import ConfigError
 from dpfl_app.privacy import mechanism
+from dpfl_app.run.outputs import read_diagnostics
 from dpfl_app.privacy.accounting import AccountingModel, epsilon_after
 from dpfl_app.strategy.large_deployment import deployment
 from tests.inprocess import default_run_config, run_server
@@ -64,12 +65,16 @@ def test_a_simulated_run_accounts_for_the_deployment_and_says_it_is_not_private(
     acc = results["accounting"]
     assert (acc["population"], acc["clients_per_round"]) == (100_000, 1_000)
     model = AccountingModel("poisson", 1.0, 100_000, 1_000, 1e-5)
-    assert results["final"]["epsilon"] == pytest.approx(epsilon_after(model, 2, "pld"), rel=1e-9)
+    # deterministic-noise: the guarantee is inf; the secret-noise figure is the accounted one
+    assert results["final"]["epsilon"] == "inf"
+    assert results["final"]["epsilon_if_noise_secret"] == pytest.approx(
+        epsilon_after(model, 2, "pld"), rel=1e-9)
     split = mechanism.split_noise(1.0, 1_000)
     for rec in results["rounds"]:
         assert rec["noise_std"] == pytest.approx(
             split.update_noise_multiplier * rec["clip_norm"] / 1_000)
-        assert rec["num_sampled"] <= 10  # the real cohort, drawn from the 10 real nodes
+    for diag in read_diagnostics(run_dir):  # exact counts: operator-only
+        assert diag["num_sampled"] <= 10  # the real cohort, drawn from the 10 real nodes
     report = (run_dir / "privacy.md").read_text()
     first = report.splitlines()[0]
     assert "SIMULATION" in first and "not itself private" in first
