@@ -237,28 +237,20 @@ def dp_fedavg_step(
     clients_per_round: float,
     split: NoiseSplit,
     rng: np.random.Generator,
-    *,
-    server_lr: float,
-    target_quantile: float,
-    clip_lr: float,
-    step: Callable[[Sequence[np.ndarray], list[np.ndarray]], list[np.ndarray]] | None = None,
-    noise_scale: float = 1.0,
+    **release,
 ) -> tuple[list[np.ndarray], float, float]:
     """One server round: (new global model, noisy unclipped fraction, next clip norm).
 
-    Shared by the strategy and the benchmark's in-process loop, so both run
-    exactly the same math. The update noise is drawn before the count noise.
-    `step(global_model, noised_mean)` gives the next model (a server
-    optimizer); without it, the plain step w + server_lr * mean.
-    `noise_scale` multiplies both noises: m / m_big simulates the noise of a
-    cohort of m_big (strategy/large_deployment.py); such a run is not private.
+    Clips each client's delta w_i - w_t to C_t, then releases as
+    `dp_fedavg_release` does (its keyword arguments: server_lr, target_quantile,
+    clip_lr, step, noise_scale). Shared by the strategy and the in-process
+    loops, so all run exactly the same math.
     """
     deltas = [clip_to_norm([a - g for a, g in zip(model, global_model)], clip_norm)
               for model in client_models]
     return dp_fedavg_release(
         global_model, deltas, sum(int(b) for b in unclipped_bits), len(unclipped_bits),
-        clip_norm, clients_per_round, split, rng, server_lr=server_lr,
-        target_quantile=target_quantile, clip_lr=clip_lr, step=step, noise_scale=noise_scale,
+        clip_norm, clients_per_round, split, rng, **release,
     )
 
 
@@ -282,7 +274,12 @@ def dp_fedavg_release(
 
     Secure aggregation calls it with one "delta": the unmasked sum of the
     survivors' clipped deltas, and the unmasked sum of their norm bits; the
-    noise, the fixed denominator m and the accounting are the same.
+    noise, the fixed denominator m and the accounting are the same. The update
+    noise is drawn before the count noise. `step(global_model, noised_mean)`
+    gives the next model (a server optimizer); without it, the plain step
+    w + server_lr * mean. `noise_scale` multiplies both noises: m / m_big
+    simulates the noise of a cohort of m_big (strategy/large_deployment.py);
+    such a run is not private.
     """
     mean = noised_mean_update(clipped_deltas, clients_per_round,
                               noise_scale * update_noise_stddev(split, clip_norm), rng,
