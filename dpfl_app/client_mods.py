@@ -8,15 +8,37 @@ within any clip norm, so it is sent unchanged with the bit "not clipped".
 
 Kept on the client side, next to the ClientApp, because it wraps the client
 mod; the server's strategy never sees a difference.
+
+Flower's mod also logs one line per call ("adaptiveclipping_mod: ndarrays are
+clipped by value"). In a simulation every ClientApp writes into the run's log,
+so counting those lines per round counts the sampled clients: an exact,
+un-noised participation count in a file users share. This module drops that
+one line from Flower's logger; the clip norm it shows is in the round line.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp.mod import adaptiveclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
+
+MOD_LINE = "adaptiveclipping_mod:"  # how Flower's per-call line starts (flwr 1.42)
+
+
+class DropPerClientModLine(logging.Filter):
+    """Drops Flower's per-client clipping line: its count is the cohort size."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(MOD_LINE)
+
+
+_FLOWER_LOGGER = logging.getLogger("flwr")
+if not any(isinstance(f, DropPerClientModLine) for f in _FLOWER_LOGGER.filters):
+    _FLOWER_LOGGER.addFilter(DropPerClientModLine())
 
 
 def _single_arrays(msg: Message) -> list[np.ndarray]:

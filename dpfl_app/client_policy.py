@@ -11,8 +11,8 @@ epsilon of that announcement with the same accountant the server reports
 - its node-config `require-secure-aggregation` is true and the server does not
   use secure aggregation.
 
-A refusal is an error reply: the server logs its reason and counts it as a
-dropout. The check imports no torch, so it costs nothing on a cold start.
+A refusal is an error reply: the server records its reason in the operator's
+diagnostics and counts it as a dropout. The check imports no torch, so it costs nothing on a cold start.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ registered with `@app.<category>("<action>")`):
 
 The protocol itself is `dpfl_app.secagg.client`; its state lives in
 `context.state` between messages. A refusal is an error reply, which the
-server logs and counts as a dropout.
+server records with its reason in the operator's diagnostics and counts as a
+dropout.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """A client whose update is exactly zero trains normally: norm 0 is unclipped."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -67,6 +69,26 @@ def test_nonzero_update_is_still_clipped_by_flower():
     delta = [reply.content["arrays"][k].numpy() - sent[k].numpy() for k in sent]
     assert np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in delta)) == \
         pytest.approx(0.1, rel=1e-5)
+
+
+def test_the_per_client_clipping_line_never_reaches_the_log(caplog):
+    """In a simulation the ClientApps share the run's log: one line per trained
+    client would count the cohort. Flower's mod still runs; its line is dropped."""
+    def far_reply(msg, ctxt):
+        arrays = ArrayRecord({k: Array(v.numpy() + 10.0)
+                              for k, v in msg.content["arrays"].items()})
+        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"n": 1})}),
+                       reply_to=msg)
+
+    caplog.set_level("DEBUG")
+    for _ in range(3):
+        reply = zero_safe_adaptiveclipping_mod(_train_message(_arrays()), _context({}),
+                                               far_reply)
+        assert reply.content["metrics"][KEY_NORM_BIT] == 1  # the mod did clip
+    assert not [r for r in caplog.records if "clipped by value" in r.getMessage()]
+    caplog.clear()
+    logging.getLogger("flwr").info("another flwr line")  # the filter drops only that line
+    assert [r.getMessage() for r in caplog.records] == ["another flwr line"]
 
 
 def test_real_client_app_with_a_vanishing_learning_rate_replies_normally():

@@ -14,17 +14,18 @@ Each round (Bell et al. 2020; Bonawitz et al. 2017):
 
 When fewer than the threshold survive, or a needed secret cannot be rebuilt,
 the sum is withheld: the round has no contributors (noise only, never a
-partial sum). A refusal or a dropout at any stage is logged for the operator.
+partial sum). What the protocol saw (how many clients shared keys, masked an
+input and survived; which nodes refused or failed, and why) are exact
+participation counts: they go only to the operator's diagnostics, like the
+plain path's reply counts, never to the run's log. Whether a round's sum was
+withheld depends on the number of survivors, so it is not logged either.
 """
 
 from __future__ import annotations
 
-from logging import INFO, WARNING
-
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
 from dpfl_app.secagg import CIPHERTEXTS, RECORD, ROUND, SRC, quantize
 from dpfl_app.secagg.server import ServerRound
@@ -42,7 +43,8 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
         self._grid: Grid | None = None
         self._round: ServerRound | None = None
         self._nodes: dict[int, int] = {}  # secagg index -> node id
-        self._dropouts = 0
+        self._lost: set[int] = set()  # indices that failed a stage they were asked for
+        self._refusals: list[dict] = []  # operator-only: {"node_id", "reason"} per refusal
 
     def __repr__(self) -> str:
         return super().__repr__() + ", SecAgg+ secure aggregation"
@@ -62,22 +64,28 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
             if index is None or index in answers:
                 continue
             if reply.has_error():
-                log(WARNING, "secure aggregation %s: node %s refused or failed: %s", stage,
-                    reply.metadata.src_node_id, reply.error.reason)
+                self._refuse(reply.metadata.src_node_id, f"{stage}: {reply.error.reason}")
             elif RECORD in reply.content.config_records:
                 answers[index] = dict(reply.content.config_records[RECORD])
-        self._dropouts += len(requests) - len(answers)
+        self._lost |= set(requests) - set(answers)
         return answers
+
+    def _refuse(self, node_id: int, reason: str) -> None:
+        self._refusals.append({"node_id": node_id, "reason": f"secure aggregation {reason}"})
+
+    def _note(self, **counts) -> None:
+        """Exact protocol counts for this round's operator diagnostics (never logged)."""
+        self._round_diagnostics.setdefault("secure_aggregation", {}).update(counts)
 
     # --- stages 1-3 ------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid):
         cohort = list(super().configure_train(server_round, arrays, config, grid))
-        self._grid, self._dropouts = grid, 0
+        self._grid, self._lost, self._refusals = grid, set(), []
         self._nodes = {i + 1: msg.metadata.dst_node_id for i, msg in enumerate(cohort)}
-        if len(cohort) < 2:
-            log(WARNING, "secure aggregation: a cohort of %d cannot be summed securely; "
-                "this round releases noise only", len(cohort))
+        if len(cohort) < 2:  # one input cannot be hidden in a sum: noise only
+            self._note(cohort=len(cohort), sum_released=False,
+                       why="a cohort of fewer than 2 cannot be summed securely")
             self._round = None
             return []
         rnd = self._round = ServerRound(self.round_offset + server_round, len(cohort),
@@ -90,9 +98,9 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
         for index, reply in self._exchange("secagg_share_keys", {
                 i: rnd.share_keys_request(i) for i in rnd.public_keys}).items():
             rnd.receive_share_keys(index, reply)
-        log(INFO, "secure aggregation: %d of %d sampled clients shared keys (k=%d, t=%d)",
-            len(rnd.shared), len(cohort), len(next(iter(rnd.neighbours.values()))),
-            rnd.threshold)
+        self._note(cohort=len(cohort), shared_keys=len(rnd.shared),
+                   neighbours=len(next(iter(rnd.neighbours.values()))),
+                   threshold=rnd.threshold)
         train = []
         for msg in cohort:
             index = next(i for i, node in self._nodes.items() if node == msg.metadata.dst_node_id)
@@ -104,7 +112,7 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
             content = RecordDict({"arrays": msg.content["arrays"], "config": own})
             train.append(grid.create_message(content, "train.secagg", msg.metadata.dst_node_id,
                                              str(rnd.round_id)))
-        self._dropouts += len(cohort) - len(train)
+        self._lost |= set(self._nodes) - set(rnd.shared)
         return train
 
     # --- stage 4 -------------------------------------------------------------
@@ -113,38 +121,34 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
         """The unmasked sum of the survivors' clipped deltas and bits, or nothing."""
         rnd = self._round
         if rnd is None:
-            return ClippedSum([], 0, 0, self._dropouts)
+            return ClippedSum([], 0, 0, len(self._lost), self._refusals)
         dim = sum(a.size for a in reference.values())
         by_node = {node: index for index, node in self._nodes.items()}
         for reply in replies:
             index = by_node.get(reply.metadata.src_node_id)
             if reply.has_error():
-                log(WARNING, "secure aggregation train: node %s refused or failed: %s",
-                    reply.metadata.src_node_id, reply.error.reason)
+                self._refuse(reply.metadata.src_node_id, f"train: {reply.error.reason}")
                 continue
             record = reply.content.array_records.get(RECORD)
             vector = record["masked"].numpy() if record is not None and "masked" in record \
                 else None
             if index is None or vector is None or vector.shape != (dim + 1,) \
                     or vector.dtype != np.uint64:
-                log(WARNING, "secure aggregation train: malformed reply from node %s",
-                    reply.metadata.src_node_id)
+                self._refuse(reply.metadata.src_node_id, "train: malformed masked input")
                 continue
             rnd.receive_input(index, vector)
-        self._dropouts += len(rnd.shared) - len(rnd.inputs)
+        self._lost |= set(rnd.shared) - set(rnd.inputs)
         for index, reply in self._exchange("secagg_unmask", {
                 i: rnd.unmask_request(i) for i in sorted(rnd.inputs)}).items():
             rnd.receive_unmask(index, reply)
         total = rnd.unmasked_sum()
-        if total is None:
-            log(WARNING, "secure aggregation: %d masked inputs, fewer than needed (%d) or "
-                "secrets not recoverable; no sum is released, only noise",
-                len(rnd.inputs), rnd.min_survivors)
-            return ClippedSum([], 0, 0, self._dropouts)
+        self._note(masked_inputs=len(rnd.inputs), min_survivors=rnd.min_survivors,
+                   sum_released=total is not None, dropouts=len(self._lost))
+        if total is None:  # too few survivors, or secrets not recoverable: noise only
+            return ClippedSum([], 0, 0, len(self._lost), self._refusals)
         flat, unclipped = quantize.decode_sum(total, clip)
         sizes = np.cumsum([a.size for a in reference.values()])[:-1]
         deltas = [part.reshape(ref.shape)
                   for part, ref in zip(np.split(flat, sizes), reference.values())]
-        log(INFO, "secure aggregation: unmasked the sum of %d clients (%d dropped out)",
-            len(rnd.inputs), self._dropouts)
-        return ClippedSum([deltas], unclipped, len(rnd.inputs), self._dropouts)
+        return ClippedSum([deltas], unclipped, len(rnd.inputs), len(self._lost),
+                          self._refusals)

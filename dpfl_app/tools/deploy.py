@@ -54,6 +54,14 @@ def session_processes(sessions: set[int]) -> dict[int, str]:
     return found
 
 
+def _has_torch(pid: int) -> bool:
+    """Whether process `pid` has mapped torch's C++ library (Linux /proc)."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+
+
 class LocalDeployment(LocalFederation):
     """SuperLink and SuperNodes on 127.0.0.1, each in its own folder under `workdir`.
 
@@ -170,10 +178,12 @@ class LocalDeployment(LocalFederation):
             time.sleep(1)
 
     def training_nodes(self) -> list[str]:
-        """SuperNodes now running a ClientApp (a `flwr-clientapp` in their session)."""
+        """SuperNodes now training: a `flwr-clientapp` in their session that has loaded
+        torch. Only training imports it; the secure-aggregation stages that do not
+        train stay torch-free (they cold-start a process per message)."""
         return [name for name, proc in self.procs.items() if name != "superlink"
-                and any("flwr-clientapp" in cmd
-                        for cmd in session_processes({proc.pid}).values())]
+                and any("flwr-clientapp" in cmd and _has_torch(pid)
+                        for pid, cmd in session_processes({proc.pid}).items())]
 
     def kill(self, name: str) -> None:
         """Crash a process: SIGKILL, no goodbye (its children are left behind)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 
 import numpy as np
 import pytest
@@ -32,10 +33,24 @@ def _outputs(tmp_path, name):
     return json.loads((run_dir / "results.json").read_text()), model
 
 
+def _diagnostics(tmp_path, name) -> list[dict]:
+    """Exact per-round counts: only in the operator's diagnostics file."""
+    (run_dir,) = list((tmp_path / name).iterdir())
+    return read_diagnostics(run_dir)
+
+
 def _replies(tmp_path, name) -> list[int]:
     """Accepted replies per round: exact counts, from the operator-only diagnostics."""
-    (run_dir,) = list((tmp_path / name).iterdir())
-    return [d["num_replies"] for d in read_diagnostics(run_dir)]
+    return [d["num_replies"] for d in _diagnostics(tmp_path, name)]
+
+
+def _protocol_lines(caplog) -> list[str]:
+    """Log lines the server's secure-aggregation code wrote: there must be none,
+    since every one of them would carry a participation count or a node id."""
+    server_side = (os.path.join("strategy", "secure_aggregation.py"),
+                   os.path.join("dpfl_app", "secagg", ""))
+    return [r.getMessage() for r in caplog.records
+            if any(part in r.pathname for part in server_side)]
 
 
 def _flat(model) -> np.ndarray:
@@ -73,7 +88,12 @@ def test_a_dropout_at_any_stage_leaves_the_survivors_sum(tmp_path, stage, caplog
     (rec,) = results["rounds"]
     # Before sending its input a dropout leaves the sum; at unmasking its input stays.
     assert _replies(tmp_path, "out") == [10 if stage == "query.secagg_unmask" else 8]
-    assert any("unmasked the sum of" in r.getMessage() for r in caplog.records)
+    (diag,) = _diagnostics(tmp_path, "out")
+    protocol = diag["secure_aggregation"]
+    assert protocol["sum_released"] and protocol["cohort"] == 10 and protocol["threshold"] == 5
+    assert protocol["masked_inputs"] == (10 if stage == "query.secagg_unmask" else 8)
+    assert protocol["dropouts"] == diag["num_rejected"] == 2
+    assert _protocol_lines(caplog) == []  # counts and node ids stay operator-only
 
 
 def test_fewer_survivors_than_threshold_release_noise_only(tmp_path, caplog):
@@ -86,7 +106,11 @@ def test_fewer_survivors_than_threshold_release_noise_only(tmp_path, caplog):
     (diag,) = read_diagnostics(run_dir)  # exact counts: operator-only
     assert diag["num_replies"] == 0
     assert rec["noisy_unclipped_fraction"] is not None  # the round was released (noise only)
-    assert any("no sum is released, only noise" in r.getMessage() for r in caplog.records)
+    protocol = diag["secure_aggregation"]
+    assert protocol["sum_released"] is False
+    assert protocol["masked_inputs"] < protocol["min_survivors"]
+    # Whether the sum was withheld depends on the survivors: not in the log either.
+    assert _protocol_lines(caplog) == []
 
 
 def test_a_client_whose_max_epsilon_is_too_low_refuses_and_the_run_continues(tmp_path, caplog):
@@ -97,9 +121,10 @@ def test_a_client_whose_max_epsilon_is_too_low_refuses_and_the_run_continues(tmp
     results, _ = _outputs(tmp_path, "out")
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     assert _replies(tmp_path, "out") == [8, 8]  # refusals are dropouts
-    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()
-                and "max-epsilon=1.0" in r.getMessage()]
-    assert refusals, "the server logs the refusal's reason"
+    for diag in _diagnostics(tmp_path, "out"):  # the reasons: operator diagnostics
+        reasons = [r["reason"] for r in diag["rejected"]]
+        assert len(reasons) == 2 and all("max-epsilon=1.0" in r for r in reasons), reasons
+    assert _protocol_lines(caplog) == []
 
 
 def test_require_secure_aggregation_refuses_a_plain_server(tmp_path, caplog):
