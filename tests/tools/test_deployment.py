@@ -125,8 +125,13 @@ def test_tls_run_survives_a_supernode_killed_mid_round(secure, tmp_path):
 
     results = _results(out)
     first, second = results["rounds"]
-    replies = [d["num_replies"] for d in _diagnostics(out)]
-    assert replies == [1, 2]
+    diagnostics = _diagnostics(out)
+    replies = [d["num_replies"] for d in diagnostics]
+    # Round 1: the killed node's reply is missing. Round 2: the population keeps its
+    # 3 slots (N is fixed at the start), so the dead node's slot is drawn with
+    # probability 2/3 and is then a dropout: every live node in a drawn slot replies.
+    assert replies[0] == 1
+    assert replies[1] == diagnostics[1]["num_sampled"] and 1 <= replies[1] <= 2
     # The fixed denominator: the noise on the mean is z_delta * C / m with m=2,
     # also in the round that had one reply.
     z_delta = results["accounting"]["update_noise_multiplier"]

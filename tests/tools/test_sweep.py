@@ -202,10 +202,10 @@ def test_tiny_sweep_records_a_failed_setting_and_goes_on(tmp_path, monkeypatch, 
         assert _is_png(out / name), name
 
     for run in saved["runs"][1:]:  # each completed run has its own folder and plot
-        (run_dir,) = [p for p in (out / "runs").glob(f"noise-{run['noise']:g}-seed-42/*/")]
+        (run_dir,) = [p for p in (out / "runs").glob(f"noise={run['noise']:g}-seed-42/*/")]
         results = json.loads((run_dir / "results.json").read_text())
         assert results["config"]["noise"] == run["noise"] and results["config"]["seed"] == 42
         assert _is_png(run_dir / "accuracy.png")
         series = run_series(results["rounds"], results["initial"])
         assert series["round"] == [0, 1, 2] and series["test_accuracy"] == run["accuracy"]
-    assert (out / "runs" / "noise--1-seed-42" / "flwr-log-tail.txt").exists()
+    assert (out / "runs" / "noise=-1-seed-42" / "flwr-log-tail.txt").exists()
