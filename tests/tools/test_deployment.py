@@ -131,7 +131,7 @@ def test_tls_run_survives_a_supernode_killed_mid_round(secure, tmp_path):
     # 3 slots (N is fixed at the start), so the dead node's slot is drawn with
     # probability 2/3 and is then a dropout: every live node in a drawn slot replies.
     assert replies[0] == 1
-    assert replies[1] == diagnostics[1]["num_sampled"] and 1 <= replies[1] <= 2
+    assert 1 <= replies[1] <= diagnostics[1]["num_sampled"] <= 2
     # The fixed denominator: the noise on the mean is z_delta * C / m with m=2,
     # also in the round that had one reply.
     z_delta = results["accounting"]["update_noise_multiplier"]
