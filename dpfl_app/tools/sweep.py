@@ -58,9 +58,11 @@ def error_summary(status: str, log: str) -> tuple[str, str]:
     """(one line for the table, the log's tail for a file): why a run failed."""
     lines = [ANSI.sub("", line).strip() for line in log.splitlines() if line.strip()]
     tail = "\n".join(lines[-60:])
-    # Prefer a Python exception line ("dpfl_app.config.ConfigError: ...") over log
-    # lines that merely mention an error ("Simulation raised an exception").
-    errors = ([line for line in lines if EXCEPTION.match(line)]
+    # Prefer the app's own verdict ("run FAILED: <why>"), then a Python exception
+    # line ("dpfl_app.config.ConfigError: ..."), over log lines that merely
+    # mention an error (Flower's "An unhandled exception occurred ...").
+    errors = ([line[line.index("run FAILED:"):] for line in lines if "run FAILED:" in line]
+              or [line for line in lines if EXCEPTION.match(line)]
               or [line for line in lines if re.search(r"error|exception", line, re.IGNORECASE)])
     reason = errors[-1] if errors else (lines[-1] if lines else "no log")
     return f"{status}: {reason}"[:300], tail

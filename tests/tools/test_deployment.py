@@ -125,8 +125,13 @@ def test_tls_run_survives_a_supernode_killed_mid_round(secure, tmp_path):
 
     results = _results(out)
     first, second = results["rounds"]
-    replies = [d["num_replies"] for d in _diagnostics(out)]
-    assert replies == [1, 2]
+    diagnostics = _diagnostics(out)
+    replies = [d["num_replies"] for d in diagnostics]
+    # Round 1: the killed node's reply is missing. Round 2: the population keeps its
+    # 3 slots (N is fixed at the start), so the dead node's slot is drawn with
+    # probability 2/3 and is then a dropout: every live node in a drawn slot replies.
+    assert replies[0] == 1
+    assert 1 <= replies[1] <= diagnostics[1]["num_sampled"] <= 2
     # The fixed denominator: the noise on the mean is z_delta * C / m with m=2,
     # also in the round that had one reply.
     z_delta = results["accounting"]["update_noise_multiplier"]
@@ -135,7 +140,10 @@ def test_tls_run_survives_a_supernode_killed_mid_round(secure, tmp_path):
     # Accounting is unchanged by the dropout: two rounds of (fixed, N=3, m=2).
     model = AccountingModel("fixed", results["config"]["noise"], NODES, 2,
                             results["config"]["target-delta"])
-    assert results["final"]["epsilon"] == pytest.approx(epsilon_after(model, 2, "rdp"))
+    # deterministic-noise: no guarantee (inf); the labelled secret-noise figure is that.
+    assert results["final"]["epsilon"] == "inf"
+    assert results["final"]["epsilon_if_noise_secret"] == pytest.approx(
+        epsilon_after(model, 2, "rdp"))
 
     # Two nodes left; a run that needs three per round fails after
     # node-wait-timeout instead of waiting forever.
@@ -162,7 +170,8 @@ def test_tls_secure_aggregation_survives_a_supernode_killed_mid_round(tmp_path):
         run_id = dep.submit(SMALL_RUN, f"clients=4 secure-aggregation=true output-dir='{out}'")
         deadline = time.monotonic() + 300
         while not (training := dep.training_nodes()):  # train.secagg: after key sharing
-            assert time.monotonic() < deadline and dep.status(run_id) == "running", \
+            assert time.monotonic() < deadline and dep.status(run_id) in (
+                "starting", "running"), \
                 dep.logs(run_id)[-3000:]
             time.sleep(0.5)
         assert rounds_done(out, run_id) == 0, "round 1 ended before the kill"

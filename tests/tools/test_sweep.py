@@ -122,6 +122,17 @@ def test_error_summary_prefers_the_exception_line():
     assert "\x1b" not in tail and tail.endswith("Exit Code: 700")
 
 
+def test_error_summary_prefers_the_apps_own_verdict():
+    """The app fails a bad value with one line and no traceback; Flower adds its own."""
+    log = ("\x1b[91mERROR \x1b[0m:     run FAILED: run-config key 'noise' = -1.0 is invalid; "
+           "allowed: a number >= 0. no outputs were kept\n"
+           "ERROR :     Exit Code: 700\n"
+           "ERROR :     An unhandled exception occurred when running the simulation.\n")
+    line, _ = sweep.error_summary("finished:failed", log)
+    assert line == ("finished:failed: run FAILED: run-config key 'noise' = -1.0 is invalid; "
+                    "allowed: a number >= 0. no outputs were kept")
+
+
 def test_arguments_are_checked_before_anything_runs(tmp_path, capsys):
     args = sweep.parse_args(["--noise", "0,0.5", "--output", str(tmp_path / "new")])
     assert args.noise == [0.0, 0.5] and args.repeats == 1
@@ -191,10 +202,10 @@ def test_tiny_sweep_records_a_failed_setting_and_goes_on(tmp_path, monkeypatch, 
         assert _is_png(out / name), name
 
     for run in saved["runs"][1:]:  # each completed run has its own folder and plot
-        (run_dir,) = [p for p in (out / "runs").glob(f"noise-{run['noise']:g}-seed-42/*/")]
+        (run_dir,) = [p for p in (out / "runs").glob(f"noise={run['noise']:g}-seed-42/*/")]
         results = json.loads((run_dir / "results.json").read_text())
         assert results["config"]["noise"] == run["noise"] and results["config"]["seed"] == 42
         assert _is_png(run_dir / "accuracy.png")
         series = run_series(results["rounds"], results["initial"])
         assert series["round"] == [0, 1, 2] and series["test_accuracy"] == run["accuracy"]
-    assert (out / "runs" / "noise--1-seed-42" / "flwr-log-tail.txt").exists()
+    assert (out / "runs" / "noise=-1-seed-42" / "flwr-log-tail.txt").exists()
