@@ -148,7 +148,7 @@ def run_one(fed: LocalFederation, setting: dict, seed: int, output_dir: Path, ru
 def run_inprocess(setting: dict, seed: int, output_dir: Path, base: dict, population: int,
                   holdout: str, label: str) -> dict:
     """One run in the study engine; writes results.json like a Flower run's folder."""
-    from dpfl_app.run.outputs import write_json
+    from dpfl_app.run.outputs import write_diagnostics, write_json
     from dpfl_app.tools.study.engine import ENGINE, run_study
 
     record = new_record(setting, seed, output_dir, ENGINE)
@@ -159,6 +159,7 @@ def run_inprocess(setting: dict, seed: int, output_dir: Path, base: dict, popula
         record.update(status="failed", error=f"failed: {type(err).__name__}: {err}"[:300])
     else:
         output_dir.mkdir(parents=True, exist_ok=True)
+        write_diagnostics(output_dir, results.pop("diagnostics"))  # operator-only, as in Flower
         write_json(output_dir / "results.json", results)
         record["status"] = COMPLETED
         summarize_run(record, results)

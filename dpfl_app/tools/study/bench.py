@@ -43,7 +43,7 @@ def engine_cost(config: dict, population: int) -> dict:
     result = run_study(config, population)
     rounds = result["rounds"]
     loop = sum(r["round_s"] for r in rounds)
-    updates = sum(r["num_sampled"] for r in rounds)
+    updates = sum(d["num_sampled"] for d in result["diagnostics"])
     client = sum(r["train_s"] + r["dp_s"] for r in rounds)
     return {"engine": "inprocess", "rounds": len(rounds), "updates": updates,
             "loop_s": loop, "total_s": time.perf_counter() - start,

@@ -139,6 +139,7 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round) -
     sets = evaluation_sets(cfg, holdout)
     initial = evaluate(net, state, sets)
     records, stop_reason, clip = [], "completed all rounds", strategy.clipping_norm
+    diagnostics = []  # exact cohort sizes: kept apart from results, as in a Flower run
     for server_round in range(1, cfg["rounds"] + 1):
         if cfg["max-epsilon"] > 0 and ledger.would_exceed(cfg["max-epsilon"]):
             stop_reason = f"privacy budget: round {server_round} would exceed max-epsilon"
@@ -164,7 +165,7 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round) -
         stepped = time.perf_counter()
         ledger.compose_round()
         record = {"round": server_round, "clip_norm": round_clip, "next_clip_norm": clip,
-                  "noisy_unclipped_fraction": unclipped_fraction, "num_sampled": len(cohort),
+                  "noisy_unclipped_fraction": unclipped_fraction,
                   "epsilon": ledger.epsilon_if_secret()}
         accounted = time.perf_counter()
         record.update(evaluate(net, state, sets))
@@ -173,6 +174,7 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round) -
         record.update(train_s=trained - began, dp_s=stepped - trained,
                       account_s=accounted - stepped, eval_s=end - accounted, round_s=end - began)
         records.append(record)
+        diagnostics.append({"round": server_round, "num_sampled": len(cohort)})
         if on_round:
             on_round(record)
     last = records[-1] if records else initial
@@ -189,4 +191,5 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round) -
     if holdout == "validation":
         final["validation_accuracy"] = last["validation_accuracy"]
     return {"engine": ENGINE, "config": cfg, "noise": noise, "population": population,
-            "holdout": holdout, "initial": initial, "rounds": records, "final": final}
+            "holdout": holdout, "initial": initial, "rounds": records, "final": final,
+            "diagnostics": diagnostics}
