@@ -12,7 +12,8 @@ epsilon of that announcement with the same accountant the server reports
   use secure aggregation.
 
 A refusal is an error reply: the server records its reason in the operator's
-diagnostics and counts it as a dropout. The check imports no torch, so it costs nothing on a cold start.
+diagnostics and counts it as a dropout. The check imports no torch, so it
+costs nothing on a cold start.
 """
 
 from __future__ import annotations
