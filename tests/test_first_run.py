@@ -146,6 +146,26 @@ def test_too_small_simulation_fails_at_once_with_the_command_to_type():
     assert "--run-config clients=2" in message
 
 
+# --- 3. a virtual environment inside the project slows every `flwr run` ------------------
+def test_flower_lists_files_under_the_app_that_gitignore_excludes(tmp_path):
+    """Why the README installs outside the project: Flower's bundle builder walks every
+    file under the app, a `.venv` too, before `.gitignore` drops them (49,000 files and
+    6 s a run with PyTorch's default wheel). If Flower starts pruning ignored folders,
+    this fails, and the README's advice can go."""
+    from flwr.cli.utils import collect_files
+
+    (tmp_path / ".venv" / "lib").mkdir(parents=True)
+    (tmp_path / ".venv" / "lib" / "torch.py").write_text("")
+    (tmp_path / ".gitignore").write_text(".venv/\n")
+    assert ".venv/lib/torch.py" in collect_files(tmp_path)
+
+
+def test_readme_installs_the_environment_outside_the_project():
+    for block in README.split("## Quick start", 1)[1].split("\n## ", 1)[0].split("```")[1::2]:
+        for venv in re.findall(r"python3? -m venv (\S+)", block):
+            assert venv.startswith(("~", "/", "$")), venv
+
+
 # --- 5. how a run ends ------------------------------------------------------------------
 def _capture_flwr_log() -> tuple[list[str], logging.Handler]:
     lines: list[str] = []
