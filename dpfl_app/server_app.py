@@ -126,7 +126,15 @@ def population_assumption(cfg: dict, population: int) -> str:
 
 
 def server_optimizer(cfg: dict):
-    """`server-optimizer` over the model's arrays (their shapes; values come each step)."""
+    """`server-optimizer` over the model's arrays (their shapes; values come each step).
+
+    None for `sgd`: the mechanism's plain step w + server-lr * mean, which equals
+    torch.optim.SGD bit for bit (tests/strategy/test_server_optimizer.py). Taking it
+    without torch.optim keeps torch._dynamo, which any torch.optim optimizer imports
+    on its first call (3 s of imports on 2 cores), off the start of every run.
+    """
+    if cfg["server-optimizer"] == "sgd":
+        return None
     from dpfl_app.config import model_spec
     from dpfl_app.strategy.server_optimizer import ServerOptimizer
     from dpfl_app.task import build_model

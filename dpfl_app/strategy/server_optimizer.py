@@ -7,7 +7,8 @@ The optimizers are torch.optim's, fed the pseudo-gradient -mean (Reddi et al.
 2021, "Adaptive Federated Optimization", Algorithm 2):
 
 - `sgd`:      w += server-lr * mean (torch.optim.SGD; bit for bit the plain
-              step of `mechanism.dp_fedavg_step`, which a test checks);
+              step of `mechanism.dp_fedavg_step`, which a test checks, so the
+              ServerApp takes that step and never builds this one);
 - `momentum`: DP-FedAvgM (McMahan et al. 2018; Andrew et al. 2021):
               v = server-momentum * v + mean; w += server-lr * v
               (torch.optim.SGD with momentum, no dampening);

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,6 +37,29 @@ def test_sgd_is_the_plain_server_lr_step_bit_for_bit():
         assert a.dtype == b.dtype == np.float32
         np.testing.assert_array_equal(a, b)
     assert plain[1:] == stepped[1:]
+
+
+def test_the_default_sgd_server_never_imports_torch_dynamo():
+    """`sgd` takes the plain step (equal to torch.optim.SGD, above) without torch.optim,
+    whose first call imports torch._dynamo: seconds at the start of every run."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        from dpfl_app.server_app import build_strategy
+        from tests.inprocess import default_run_config
+        from dpfl_app.config import validate
+        for name in ("sgd", "momentum"):
+            strategy = build_strategy(validate(default_run_config(**{"server-optimizer": name})),
+                                      10, 0.3)
+            print(name, strategy.server_optimizer is None, "torch._dynamo" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=str(Path(__file__).resolve().parents[2]))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["sgd True False", "momentum False True"], out.stdout
 
 
 def test_momentum_accumulates_the_released_means():
