@@ -182,7 +182,8 @@ def restore(strategy: DPFedAvgAdaptive, state: dict) -> None:
     if state["rng"] is not None:  # deterministic-noise only; secret generators are never saved
         strategy.sampling_rng.bit_generator.state = state["rng"]["sampling"]
         strategy.rng.bit_generator.state = state["rng"]["noise"]
-    if state.get("server_optimizer") is not None:
+    # `sgd` has no optimizer and no state (older checkpoints hold torch.optim.SGD's empty one)
+    if state.get("server_optimizer") is not None and strategy.server_optimizer is not None:
         strategy.server_optimizer.load_state_dict(state["server_optimizer"])
     if strategy.canaries is not None:
         strategy.canaries.load_state_dict(state["audit"])
