@@ -107,21 +107,31 @@ def _final_model(out) -> dict:
     return torch.load(run_dir / "final_model.pt", weights_only=True), run_dir
 
 
-def test_resume_restores_the_momentum(tmp_path):
-    """A crashed momentum run, resumed, ends on the same model as an uninterrupted one."""
+def _crash_resume_and_compare(tmp_path, keys: dict, edit_checkpoint=None) -> Path:
+    """Run `keys` straight and with a crash after round 2 then a resume (the checkpoint
+    first passed through `edit_checkpoint`); both must end on the same model."""
     config = lambda out: default_run_config(**{  # noqa: E731
-        "output-dir": str(out), "deterministic-noise": True, "rounds": 3,
-        "server-optimizer": "momentum", "server-lr": 0.5})
+        "output-dir": str(out), "deterministic-noise": True, "rounds": 3, **keys})
     run_server(config(tmp_path / "straight"))
     expected, _ = _final_model(tmp_path / "straight")
     crashing = config(tmp_path / "crash")
     with pytest.raises(ServerCrash):
         run_server(crashing, crash_after_train_round=2)
     _, run_dir = _final_model(tmp_path / "crash")
+    if edit_checkpoint:
+        saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+        torch.save(edit_checkpoint(saved), run_dir / "checkpoint.pt")
     run_server({**crashing, "resume-from": str(run_dir)})
     resumed, _ = _final_model(tmp_path / "crash")
     for key in expected:
         assert torch.equal(resumed[key], expected[key]), key
+    return run_dir
+
+
+def test_resume_restores_the_momentum(tmp_path):
+    """A crashed momentum run, resumed, ends on the same model as an uninterrupted one."""
+    run_dir = _crash_resume_and_compare(
+        tmp_path, {"server-optimizer": "momentum", "server-lr": 0.5})
     rounds = json.loads((run_dir / "results.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
 
@@ -130,20 +140,9 @@ def test_an_sgd_checkpoint_with_torch_optims_empty_state_still_resumes(tmp_path)
     """Checkpoints written before `sgd` dropped torch.optim hold SGD's (empty) state;
     the plain step has none to restore, so a resume ignores it and ends where an
     uninterrupted run does."""
-    config = lambda out: default_run_config(**{  # noqa: E731
-        "output-dir": str(out), "deterministic-noise": True, "rounds": 3})
-    run_server(config(tmp_path / "straight"))
-    expected, _ = _final_model(tmp_path / "straight")
-    crashing = config(tmp_path / "crash")
-    with pytest.raises(ServerCrash):
-        run_server(crashing, crash_after_train_round=2)
-    _, run_dir = _final_model(tmp_path / "crash")
-    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert saved["server_optimizer"] is None
-    like = [torch.nn.Parameter(torch.zeros(2))]
-    saved["server_optimizer"] = torch.optim.SGD(like, lr=1.0).state_dict()
-    torch.save(saved, run_dir / "checkpoint.pt")
-    run_server({**crashing, "resume-from": str(run_dir)})
-    resumed, _ = _final_model(tmp_path / "crash")
-    for key in expected:
-        assert torch.equal(resumed[key], expected[key]), key
+    def old_style(saved: dict) -> dict:
+        assert saved["server_optimizer"] is None  # what `sgd` writes now
+        like = [torch.nn.Parameter(torch.zeros(2))]
+        return {**saved, "server_optimizer": torch.optim.SGD(like, lr=1.0).state_dict()}
+
+    _crash_resume_and_compare(tmp_path, {}, old_style)
