@@ -120,6 +120,15 @@ def _coerce(name: str, value: Any, key: Key) -> Any:
     return value
 
 
+def check_value(name: str, value: Any) -> Any:
+    """One key's value, coerced and checked on its own (e.g. for a sweep's grid)."""
+    key = KEYS[name]
+    value = _coerce(name, value, key)
+    if not key.check(value):
+        raise ConfigError(f"run-config key {name!r} = {value!r} is invalid; allowed: {key.allowed}")
+    return value
+
+
 def validate(run_config: dict[str, Any]) -> dict[str, Any]:
     """Check every key of a run config; return it with values coerced."""
     unknown = sorted(set(run_config) - set(KEYS))
@@ -132,11 +141,8 @@ def validate(run_config: dict[str, Any]) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"run-config key(s) {', '.join(missing)} missing from pyproject.toml")
     clean = {}
-    for name, key in KEYS.items():
-        value = _coerce(name, run_config[name], key)
-        if not key.check(value):
-            raise ConfigError(f"run-config key {name!r} = {value!r} is invalid; allowed: {key.allowed}")
-        clean[name] = value
+    for name in KEYS:
+        clean[name] = check_value(name, run_config[name])
     if 0 < clean["max-epsilon"] < clean["target-epsilon"]:
         raise ConfigError(
             f"target-epsilon={clean['target-epsilon']} exceeds max-epsilon="

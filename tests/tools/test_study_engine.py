@@ -100,9 +100,14 @@ def test_grid_and_target_epsilon_settings():
                     {"lr": 0.1, "server-lr": 1}, {"lr": 0.1, "server-lr": 2}]
     assert setting_label({"target-epsilon": 2.0, **grid[0]}) == \
         "target-epsilon=2 lr=0.05 server-lr=1"
-    for bad in ("nokey=1", "noise=0.5,1", "lr=", "lr=0.1,x"):
+    # a text key takes bare words, as on the command line, or quoted TOML strings
+    assert parse_grid('model=digits-cnn,"digits-mlp"') == [{"model": "digits-cnn"},
+                                                           {"model": "digits-mlp"}]
+    for bad in ("nokey=1", "noise=0.5,1", "lr=", "lr=0.1,x", "lr=0.1,-1", "model=resnet"):
         with pytest.raises(Exception, match="grid item"):
             parse_grid(bad)
+    with pytest.raises(Exception, match="'model' = 'resnet' is invalid; allowed: auto or one"):
+        parse_grid("model=digits-mlp,resnet")
     with pytest.raises(SystemExit):  # a validation split exists only in process
         parse_args(["--noise", "1", "--holdout", "validation"])
     with pytest.raises(SystemExit):  # noise levels or target epsilons, not both

@@ -29,8 +29,14 @@ GRID_OWNED = ("noise", "target-epsilon", "seed", "output-dir")
 
 
 def parse_grid(text: str) -> list[dict]:
-    """"lr=0.05,0.1 server-lr=1,2" -> every combination, values read as TOML scalars."""
-    from dpfl_app.config import KEYS
+    """"lr=0.05,0.1 model=digits-mlp,digits-cnn" -> every combination.
+
+    Values are read as TOML scalars; a text key also takes a bare word
+    (model=digits-cnn), as it does on the command line. Each value is checked
+    against the key's allowed values here, before any run starts.
+    """
+    from dpfl_app.config import KEYS, check_value
+    from dpfl_app.errors import ConfigError
 
     axes = []
     for item in text.split():
@@ -40,10 +46,20 @@ def parse_grid(text: str) -> list[dict]:
                 f"grid item {item!r}: expected key=v1,v2 with a run-config key other than "
                 f"{', '.join(GRID_OWNED)}")
         try:
-            axes.append([(key, tomllib.loads(f"v = {v}")["v"]) for v in values.split(",")])
-        except tomllib.TOMLDecodeError as err:
+            axes.append([(key, check_value(key, _scalar(v, KEYS[key].kind)))
+                         for v in values.split(",")])
+        except (tomllib.TOMLDecodeError, ConfigError) as err:
             raise argparse.ArgumentTypeError(f"grid item {item!r}: {err}") from err
     return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def _scalar(text: str, kind: type):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if kind is str and text:
+            return text
+        raise
 
 
 def settings(args: argparse.Namespace) -> list[dict]:
