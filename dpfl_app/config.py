@@ -43,7 +43,7 @@ UNIT = Key(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 NODE_DATA = ("partitions", "local")
 # The model names of task.MODELS, here so that validating needs no torch
 # (a test checks that both lists agree).
-MODEL_NAMES = ("digits-mlp", "digits-cnn", "mnist-cnn", "lenet")
+MODEL_NAMES = ("digits-linear", "digits-mlp", "digits-cnn", "mnist-cnn", "lenet")
 # strategy/server_optimizer.py's optimizers, here for the same reason (a test checks).
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 

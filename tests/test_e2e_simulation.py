@@ -53,15 +53,15 @@ def test_default_app_trains_above_chance_and_writes_outputs(federation, tmp_path
 
 
 def test_the_default_run_is_useful_and_says_it_is_not_private(federation, tmp_path):
-    """`flwr run .` with the defaults learns (0.885 on average), and says "not private" plainly.
+    """`flwr run .` with the defaults learns (0.916 on average), and says "not private" plainly.
 
     In the study engine (`dpfl sweep --engine inprocess`: the app's sampling,
-    mechanism and accounting), 40 runs with the default seed 42 and OS-seeded
-    noise, as this run has, gave 0.885 on average (std 0.030, lowest 0.811;
-    0.85 or more in 34 of 40). The bound 0.79 is about three standard
-    deviations below that mean (0.885 - 3 * 0.030 = 0.795), so the test fails on
-    a regression, not on an unlucky draw of the noise; 0.85 is the typical run,
-    not a bound (README, Results).
+    mechanism and accounting), 100 runs with seeds 42-141 and OS-seeded noise,
+    as this run has, gave 0.916 on average (std 0.021, lowest 0.819; 0.85 or
+    more in 98 of 100). The tail is heavier than a normal one (small Poisson
+    cohorts), so the bound is 0.80, below the lowest of those 100 runs rather
+    than three standard deviations (0.853): the test fails on a regression, not
+    on an unlucky draw of the noise (README, Results).
     """
     out = tmp_path / "out"
     run_id = federation.submit(f"output-dir='{out}'")
@@ -70,7 +70,7 @@ def test_the_default_run_is_useful_and_says_it_is_not_private(federation, tmp_pa
     run_dir = _run_dir(out)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["final"]["rounds_completed"] == 5
-    assert results["final"]["test_accuracy"] >= 0.79, results["final"]
+    assert results["final"]["test_accuracy"] >= 0.80, results["final"]
     report = (run_dir / "privacy.md").read_text()
     assert "should NOT be considered private" in report and "`recipes/`" in report
     assert "start from a recipe" in federation.logs(run_id)  # the final log says it too

@@ -31,7 +31,7 @@ class DatasetSpec:
 # Adding a dataset is one entry here.
 DATASETS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec(None, "image", "label", (1, 8, 8), 16.0, (0.305,), (0.375,),
-                          "digits-mlp"),
+                          "digits-linear"),
     "mnist": DatasetSpec("ylecun/mnist", "image", "label", (1, 28, 28), 255.0, (0.1307,),
                          (0.3081,), "mnist-cnn"),
     "fashion-mnist": DatasetSpec("zalando-datasets/fashion_mnist", "image", "label",

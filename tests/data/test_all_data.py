@@ -11,6 +11,7 @@ from dpfl_app.client_app import app as client_app
 from dpfl_app.config import client_settings
 from dpfl_app.data import datasets as data, partition_cache
 from dpfl_app.data.node_data import client_data
+from dpfl_app.data.registry import DATASETS
 from dpfl_app.task import build_model
 from tests.inprocess import default_run_config
 
@@ -53,7 +54,7 @@ def test_with_client_eval_a_fifth_is_held_back_for_it():
 
 def test_the_client_app_trains_on_its_whole_partition():
     """What the ClientApp reports as num-examples is the partition, not 80% of it."""
-    net = build_model("digits-mlp")
+    net = build_model(DATASETS["digits"].model)  # what the ClientApp builds for model=auto
     config = ConfigRecord({"server-round": 1, KEY_CLIPPING_NORM: 1.0})
     msg = Message(RecordDict({"arrays": ArrayRecord(net.state_dict()), "config": config}),
                   dst_node_id=1, message_type="train")

@@ -23,7 +23,8 @@ from dpfl_app.task import MOMENTUM, train
 
 # Models whose forward pass vmap supports (no data-dependent control flow or
 # in-place buffers); others are trained one client at a time with `task.train`.
-VECTORISED_MODELS = ("digits-mlp", "digits-cnn", "mnist-cnn", "lenet")
+VECTORISED_MODELS = (
+    "digits-linear", "digits-mlp", "digits-cnn", "mnist-cnn", "lenet")
 
 
 def batch_order(size: int, batch_size: int, epochs: int, seed: int) -> list[torch.Tensor]:
