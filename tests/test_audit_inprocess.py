@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from dpfl_app.tools.audit import audit_row
 from tests.inprocess import ServerCrash, default_run_config, run_server
 
 
@@ -33,6 +34,11 @@ def test_an_audit_run_reports_beside_the_accounted_epsilon_and_survives_a_resume
     assert audit["epsilon"] > 0 and audit["verdict"] in ("below", "above-within-error")
     assert audit["epsilon_ci95"][0] <= audit["accounted_epsilon"]
     assert audit["canaries_per_round"] == pytest.approx(24, abs=6)  # 40 * 6/10 on average
+    # `dpfl audit` tabulates the same comparison, not the guaranteed (here infinite) epsilon
+    row = audit_row(results, 0.3, 40, 42, 1.0)
+    assert row["accounted_epsilon"] == pytest.approx(audit["accounted_epsilon"])
+    assert row["accounted_epsilon"] < float("inf")
+    assert row["verdict"] == audit["verdict"]
 
     report = (run_dir / "privacy.md").read_text()
     assert "## Empirical privacy audit" in report and "lower estimate from one run" in report
