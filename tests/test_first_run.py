@@ -23,6 +23,7 @@ from packaging.specifiers import SpecifierSet
 from dpfl_app.errors import ConfigError
 from dpfl_app.run import outcome
 from dpfl_app.tools.federation import FederationError, LocalFederation, alive
+from tests.fresh_python import run_python
 
 PROJECT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((PROJECT / "pyproject.toml").read_text())
@@ -49,14 +50,8 @@ def test_requires_python_is_the_floor_of_the_installed_dependencies():
 
 
 # --- 3. bad values fail fast: validating imports no torch ------------------------------
-def _run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=PROJECT,
-                          env={**os.environ, "PYTHONPATH": str(PROJECT)},
-                          capture_output=True, text=True, timeout=300)
-
-
 def test_validating_a_run_config_imports_no_torch():
-    res = _run_python("""
+    res = run_python("""
         import sys, tomllib
         from dpfl_app.config import validate
         from dpfl_app.errors import ConfigError
@@ -76,7 +71,7 @@ def test_validating_a_run_config_imports_no_torch():
 
 
 def test_server_app_rejects_a_bad_value_in_one_line_before_importing_torch():
-    res = _run_python("""
+    res = run_python("""
         import logging, sys, tomllib
         from flwr.app import Context, RecordDict
         from dpfl_app.server_app import main

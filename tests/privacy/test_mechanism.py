@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dpfl_app.privacy import mechanism
+from tests.fresh_python import run_python
 
 
 def test_update_noise_multiplier_recombines_to_z():
@@ -77,24 +78,18 @@ def test_clip_to_norm():
 
 def test_privacy_package_imports_no_flower():
     """The privacy math stands alone: importing it must not pull in Flower."""
-    import subprocess
-    import sys
-
     code = ("import sys; import dpfl_app.privacy.mechanism, dpfl_app.privacy.accounting, "
             "dpfl_app.privacy.calibration, dpfl_app.privacy.report; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    out = run_python(code)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_accounting_leaves_the_root_logger_alone():
     """dp_accounting logs through absl, which calls logging.basicConfig() on its
     first message; that printed every Flower log line twice. It must not happen."""
-    import subprocess
-    import sys
-
     code = ("import logging; from dpfl_app.privacy.accounting import AccountingModel, "
             "epsilon_after; m = AccountingModel('poisson', 0.3, 10, 6, 1e-5); "
             "epsilon_after(m, 5, 'rdp'); epsilon_after(m, 5, 'pld'); print(logging.root.handlers)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    out = run_python(code)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -6,16 +6,11 @@ and evaluation need torch, the model and the data.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.fresh_python import run_python
 
 
 def test_loading_the_client_app_imports_no_torch_and_no_accountant():
     probe = ("import sys, dpfl_app.client_app; "
              "print(sorted(m for m in ('torch', 'dp_accounting', 'scipy') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, check=True)
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    out = run_python(probe)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -12,6 +12,7 @@ import torch
 
 from dpfl_app.privacy import mechanism
 from dpfl_app.strategy.server_optimizer import ADAM_EPS, ServerOptimizer
+from tests.fresh_python import run_python
 from tests.inprocess import ServerCrash, default_run_config, run_server
 
 SHAPES = [(4, 3), (3,)]
@@ -42,11 +43,7 @@ def test_sgd_is_the_plain_server_lr_step_bit_for_bit():
 def test_the_default_sgd_server_never_imports_torch_dynamo():
     """`sgd` takes the plain step (equal to torch.optim.SGD, above) without torch.optim,
     whose first call imports torch._dynamo: seconds at the start of every run."""
-    import subprocess
-    import sys
-    import textwrap
-
-    code = textwrap.dedent("""
+    out = run_python("""
         import sys
         from dpfl_app.server_app import build_strategy
         from tests.inprocess import default_run_config
@@ -56,8 +53,6 @@ def test_the_default_sgd_server_never_imports_torch_dynamo():
                                       10, 0.3)
             print(name, strategy.server_optimizer is None, "torch._dynamo" in sys.modules)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, cwd=str(Path(__file__).resolve().parents[2]))
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["sgd True False", "momentum False True"], out.stdout
 
