@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dpfl_app.tools.bench import default_run_config
 from dpfl_app.tools.cli import HelpFormatter
-from dpfl_app.tools.sweep import parse_noise, read_results
+from dpfl_app.tools.sweep import epsilon_if_noise_secret, parse_noise, read_results
 
 
 def run_once(noise: float, canaries: int, seed: int, overrides: dict) -> dict:
@@ -44,9 +44,9 @@ def audit_row(results: dict, noise: float, canaries: int, seed: int, wall: float
     guaranteed epsilon is inf) is compared with the epsilon its noise would give if secret,
     as the run's own audit verdict is."""
     final = results["final"]
-    accounted = final.get("epsilon_if_noise_secret", final["epsilon"])  # results.json: "inf"
     row = {"noise": noise, "canaries": canaries, "seed": seed, "wall_s": round(wall, 1),
-           "accounted_epsilon": float(accounted), "test_accuracy": final["test_accuracy"]}
+           "accounted_epsilon": epsilon_if_noise_secret(final),
+           "test_accuracy": final["test_accuracy"]}
     audit = results.get("audit")
     if audit:
         row.update(empirical_epsilon=float(audit["epsilon"]),

@@ -54,6 +54,16 @@ def read_results(output_dir: Path) -> dict | None:
     return json.loads(paths[-1].read_text()) if paths else None
 
 
+def epsilon_if_noise_secret(final: dict) -> float:
+    """A run's epsilon for comparing configurations or checking the mechanism.
+
+    A deterministic-noise run guarantees nothing (its `epsilon` is inf); what a
+    sweep or an audit compares is the epsilon the same run would have with
+    secret noise, which results.json records beside it.
+    """
+    return float(final.get("epsilon_if_noise_secret", final["epsilon"]))
+
+
 def error_summary(status: str, log: str) -> tuple[str, str]:
     """(one line for the table, the log's tail for a file): why a run failed."""
     lines = [ANSI.sub("", line).strip() for line in log.splitlines() if line.strip()]
@@ -74,9 +84,7 @@ def summarize_run(record: dict, results: dict) -> None:
     series = run_series(results["rounds"], results.get("initial"))
     record.update(
         final_accuracy=final["test_accuracy"], best_accuracy=final["best_test_accuracy"],
-        # deterministic-noise runs guarantee nothing (epsilon inf); a sweep compares
-        # configurations, so it tabulates what the same run would have with secret noise.
-        epsilon=float(final.get("epsilon_if_noise_secret", final["epsilon"])),
+        epsilon=epsilon_if_noise_secret(final),
         noise_secret="epsilon_if_noise_secret" not in final,
         delta=final["delta"], stop_reason=final["stop_reason"],
         rounds=series["round"], accuracy=series["test_accuracy"],
