@@ -16,7 +16,7 @@ def _announced(secure=False, rounds=20):
 
 def test_the_announced_epsilon_is_the_servers_headline_epsilon():
     assert client_policy.announced_epsilon(_announced()) == pytest.approx(
-        epsilon_after(MODEL, 20, "pld"))  # 3.59 (dp-notes reference value, PLD)
+        epsilon_after(MODEL, 20, "pld"))  # 3.59 (PLD; the reference table of tests/privacy/test_accounting.py)
 
 
 def test_no_policy_accepts_anything():

