@@ -30,6 +30,7 @@ from dpfl_app.config import client_settings, data_source, model_spec, validate
 from dpfl_app.data.datasets import Tensors, load_test_data, loader
 from dpfl_app.data.node_data import client_data
 from dpfl_app.privacy import mechanism
+from dpfl_app.privacy.accounting import epsilon_after, max_rounds_within
 from dpfl_app.server_app import build_strategy, choose_noise
 from dpfl_app.task import build_model, test
 from dpfl_app.tools.study.vectorised import VECTORISED_MODELS, CohortTrainer
@@ -103,11 +104,19 @@ def evaluate(net, state: dict, sets: dict[str, Tensors]) -> dict[str, float]:
 
 
 def run_study(run_config: dict, population: int, holdout: str = "test",
-              on_round=None) -> dict:
+              on_round=None, *, report_every: int = 1) -> dict:
     """One run of `rounds` rounds over `population` clients; results.json's shape plus
-    `engine`. `on_round(record)` is called after each round."""
+    `engine`. `on_round(record)` is called after each round.
+
+    `report_every=k` evaluates the model and reads the ledger's epsilon after every
+    k-th round and the last (1: every round, as a Flower run reports; 0: the last
+    only, for a sweep's table or a benchmark). The rounds between carry their clip
+    norms and timings only: nothing is computed that nobody reads.
+    """
     if holdout not in HOLDOUTS:
         raise ValueError(f"holdout={holdout!r}; allowed: {', '.join(HOLDOUTS)}")
+    if isinstance(report_every, bool) or not isinstance(report_every, int) or report_every < 0:
+        raise ValueError(f"report_every={report_every!r}; allowed: an integer >= 0")
     cfg = validate(dict(run_config))
     if cfg["node-data"] != "partitions":
         raise ValueError("the study engine needs demo partitions (node-data='partitions')")
@@ -119,36 +128,55 @@ def run_study(run_config: dict, population: int, holdout: str = "test",
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: one thread is fastest on a shared machine
     try:
-        return _run(cfg, dict(run_config), population, holdout, on_round)
+        return _run(cfg, dict(run_config), population, holdout, on_round, report_every)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round) -> dict:
+def planned_rounds(cfg: dict, ledger) -> int:
+    """The rounds the run will complete: `rounds`, or fewer where `max-epsilon` stops it.
+
+    The strategy checks `ledger.would_exceed` before each round; epsilon grows with
+    the rounds, so the first round that would exceed the budget is known before the
+    run starts, with a binary search instead of one accountant call per round.
+    """
+    if cfg["max-epsilon"] <= 0:
+        return cfg["rounds"]
+    return max_rounds_within(ledger.model, cfg["max-epsilon"], cfg["rounds"], ledger.headline)
+
+
+def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
+         report_every: int) -> dict:
     start = time.perf_counter()
     noise = choose_noise(cfg, population)
     strategy = build_strategy(cfg, population, noise)  # split, ledger, RNG: the ServerApp's
     rng, ledger, m = strategy.rng, strategy.ledger, cfg["clients"]
     sampling_rng, sampler = strategy.sampling_rng, strategy.sampler  # cohorts, as the strategy
+    # Accounting happens once, here: epsilon depends on the configuration and the
+    # number of rounds only, both known now (the accountant's cache keeps the value).
+    planned = planned_rounds(cfg, ledger)
+    epsilon_after(ledger.model, planned, ledger.headline)
     torch.manual_seed(cfg["seed"])  # the ServerApp's initial model
     net = build_model(*model_spec(cfg))
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     trainer = CohortTrainer(build_model(*model_spec(cfg)),
                             vectorised=model_spec(cfg)[0] in VECTORISED_MODELS)
     data = population_data(run_config, population)
+    trainer.warm_up(data[0])
     sets = evaluation_sets(cfg, holdout)
     initial = evaluate(net, state, sets)
     records, stop_reason, clip = [], "completed all rounds", strategy.clipping_norm
     diagnostics = []  # exact cohort sizes: kept apart from results, as in a Flower run
+    loop_start = time.perf_counter()
     for server_round in range(1, cfg["rounds"] + 1):
-        if cfg["max-epsilon"] > 0 and ledger.would_exceed(cfg["max-epsilon"]):
+        if server_round > planned:
             stop_reason = f"privacy budget: round {server_round} would exceed max-epsilon"
             break
         began = time.perf_counter()
         # The strategy's own slot sampler; population slot p holds client p.
         chosen, _ = sampler.sample(range(population), sampling_rng)
         cohort = sorted(chosen)
-        round_clip, trained = clip, time.perf_counter()
+        round_clip = clip
         # As the strategy: every round is released, an empty cohort as pure noise.
         global_flat = flatten(state)
         models, bits = np.zeros((0, global_flat.numel()), dtype=np.float32), []
@@ -165,20 +193,24 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round) -
         stepped = time.perf_counter()
         ledger.compose_round()
         record = {"round": server_round, "clip_norm": round_clip, "next_clip_norm": clip,
-                  "noisy_unclipped_fraction": unclipped_fraction,
-                  "epsilon": ledger.epsilon_if_secret()}
+                  "noisy_unclipped_fraction": unclipped_fraction}
+        reported = server_round == planned or (report_every and server_round % report_every == 0)
+        if reported:
+            record["epsilon"] = ledger.epsilon_if_secret()
         accounted = time.perf_counter()
-        record.update(evaluate(net, state, sets))
+        if reported:
+            record.update(evaluate(net, state, sets))
         end = time.perf_counter()
-        # Phases: local training; clip and server step; accounting; server evaluation.
+        # Phases: local training and clip; server step; accounting; server evaluation.
         record.update(train_s=trained - began, dp_s=stepped - trained,
                       account_s=accounted - stepped, eval_s=end - accounted, round_s=end - began)
         records.append(record)
         diagnostics.append({"round": server_round, "num_sampled": len(cohort)})
         if on_round:
             on_round(record)
+    loop_end = time.perf_counter()
     last = records[-1] if records else initial
-    accuracy = [r["test_accuracy"] for r in records]
+    accuracy = [r["test_accuracy"] for r in records if "test_accuracy" in r]
     final = {"rounds_completed": len(records), "test_accuracy": last["test_accuracy"],
              "best_test_accuracy": max(accuracy, default=None),
              # A study's noise is seeded, so its own outputs carry no guarantee: its
@@ -187,6 +219,9 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round) -
              "epsilon_meaning": "accounted for this configuration run with secret noise",
              "accountant": ledger.headline,
              "delta": cfg["target-delta"], "stop_reason": stop_reason,
+             # Set-up (calibration, accounting, data, model, warm-up, the initial
+             # evaluation), then the rounds with their reported evaluations.
+             "setup_s": loop_start - start, "loop_s": loop_end - loop_start,
              "wall_s": time.perf_counter() - start}
     if holdout == "validation":
         final["validation_accuracy"] = last["validation_accuracy"]
