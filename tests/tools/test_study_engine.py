@@ -149,3 +149,62 @@ def test_bench_study_measures_the_engine_per_client_update(tmp_path, capsys):
     assert engine["engine"] == "inprocess" and engine["rounds"] == 2 and engine["updates"] > 0
     assert engine["ms_per_client_update"] > 0 and 0 < engine["epsilon"] <= 20
     assert "| inprocess | 2 |" in capsys.readouterr().out
+
+
+def test_batch_order_is_the_client_loaders_order():
+    """The engine draws the ClientApp's batches without a DataLoader: same indices, same order."""
+    from dpfl_app.data.datasets import Tensors, loader
+    from dpfl_app.tools.study.vectorised import batch_order
+    import torch
+
+    for size, batch_size, epochs, seed in [(1, 16, 1, 0), (14, 16, 1, 7), (17, 16, 2, 1042),
+                                           (33, 4, 5, 3), (5, 2, 3, 42)]:
+        indices = torch.arange(size)
+        batches = loader(Tensors(indices, indices), batch_size, shuffle=True, seed=seed)
+        expected = [labels for _ in range(epochs) for _, labels in batches]
+        got = batch_order(size, batch_size, epochs, seed)
+        assert len(got) == len(expected)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), (size, batch_size, epochs)
+
+
+def test_report_every_skips_only_what_nobody_reads():
+    """Reporting the last round only changes no number of the run: same cohorts, noise,
+    clip norms, final model and epsilon; the skipped rounds carry no accuracy or epsilon."""
+    config = default_run_config(**{**SMALL, "rounds": 3})
+    every = run_study(config, POPULATION)
+    last = run_study(config, POPULATION, report_every=0)
+    second = run_study(config, POPULATION, report_every=2)
+    assert [r["clip_norm"] for r in last["rounds"]] == [r["clip_norm"] for r in every["rounds"]]
+    assert last["final"]["test_accuracy"] == every["final"]["test_accuracy"]
+    assert last["final"]["epsilon"] == every["final"]["epsilon"] == every["rounds"][-1]["epsilon"]
+    assert [("test_accuracy" in r, "epsilon" in r) for r in last["rounds"]] == \
+        [(False, False), (False, False), (True, True)]
+    assert [r["round"] for r in second["rounds"] if "test_accuracy" in r] == [2, 3]
+    assert last["final"]["best_test_accuracy"] == last["final"]["test_accuracy"]
+    assert last["final"]["setup_s"] > 0 and last["final"]["loop_s"] > 0
+    with pytest.raises(ValueError, match="report_every"):
+        run_study(config, POPULATION, report_every=-1)
+
+
+def test_max_epsilon_stops_where_the_strategy_would():
+    """The stop round found once before the run equals the strategy's check before each round."""
+    from dpfl_app.config import validate
+    from dpfl_app.privacy.accounting import PrivacyLedger
+    from dpfl_app.tools.study.engine import planned_rounds
+
+    poisson = AccountingModel("poisson", 0.8, POPULATION, 5, 1e-5)
+    three_rounds = epsilon_after(poisson, 3, "pld")
+    for sampling, max_epsilon in [("poisson", three_rounds), ("poisson", three_rounds * 0.999),
+                                  ("fixed", 40.0), ("poisson", 1e-3)]:
+        cfg = validate(default_run_config(**{**SMALL, "rounds": 12, "sampling": sampling,
+                                             "max-epsilon": max_epsilon}))
+        ledger = PrivacyLedger(AccountingModel(sampling, 0.8, POPULATION, 5, 1e-5))
+        strategy_rounds = 0
+        while strategy_rounds < cfg["rounds"] and not ledger.would_exceed(max_epsilon):
+            ledger.compose_round()
+            strategy_rounds += 1
+        assert planned_rounds(cfg, PrivacyLedger(ledger.model)) == strategy_rounds
+    study = run_study(default_run_config(**{**SMALL, "rounds": 12, "max-epsilon": three_rounds}),
+                      POPULATION, report_every=0)
+    assert study["final"]["stop_reason"] == "privacy budget: round 4 would exceed max-epsilon"
+    assert len(study["rounds"]) == 3 and study["final"]["epsilon"] == three_rounds
