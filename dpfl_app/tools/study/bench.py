@@ -1,22 +1,36 @@
-"""Benchmark the study engine against `flwr run` and pfl-research on one workload.
+"""Benchmark the study engine against pfl-research and `flwr run` on one equal workload.
 
-    dpfl bench-study [--population 1437 --clients 718 --rounds 50]
-                     [--flwr-rounds 3] [--pfl-python pflvenv/bin/python]
+    dpfl bench-study [--scales 1437:718,1000:100,100:10] [--rounds 10,50]
+                     [--workload app|pfl-benchmark] [--repeats 3]
+                     [--pfl-python pflvenv/bin/python] [--flwr-rounds 3]
 
-The workload: digits, N one-image users, m per round (Poisson), the app's MLP,
-target epsilon 2 at delta 1e-5. Each engine's cost per client update is its
-training-loop wall time over the client updates it made (rounds x cohort):
+Equal work, stated and checked. For each scale (N users, m expected per round)
+and round count, both engines get the same workload: the users' data as the
+app's ClientApps hold them (written to a file that pfl reads; its sha256 is
+compared), the same model, local epochs, batch size, learning rates and
+momentum, Poisson cohorts of expected size m, the same noise multiplier z and
+count noise sigma_b, and adaptive clipping from the same initial clip. Each
+engine reports the workload it ran; the two are printed side by side and the
+benchmark stops with an error when any line differs.
 
-* inprocess: the study engine (`engine.run_study`); the loop's rounds, without
-  the one-off start (imports, reading the partitions);
-* flwr: a real `flwr run .` on N SuperNodes (`bench.simulation.run_app`), its
-  steady-state round time over m. At N=1437, m=718 a run of 50 rounds takes
-  long on a small machine: `--flwr-rounds` runs fewer and the cost per update
-  is extrapolated to the 50 rounds (said in the output);
-* pfl: pfl-research 0.6.0 in its own environment (`pfl_workload.py`), its whole
-  training loop over its client updates.
+Equal timers. Set-up is excluded from both alike: imports, data, model, the
+noise calibration (done here once, then given to both), and one throwaway
+local step (each framework's first training call pays one-off imports). The
+timer covers every round and one evaluation of the final model on the test
+set; the engine reads no per-round epsilon (`report_every=0`), as pfl computes
+none. Cost per client update = timer / client updates actually trained.
 
-It prints numbers; it asserts nothing.
+Interleaved: the engine and pfl alternate (A, B, A, B...), each run in a fresh
+process; the table gives medians, the ratio of the medians, and the load
+average at every run. `--workload pfl-benchmark` takes the structure of
+pfl-research's image-classification benchmark (benchmarks/image_classification/
+configs/baseline.yaml: one local epoch, batch size 10, local lr 0.1, central
+lr 1.0, clip bound 0.4, epsilon 2 at delta 1e-6, a small CNN, users of equal
+size) onto the digits data, since CIFAR-10 cannot be downloaded here.
+
+`--flwr-rounds R` adds a real `flwr run .` on N SuperNodes per scale: its
+steady-state round time (median after the first) over m; its start-up is
+reported apart. It prints numbers; it asserts nothing but the workloads' equality.
 """
 
 from __future__ import annotations
@@ -24,118 +38,250 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from dpfl_app.tools.bench import default_run_config
 from dpfl_app.tools.cli import HelpFormatter
 
 WORKLOAD = Path(__file__).with_name("pfl_workload.py")
+MOMENTUM = 0.9  # task.MOMENTUM; checked against it in the engine's run
+# Run-config keys of each workload (beside clients, rounds, noise, clipped-count-stddev).
+WORKLOADS = {
+    "app": {"model": "digits-mlp", "local-epochs": 1, "batch-size": 16, "lr": 0.1,
+            "server-lr": 4.0, "initial-clip": 0.1, "target-quantile": 0.5, "clip-lr": 0.2,
+            "target-epsilon": 2.0, "target-delta": 1e-5},
+    "pfl-benchmark": {"model": "digits-cnn", "local-epochs": 1, "batch-size": 10, "lr": 0.1,
+                      "server-lr": 1.0, "initial-clip": 0.4, "target-quantile": 0.5,
+                      "clip-lr": 0.2, "target-epsilon": 2.0, "target-delta": 1e-6},
+}
+# The workload lines both engines report; any difference stops the benchmark.
+COMPARED = ("model", "weights", "population", "data", "local_epochs", "batch_size", "lr",
+            "momentum", "server_lr", "clients", "sampling", "noise", "count_stddev",
+            "initial_clip", "target_quantile", "clip_lr", "rounds", "timer")
+TIMER = "all rounds + one evaluation of the final model; set-up and one warm-up step excluded"
 
 
-def engine_cost(config: dict, population: int) -> dict:
-    from dpfl_app.tools.study.engine import run_study
+def run_config(workload: str, population: int, clients: int, rounds: int) -> dict:
+    """The engine's run-config: the workload's keys, its noise calibrated once here."""
+    from dpfl_app.config import validate
+    from dpfl_app.privacy.mechanism import split_noise
+    from dpfl_app.server_app import choose_noise
 
-    start = time.perf_counter()
-    result = run_study(config, population)
-    rounds = result["rounds"]
-    loop = sum(r["round_s"] for r in rounds)
+    cfg = default_run_config(**WORKLOADS[workload], clients=clients, rounds=rounds,
+                             **{"deterministic-noise": True})
+    noise = choose_noise(validate(dict(cfg)), population)
+    split = split_noise(noise, clients)
+    return {**cfg, "noise": noise, "target-epsilon": 0.0,
+            "clipped-count-stddev": split.count_stddev}
+
+
+def workload_of(cfg: dict, population: int, data: str) -> dict:
+    """The workload both engines are given (pfl reads it) and must report back."""
+    return {"model": cfg["model"], "population": population, "data": data,
+            "local_epochs": cfg["local-epochs"], "batch_size": cfg["batch-size"],
+            "lr": cfg["lr"], "momentum": MOMENTUM, "server_lr": cfg["server-lr"],
+            "clients": cfg["clients"], "sampling": "poisson", "noise": cfg["noise"],
+            "count_stddev": float(cfg["clipped-count-stddev"]), "initial_clip": cfg["initial-clip"],
+            "target_quantile": cfg["target-quantile"], "clip_lr": cfg["clip-lr"],
+            "rounds": cfg["rounds"], "seed": cfg["seed"], "timer": TIMER}
+
+
+def export_data(cfg: dict, population: int, path: Path) -> str:
+    """The users' tensors as the ClientApps hold them, and the test set, to one .npz."""
+    import numpy as np
+
+    from dpfl_app.tools.study.engine import evaluation_sets, population_data
+    from dpfl_app.tools.study.pfl_workload import fingerprint
+
+    users = population_data(cfg, population)
+    arrays = {"images": np.concatenate([u.images.numpy() for u in users]),
+              "labels": np.concatenate([u.labels.numpy() for u in users]).astype(np.int64),
+              "offsets": np.cumsum([0] + [len(u.labels) for u in users]).astype(np.int64)}
+    test = evaluation_sets(cfg, "test")["test"]
+    np.savez(path, **arrays, test_images=test.images.numpy(),
+             test_labels=test.labels.numpy().astype(np.int64))
+    return fingerprint(arrays["images"], arrays["labels"], arrays["offsets"])
+
+
+def engine_run(cfg: dict, population: int) -> dict:
+    """One timed engine run (in a fresh process: no cache of an earlier run helps it)."""
+    import numpy as np
+
+    from dpfl_app.task import MOMENTUM as APP_MOMENTUM, build_model
+    from dpfl_app.tools.study.engine import population_data, run_study
+    from dpfl_app.tools.study.pfl_workload import fingerprint
+
+    result = run_study(cfg, population, report_every=0)
+    users = population_data(cfg, population)
+    data = fingerprint(np.concatenate([u.images.numpy() for u in users]),
+                       np.concatenate([u.labels.numpy() for u in users]).astype(np.int64),
+                       np.cumsum([0] + [len(u.labels) for u in users]).astype(np.int64))
+    ran = {**workload_of(result["config"], result["population"], data),
+           "momentum": APP_MOMENTUM, "rounds": result["final"]["rounds_completed"],
+           "weights": sum(p.numel() for p in build_model(result["config"]["model"]).parameters())}
     updates = sum(d["num_sampled"] for d in result["diagnostics"])
-    client = sum(r["train_s"] + r["dp_s"] for r in rounds)
-    return {"engine": "inprocess", "rounds": len(rounds), "updates": updates,
-            "loop_s": loop, "total_s": time.perf_counter() - start,
-            "ms_per_client_update": 1000 * loop / updates,
-            "ms_per_client_update_train_and_dp": 1000 * client / updates,
-            "account_s_per_round": sum(r["account_s"] for r in rounds) / len(rounds),
-            "test_accuracy": result["final"]["test_accuracy"],
-            "epsilon": result["final"]["epsilon"]}
+    loop = result["final"]["loop_s"]
+    phases = {k: sum(r[k] for r in result["rounds"]) for k in
+              ("train_s", "dp_s", "account_s", "eval_s")}
+    return {"engine": "study engine", "workload": ran, "updates": updates,
+            "setup_s": result["final"]["setup_s"], "loop_s": loop,
+            "ms_per_client_update": 1000 * loop / max(updates, 1), "phases_s": phases,
+            "test_accuracy": result["final"]["test_accuracy"]}
 
 
-def flwr_cost(run_config: str, population: int, clients: int, rounds: int,
-              timeout: float) -> dict:
-    from dpfl_app.tools.bench.simulation import run_app
-
-    with tempfile.TemporaryDirectory(prefix="dpfl-bench-study-") as home:
-        result = run_app(Path(home), population, run_config, rounds, timeout=timeout,
-                         env={"DPFL_CACHE_DIR": str(Path(home) / "cache")})
-    # Steady-state round time (median after the first) over the expected cohort.
-    per_update = (1000 * result["round_s"] / clients) if result["round_s"] else None
-    return {"engine": "flwr", "status": result["status"], "rounds": rounds,
-            "round_s": result["round_s"], "first_round_s": result["first_round_s"],
-            "total_s": result["total_s"], "ms_per_client_update": per_update}
-
-
-def pfl_cost(python: str, args) -> dict:
-    command = [python, str(WORKLOAD), "--population", str(args.population), "--clients",
-               str(args.clients), "--rounds", str(args.pfl_rounds or args.rounds),
-               "--epsilon", str(args.epsilon), "--lr", str(args.lr),
-               "--server-lr", str(args.server_lr)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
-                          check=False)
+def _child(command: list[str], timeout: float) -> dict:
+    load = os.getloadavg()[0]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
-        return {"engine": "pfl", "error": (done.stderr or done.stdout)[-500:]}
-    return json.loads(lines[-1])
+        raise SystemExit(f"{' '.join(command[:3])}... failed:\n{(done.stderr or done.stdout)[-2000:]}")
+    return {**json.loads(lines[-1]), "load_average": load}
+
+
+def check_equal(engine: dict, pfl: dict) -> list[str]:
+    """The lines where the two workloads differ (none, or the benchmark stops)."""
+    def same(a, b):
+        numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+        return abs(a - b) <= 1e-12 * max(abs(a), abs(b), 1) if numbers else a == b
+    return [f"{key}: engine {engine.get(key)!r}, pfl {pfl.get(key)!r}" for key in COMPARED
+            if not same(engine.get(key), pfl.get(key))]
+
+
+def side_by_side(engine: dict, pfl: dict) -> str:
+    rows = ["| workload | study engine | pfl |", "|:---|:---|:---|"]
+    rows += [f"| {key} | {engine.get(key)} | {pfl.get(key)} |" for key in COMPARED]
+    return "\n".join(rows)
+
+
+def flwr_cost(cfg: dict, population: int, rounds: int, timeout: float) -> dict:
+    from dpfl_app.tools.bench.simulation import run_app
+    from dpfl_app.tools.study.grid import toml_overrides
+
+    keys = {k: cfg[k] for k in ("model", "local-epochs", "batch-size", "lr", "server-lr",
+                                "initial-clip", "target-quantile", "clip-lr", "clients",
+                                "noise", "clipped-count-stddev", "target-delta",
+                                "deterministic-noise")}
+    with tempfile.TemporaryDirectory(prefix="dpfl-bench-study-") as home:
+        result = run_app(Path(home), population, toml_overrides(keys), rounds,
+                         timeout=timeout, env={"DPFL_CACHE_DIR": str(Path(home) / "cache")})
+    per_update = (1000 * result["round_s"] / cfg["clients"]) if result["round_s"] else None
+    return {"engine": "flwr run", "status": result["status"], "rounds": rounds,
+            "round_s": result["round_s"], "server_start_s": result["server_start_s"],
+            "first_round_s": result["first_round_s"], "total_s": result["total_s"],
+            "ms_per_client_update": per_update, "cpu_s": result["cpu_s"]}
+
+
+def measure(args, workload: str, population: int, clients: int, rounds: int,
+            folder: Path) -> dict:
+    """Engine and pfl alternated `repeats` times on one workload: every run, medians, ratio."""
+    cfg = run_config(workload, population, clients, rounds)
+    stem = folder / f"{workload}-{population}-{clients}-{rounds}"
+    data = export_data(cfg, population, stem.with_suffix(".npz"))
+    work = workload_of(cfg, population, data)
+    stem.with_suffix(".json").write_text(json.dumps(work))
+    stem.with_suffix(".cfg.json").write_text(json.dumps(cfg))
+    engine_cmd = [sys.executable, "-m", "dpfl_app.tools.study.bench", "--engine-run",
+                  str(stem.with_suffix(".cfg.json")), "--population", str(population)]
+    pfl_cmd = [args.pfl_python, str(WORKLOAD), "--workload", str(stem.with_suffix(".json")),
+               "--data", str(stem.with_suffix(".npz"))]
+    runs = {"engine": [], "pfl": []}
+    for _ in range(args.repeats):
+        runs["engine"].append(_child(engine_cmd, args.timeout))
+        if args.pfl_python:
+            runs["pfl"].append(_child(pfl_cmd, args.timeout))
+    out = {"workload": workload, "population": population, "clients": clients,
+           "rounds": rounds, "runs": runs}
+    for name, done in runs.items():
+        if done:
+            out[name] = statistics.median(r["ms_per_client_update"] for r in done)
+    if runs["pfl"]:
+        diff = check_equal(runs["engine"][0]["workload"], runs["pfl"][0]["workload"])
+        out["side_by_side"] = side_by_side(runs["engine"][0]["workload"],
+                                           runs["pfl"][0]["workload"])
+        if diff:
+            print(out["side_by_side"])
+            raise SystemExit("the two engines ran different workloads:\n  " + "\n  ".join(diff))
+        out["ratio"] = out["pfl"] / out["engine"]
+    return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dpfl bench-study", description=__doc__,
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--population", type=int, default=1437, help="N: one-image users")
-    parser.add_argument("--clients", type=int, default=718, help="m: expected cohort")
-    parser.add_argument("--rounds", type=int, default=50, help="rounds of the workload")
-    parser.add_argument("--epsilon", type=float, default=2.0, help="target epsilon")
-    parser.add_argument("--lr", type=float, default=0.1, help="client learning rate")
-    parser.add_argument("--server-lr", type=float, default=4.0, help="server step")
+    parser.add_argument("--scales", default="1437:718,1000:100,100:10",
+                        help="N:m pairs, comma-separated (N users, m expected per round)")
+    parser.add_argument("--rounds", default="10,50", help="round counts, comma-separated")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="app",
+                        help="app: the README's digits MLP; pfl-benchmark: pfl-research's "
+                             "image-classification benchmark's structure on digits")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each engine, alternated")
     parser.add_argument("--flwr-rounds", type=int, default=0,
-                        help="rounds of the flwr run (0: skip it; fewer than --rounds: "
-                             "extrapolate its steady-state cost per update)")
+                        help="rounds of one `flwr run` per scale (0: skip it); its steady "
+                             "round time over m is its cost per update")
     parser.add_argument("--pfl-python", default="",
                         help="python of an environment with pfl==0.6.0 (empty: skip pfl)")
-    parser.add_argument("--pfl-rounds", type=int, default=0, help="pfl rounds (0: as --rounds)")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per flwr or pfl run")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     parser.add_argument("--output", type=Path, default=Path("bench-study.json"),
                         help="JSON file of every number")
-    return parser.parse_args(argv)
+    parser.add_argument("--engine-run", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--population", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        args.scales = [tuple(int(x) for x in pair.split(":")) for pair in args.scales.split(",")]
+        args.rounds = [int(r) for r in args.rounds.split(",")]
+    except ValueError:
+        parser.error("--scales takes N:m pairs like 1437:718,100:10; --rounds integers like 10,50")
+    if any(len(s) != 2 or not 1 <= s[1] <= s[0] for s in args.scales) or args.repeats < 1:
+        parser.error("--scales: each N:m needs 1 <= m <= N; --repeats >= 1")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    keys = (f"clients={args.clients} target-epsilon={args.epsilon} lr={args.lr} "
-            f"server-lr={args.server_lr} deterministic-noise=true")
-    config = default_run_config(**{"clients": args.clients, "target-epsilon": args.epsilon,
-                                   "lr": args.lr, "server-lr": args.server_lr,
-                                   "deterministic-noise": True, "rounds": args.rounds})
-    report = {"workload": keys, "population": args.population, "rounds": args.rounds,
-              "load_average": os.getloadavg(), "cores": os.cpu_count(), "engines": []}
-    report["engines"].append(engine_cost(config, args.population))
-    if args.flwr_rounds:
-        report["engines"].append(flwr_cost(keys, args.population, args.clients,
-                                           args.flwr_rounds, args.timeout))
-    if args.pfl_python:
-        report["engines"].append(pfl_cost(args.pfl_python, args))
+    if args.engine_run:  # a child: one engine measurement, as a JSON line
+        print(json.dumps(engine_run(json.loads(args.engine_run.read_text()), args.population)))
+        return 0
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    report = {"cores": os.cpu_count(), "load_average": os.getloadavg(), "results": [],
+              "flwr": []}
+    with tempfile.TemporaryDirectory(prefix="dpfl-bench-study-") as folder:
+        for population, clients in args.scales:
+            for rounds in args.rounds:
+                report["results"].append(measure(args, args.workload, population, clients,
+                                                 rounds, Path(folder)))
+                args.output.write_text(json.dumps(report, indent=2) + "\n")
+            if args.flwr_rounds:
+                cfg = run_config(args.workload, population, clients, args.flwr_rounds)
+                report["flwr"].append({"population": population, "clients": clients,
+                                       **flwr_cost(cfg, population, args.flwr_rounds,
+                                                   args.timeout)})
     report["load_average_end"] = os.getloadavg()
     args.output.write_text(json.dumps(report, indent=2) + "\n")
+    if report["results"] and "side_by_side" in report["results"][0]:
+        print(report["results"][0]["side_by_side"] + "\n")
     print(table(report))
     return 0
 
 
 def table(report: dict) -> str:
-    ours = report["engines"][0]["ms_per_client_update"]
-    rows = [f"N={report['population']}, {report['workload']}; load average "
-            f"{report['load_average'][0]:.1f} on {report['cores']} cores",
-            "| engine | rounds timed | ms per client update | x the study engine's cost |",
-            "|:---|---:|---:|---:|"]
-    for e in report["engines"]:
-        cost = e.get("ms_per_client_update")
-        note = (f" (extrapolated from {e['rounds']} rounds)"
-                if e["engine"] == "flwr" and e["rounds"] < report["rounds"] else "")
-        rows.append(f"| {e['engine']}{note} | {e.get('rounds', '-')} | "
-                    + (f"{cost:.3f} | {cost / ours:.1f} |" if cost else
-                       f"- | {e.get('error') or e.get('status')} |"))
+    flwr = {(f["population"], f["clients"]): f for f in report["flwr"]}
+    rows = [f"{report['cores']} cores; load average {report['load_average'][0]:.1f} at the start, "
+            f"{report['load_average_end'][0]:.1f} at the end; medians of alternated runs",
+            "| N, m, rounds | engine ms/update | pfl ms/update | pfl / engine | "
+            "flwr run ms/update | flwr / engine | load averages |",
+            "|:---|---:|---:|---:|---:|---:|:---|"]
+    for r in report["results"]:
+        ours, theirs = r["engine"], r.get("pfl")
+        f = flwr.get((r["population"], r["clients"]), {}).get("ms_per_client_update")
+        loads = " ".join(f"{x['load_average']:.1f}" for name in ("engine", "pfl")
+                         for x in r["runs"][name])
+        rows.append(f"| {r['population']}, {r['clients']}, {r['rounds']} | {ours:.3f} | "
+                    + (f"{theirs:.3f} | {theirs / ours:.1f}x | " if theirs else "- | - | ")
+                    + (f"{f:.2f} | {f / ours:.0f}x | " if f else "- | - | ") + f"{loads} |")
     return "\n".join(rows)
 
 

@@ -1,60 +1,72 @@
 """The study engine's benchmark workload in pfl-research (Granqvist et al. 2024), for comparison.
 
 Runs in its own environment with `pfl==0.6.0` (it pins dp-accounting < 0.6,
-which this app cannot use), for example:
+which this app cannot use); `dpfl bench-study --pfl-python` starts it:
 
     python -m venv pflvenv && pflvenv/bin/pip install pfl==0.6.0 torch scikit-learn
-    pflvenv/bin/python dpfl_app/tools/study/pfl_workload.py --population 1437 --clients 718
+    dpfl bench-study --pfl-python pflvenv/bin/python
 
-The workload is the engine's: digits split and normalised as the app does
-(80/20 stratified, seed 42), the first N training images as N one-image users,
-the app's MLP (64-32-10), local SGD with momentum 0.9 at batch size 16 for one
-epoch, central DP with adaptive clipping (Andrew et al. 2021) calibrated by
-pfl's PLD accountant to (epsilon, 1e-5), and m users per round. It prints one
-JSON line: the wall time of the training loop and its cost per client update.
+It reads what `dpfl bench-study` wrote: the users' data exactly as the app's
+ClientApps hold them and the test set (`--data`, .npz), and the workload
+(`--workload`, JSON): the model, local epochs, batch size, learning rates,
+the expected cohort m with Poisson cohort sizes, the app's noise multiplier
+z and count noise sigma_b, and adaptive clipping (Andrew et al. 2021) with
+the app's initial clip, quantile and step. pfl's adaptive mechanism with
+indicator noise 2 sigma_b (its indicator is +-1, the app's b - 1/2) is the
+app's noise split. Updates are weighted per user, as the app divides by m.
+
+The timer covers what the engine's covers: every round and one evaluation
+of the final model on the test set. Set-up (imports, data, model, the
+mechanism) and one throwaway round of one user (torch.optim's first step
+imports torch._dynamo, about 2 s) come before it. It prints one JSON line:
+the workload as it ran (for `dpfl bench-study` to compare with the
+engine's), the client updates it trained, the timer and the accuracy.
 Nothing of dpfl_app is imported: pfl runs in its own environment.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
+import hashlib
 import json
 import time
 
 
-def digits_users(population: int, seed: int = 42):
-    """(one-image users, test images, test labels) as numpy arrays, normalised like the app."""
-    import numpy as np
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x_train, x_test, y_train, y_test = train_test_split(
-        digits.images, digits.target, test_size=0.2, stratify=digits.target, random_state=seed)
-    norm = lambda x: ((x / 16.0 - 0.305) / 0.375).astype(np.float32)[:, None]  # noqa: E731
-    return (norm(x_train)[:population], y_train[:population].astype(np.int64),
-            norm(x_test), y_test.astype(np.int64))
+def fingerprint(*arrays) -> str:
+    """sha256 of the arrays' bytes: the users' data, the same on both sides or not."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
 
 
-def build(args):
-    import numpy as np
+def build_net(name: str):
+    """The app's digits models (dpfl_app/task.py), layer for layer."""
+    from torch import nn
+
+    if name == "digits-mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    if name == "digits-linear":
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    if name == "digits-cnn":
+        return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Flatten(), nn.Linear(32 * 2 * 2, 10))
+    raise ValueError(f"model {name!r}: this workload has digits-linear, digits-mlp, digits-cnn")
+
+
+def pfl_model(name: str, server_lr: float):
     import torch
     from torch import nn
-    from pfl.data.dataset import Dataset
-    from pfl.data.federated_dataset import FederatedDataset
-    from pfl.data.sampling import get_user_sampler
     from pfl.metrics import Weighted
     from pfl.model.pytorch import PyTorchModel
-    from pfl.privacy import PLDPrivacyAccountant
-    from pfl.privacy.adaptive_clipping import AdaptiveClippingGaussianMechanism
-    from pfl.privacy.gaussian_mechanism import GaussianMechanism
 
-    class MLP(nn.Module):
+    class Classifier(nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(),
-                                     nn.Linear(32, 10))
+            self.net = build_net(name)
 
         def forward(self, x):
             return self.net(x)
@@ -64,73 +76,121 @@ def build(args):
 
         @torch.no_grad()
         def metrics(self, x, y, eval=True):  # noqa: A002
-            correct = (self(x).argmax(1) == y).sum().item()
-            return {"accuracy": Weighted(correct, len(y))}
+            return {"accuracy": Weighted((self(x).argmax(1) == y).sum().item(), len(y))}
 
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    images, labels, test_x, test_y = digits_users(args.population, args.seed)
-    users = {str(i): (torch.from_numpy(images[i:i + 1]), torch.from_numpy(labels[i:i + 1]))
-             for i in range(len(labels))}
-    make = lambda uid: Dataset(raw_data=users[uid], user_id=uid)  # noqa: E731
-    federated = FederatedDataset(make, get_user_sampler("minimize_reuse", list(users)))
-    test_set = Dataset(raw_data=(torch.from_numpy(test_x), torch.from_numpy(test_y)))
-    net = MLP()
-    model = PyTorchModel(model=net,
-                         local_optimizer_create=functools.partial(torch.optim.SGD, momentum=0.9),
-                         central_optimizer=torch.optim.SGD(net.parameters(), lr=args.server_lr))
-    accountant = PLDPrivacyAccountant(num_compositions=args.rounds,
-                                      sampling_probability=args.clients / args.population,
-                                      mechanism="gaussian", epsilon=args.epsilon, delta=1e-5)
-    mechanism = AdaptiveClippingGaussianMechanism(
-        make_gaussian_mechanism=lambda c: GaussianMechanism.from_privacy_accountant(
-            accountant, c),
-        initial_clipping_bound=args.initial_clip, clipping_indicator_noise_stddev=0.1 * args.clients,
-        adaptive_clipping_norm_quantile=0.5)
-    return federated, test_set, model, mechanism
+    net = Classifier()
+    return net, PyTorchModel(
+        model=net, local_optimizer_create=functools.partial(torch.optim.SGD, momentum=0.9),
+        central_optimizer=torch.optim.SGD(net.parameters(), lr=server_lr))
+
+
+def poisson_users(arrays: dict, clients: int, seed: int):
+    """pfl's FederatedDataset with the app's users and Poisson cohort sizes Binomial(N, m/N).
+
+    pfl samples a fixed cohort; the app samples each user with probability m/N.
+    The cohort size is drawn as the app's is distributed, and pfl's own sampler
+    picks that many users. `trained` counts the users handed out: the updates.
+    """
+    import numpy as np
+    import torch
+    from pfl.data.dataset import Dataset
+    from pfl.data.federated_dataset import FederatedDataset
+    from pfl.data.sampling import get_user_sampler
+
+    offsets = arrays["offsets"]
+    population = len(offsets) - 1
+    images, labels = torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"])
+    ids = [str(i) for i in range(population)]
+    make = lambda uid: Dataset(  # noqa: E731
+        raw_data=(images[offsets[int(uid)]:offsets[int(uid) + 1]],
+                  labels[offsets[int(uid)]:offsets[int(uid) + 1]]), user_id=uid)
+    sizes = np.random.default_rng(seed)
+
+    class PoissonCohorts(FederatedDataset):
+        trained = 0
+
+        def get_cohort(self, cohort_size):
+            size = int(sizes.binomial(population, clients / population))
+            self.trained += size
+            return super().get_cohort(size)
+
+    return PoissonCohorts(make, get_user_sampler("minimize_reuse", ids))
+
+
+def mechanism(work: dict):
+    from pfl.privacy.adaptive_clipping import AdaptiveClippingGaussianMechanism
+    from pfl.privacy.gaussian_mechanism import GaussianMechanism
+
+    return AdaptiveClippingGaussianMechanism(
+        make_gaussian_mechanism=lambda clip: GaussianMechanism(clip, work["noise"]),
+        initial_clipping_bound=work["initial_clip"],
+        clipping_indicator_noise_stddev=2 * work["count_stddev"],
+        adaptive_clipping_norm_quantile=work["target_quantile"],
+        log_space_step_size=work["clip_lr"])
+
+
+def run(work: dict, arrays: dict) -> dict:
+    import numpy as np
+    import pfl
+    import torch
+    from pfl.aggregate.simulate import SimulatedBackend
+    from pfl.aggregate.weighting import WeightByUser
+    from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
+    from pfl.data.dataset import Dataset
+    from pfl.hyperparam import NNEvalHyperParams, NNTrainHyperParams
+
+    torch.set_num_threads(1)  # as the study engine: small models, a shared machine
+    setup = time.perf_counter()
+    torch.manual_seed(work["seed"])
+    np.random.seed(work["seed"])
+    net, model = pfl_model(work["model"], work["server_lr"])
+    test_set = Dataset(raw_data=(torch.from_numpy(arrays["test_images"]),
+                                 torch.from_numpy(arrays["test_labels"])))
+    train_params = NNTrainHyperParams(local_learning_rate=work["lr"],
+                                      local_num_epochs=work["local_epochs"],
+                                      local_batch_size=work["batch_size"])
+    eval_params = NNEvalHyperParams(local_batch_size=512)
+
+    def rounds(model_, users, count, cohort):
+        backend = SimulatedBackend(training_data=users, val_data=None,
+                                   postprocessors=[WeightByUser(), mechanism(work)])
+        FederatedAveraging().run(
+            algorithm_params=NNAlgorithmParams(central_num_iterations=count,
+                                               evaluation_frequency=count,
+                                               train_cohort_size=cohort, val_cohort_size=0),
+            backend=backend, model=model_, model_train_params=train_params,
+            model_eval_params=eval_params, callbacks=[])
+
+    # Warm-up: one round of one user on a throwaway copy, with its own users.
+    warm = {**arrays, "offsets": arrays["offsets"][:2]}
+    rounds(copy.deepcopy(model), poisson_users(warm, 1, work["seed"]), 1, 1)
+    users = poisson_users(arrays, work["clients"], work["seed"])
+    start = time.perf_counter()
+    rounds(model, users, work["rounds"], work["clients"])
+    metrics = model.evaluate(test_set, lambda name: name, eval_params)
+    end = time.perf_counter()
+    accuracy = next(float(v.overall_value) for k, v in metrics if "accuracy" in str(k))
+    ran = {**work, "weights": sum(p.numel() for p in net.parameters()),
+           "data": fingerprint(arrays["images"], arrays["labels"], arrays["offsets"]),
+           "population": len(arrays["offsets"]) - 1}
+    return {"engine": f"pfl {pfl.__version__}", "workload": ran, "updates": users.trained,
+            "setup_s": start - setup, "loop_s": end - start,
+            "ms_per_client_update": 1000 * (end - start) / max(users.trained, 1),
+            "test_accuracy": accuracy}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--population", type=int, default=1437)
-    parser.add_argument("--clients", type=int, default=718)
-    parser.add_argument("--rounds", type=int, default=50)
-    parser.add_argument("--epsilon", type=float, default=2.0)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--server-lr", type=float, default=4.0)
-    parser.add_argument("--initial-clip", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--workload", required=True, help="JSON file written by bench-study")
+    parser.add_argument("--data", required=True, help=".npz file written by bench-study")
     args = parser.parse_args(argv)
+    import numpy as np
 
-    import pfl
-    import torch
-    from pfl.aggregate.simulate import SimulatedBackend
-    from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
-    from pfl.callback.central_evaluation import CentralEvaluationCallback
-    from pfl.hyperparam import NNEvalHyperParams, NNTrainHyperParams
-
-    torch.set_num_threads(1)  # as the study engine: small models, a shared machine
-    federated, test_set, model, mechanism = build(args)
-    backend = SimulatedBackend(training_data=federated, val_data=None,
-                               postprocessors=[mechanism])
-    evaluation = CentralEvaluationCallback(test_set, NNEvalHyperParams(local_batch_size=512),
-                                           frequency=args.rounds)
-    start = time.perf_counter()
-    FederatedAveraging().run(
-        algorithm_params=NNAlgorithmParams(central_num_iterations=args.rounds,
-                                           evaluation_frequency=args.rounds,
-                                           train_cohort_size=args.clients, val_cohort_size=0),
-        backend=backend, model=model,
-        model_train_params=NNTrainHyperParams(local_learning_rate=args.lr, local_num_epochs=1,
-                                              local_batch_size=16),
-        model_eval_params=NNEvalHyperParams(local_batch_size=512), callbacks=[evaluation])
-    wall = time.perf_counter() - start
-    metrics = model.evaluate(test_set, lambda name: name, NNEvalHyperParams(local_batch_size=512))
-    accuracy = next(float(v.overall_value) for k, v in metrics if "accuracy" in str(k))
-    print(json.dumps({"engine": f"pfl {pfl.__version__}", "population": args.population,
-                      "clients": args.clients, "rounds": args.rounds, "wall_s": wall,
-                      "ms_per_client_update": 1000 * wall / (args.rounds * args.clients),
-                      "test_accuracy": accuracy}), flush=True)
+    with open(args.workload) as handle:
+        work = json.load(handle)
+    with np.load(args.data) as loaded:
+        arrays = dict(loaded)
+    print(json.dumps(run(work, arrays)), flush=True)
     return 0
 
 
