@@ -229,6 +229,18 @@ def clip_to_norm(arrays: Sequence[np.ndarray], clip_norm: float) -> list[np.ndar
     return [np.asarray(a, dtype=np.float64) * scale for a in arrays]
 
 
+def clipped_sum(rows: np.ndarray, clip_norm: float) -> np.ndarray:
+    """The sum of `clip_to_norm` of each row (one flattened delta per row), all at once.
+
+    For a cohort whose updates are rows of one matrix (the study engine); the
+    same clip as `clip_to_norm`, in float64, up to summation order.
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    norms = np.sqrt(np.square(rows).sum(axis=1))
+    scale = np.where(norms <= clip_norm, 1.0, clip_norm / np.maximum(norms, np.finfo(float).tiny))
+    return scale @ rows
+
+
 def dp_fedavg_step(
     global_model: Sequence[np.ndarray],
     client_models: Sequence[Sequence[np.ndarray]],

@@ -93,3 +93,16 @@ def test_accounting_leaves_the_root_logger_alone():
             "epsilon_after(m, 5, 'rdp'); epsilon_after(m, 5, 'pld'); print(logging.root.handlers)")
     out = run_python(code)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_clipped_sum_is_the_sum_of_each_rows_clip():
+    """The study engine's one-matrix server clip against `clip_to_norm` client by client."""
+    from dpfl_app.privacy.mechanism import clip_to_norm, clipped_sum
+
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=(7, 50)).astype(np.float32) * rng.uniform(0.01, 3, size=(7, 1))
+    rows[2] = 0.0  # a zero update is left as it is
+    for clip in (0.05, 1.0, 100.0):
+        expected = sum(clip_to_norm([row], clip)[0] for row in rows)
+        np.testing.assert_allclose(clipped_sum(rows, clip), expected, rtol=1e-12, atol=1e-15)
+    assert clipped_sum(np.zeros((0, 4), np.float32), 1.0).tolist() == [0.0] * 4

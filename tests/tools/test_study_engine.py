@@ -9,6 +9,7 @@ most one test image apart).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -138,17 +139,84 @@ def test_inprocess_sweep_over_target_epsilons_and_a_grid(tmp_path, capsys):
     assert results["engine"] == "inprocess" and results["config"]["lr"] == 0.1
 
 
-def test_bench_study_measures_the_engine_per_client_update(tmp_path, capsys):
-    """The benchmark prints numbers (no speed is asserted): engine only, tiny workload."""
+FAKE_PFL = """import json, sys
+work = json.load(open(sys.argv[sys.argv.index("--workload") + 1]))
+print(json.dumps({"workload": {**work, "weights": 2410}, "updates": 10,
+                  "ms_per_client_update": 1.0, "cpu_ms_per_client_update": 1.0}))
+"""
+
+
+def test_bench_study_measures_both_engines_per_client_update(tmp_path, capsys):
+    """The benchmark prints numbers (no speed is asserted): the engine in a fresh process,
+    a stand-in for pfl that reports the workload it was given."""
+    import sys
+
     from dpfl_app.tools.study import bench
 
+    fake = tmp_path / "fake_pfl.py"
+    fake.write_text(FAKE_PFL)
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} {fake} \"$@\"\n")
+    python.chmod(0o755)
     out = tmp_path / "bench.json"
-    assert bench.main(["--population", str(POPULATION), "--clients", "5", "--rounds", "2",
-                       "--epsilon", "20", "--output", str(out)]) == 0
-    (engine,) = json.loads(out.read_text())["engines"]
-    assert engine["engine"] == "inprocess" and engine["rounds"] == 2 and engine["updates"] > 0
-    assert engine["ms_per_client_update"] > 0 and 0 < engine["epsilon"] <= 20
-    assert "| inprocess | 2 |" in capsys.readouterr().out
+    assert bench.main(["--scales", f"{POPULATION}:5", "--rounds", "2", "--repeats", "1",
+                       "--pfl-python", str(python), "--output", str(out)]) == 0
+    (result,) = json.loads(out.read_text())["results"]
+    (engine,) = result["runs"]["engine"]
+    assert engine["workload"]["rounds"] == 2 and engine["updates"] > 0
+    assert engine["workload"]["model"] == "digits-mlp" and engine["workload"]["weights"] == 2410
+    assert engine["ms_per_client_update"] > 0 and engine["load_average"] >= 0
+    assert result["ratio"] == pytest.approx(1.0 / result["engine"])
+    printed = capsys.readouterr().out
+    assert "| batch_size | 16 | 16 |" in printed and f"| {POPULATION}, 5, 2 |" in printed
+
+
+def test_bench_study_stops_when_the_workloads_differ(tmp_path, monkeypatch):
+    """pfl's side reports the workload it ran; one differing line stops the benchmark."""
+    from dpfl_app.tools.study import bench
+
+    args = bench.parse_args(["--scales", f"{POPULATION}:5", "--rounds", "2", "--repeats", "1",
+                             "--pfl-python", "pfl-python"])
+    for change, error in [({"batch_size": 32}, "batch_size"), ({"data": "0" * 16}, "data"),
+                          ({"noise": 1.0000001}, "noise"), ({}, None)]:
+        def child(command, timeout, change=change):
+            work = json.loads(Path(command[command.index("--workload") + 1]).read_text()) \
+                if "--workload" in command else None
+            if work is None:  # the engine's side: what it was given
+                stem = Path(command[command.index("--engine-run") + 1]).with_suffix("")
+                work = json.loads(stem.with_suffix(".json").read_text())
+            else:
+                work.update(change)
+            return {"workload": work, "ms_per_client_update": 1.0,
+                    "cpu_ms_per_client_update": 1.0, "load_average": 0.0}
+
+        monkeypatch.setattr(bench, "_child", child)
+        if error is None:
+            assert bench.measure(args, "app", POPULATION, 5, 2, tmp_path)["ratio"] == 1.0
+        else:
+            with pytest.raises(SystemExit, match=f"different workloads:\n  {error}: engine"):
+                bench.measure(args, "app", POPULATION, 5, 2, tmp_path)
+
+
+def test_pfl_reads_the_users_the_engine_trains(tmp_path):
+    """The exported file holds the app's partitions: same users, same bytes."""
+    import numpy as np
+
+    from dpfl_app.tools.study.bench import export_data, run_config
+    from dpfl_app.tools.study.engine import population_data
+
+    cfg = run_config("app", 30, 5, 2)
+    digest = export_data(cfg, 30, tmp_path / "users.npz")
+    users = population_data(cfg, 30)
+    with np.load(tmp_path / "users.npz") as arrays:
+        offsets = arrays["offsets"]
+        assert len(offsets) == 31 and offsets[-1] == sum(len(u.labels) for u in users)
+        for i in (0, 7, 29):
+            np.testing.assert_array_equal(arrays["images"][offsets[i]:offsets[i + 1]],
+                                          users[i].images.numpy())
+            np.testing.assert_array_equal(arrays["labels"][offsets[i]:offsets[i + 1]],
+                                          users[i].labels.numpy())
+    assert len(digest) == 16
 
 
 def test_batch_order_is_the_client_loaders_order():

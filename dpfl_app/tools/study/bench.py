@@ -127,9 +127,11 @@ def engine_run(cfg: dict, population: int) -> dict:
     loop = result["final"]["loop_s"]
     phases = {k: sum(r[k] for r in result["rounds"]) for k in
               ("train_s", "dp_s", "account_s", "eval_s")}
+    cpu = result["final"]["loop_cpu_s"]
     return {"engine": "study engine", "workload": ran, "updates": updates,
-            "setup_s": result["final"]["setup_s"], "loop_s": loop,
-            "ms_per_client_update": 1000 * loop / max(updates, 1), "phases_s": phases,
+            "setup_s": result["final"]["setup_s"], "loop_s": loop, "loop_cpu_s": cpu,
+            "ms_per_client_update": 1000 * loop / max(updates, 1),
+            "cpu_ms_per_client_update": 1000 * cpu / max(updates, 1), "phases_s": phases,
             "test_accuracy": result["final"]["test_accuracy"]}
 
 
@@ -198,6 +200,7 @@ def measure(args, workload: str, population: int, clients: int, rounds: int,
     for name, done in runs.items():
         if done:
             out[name] = statistics.median(r["ms_per_client_update"] for r in done)
+            out[f"{name}_cpu"] = statistics.median(r["cpu_ms_per_client_update"] for r in done)
     if runs["pfl"]:
         diff = check_equal(runs["engine"][0]["workload"], runs["pfl"][0]["workload"])
         out["side_by_side"] = side_by_side(runs["engine"][0]["workload"],
@@ -206,6 +209,7 @@ def measure(args, workload: str, population: int, clients: int, rounds: int,
             print(out["side_by_side"])
             raise SystemExit("the two engines ran different workloads:\n  " + "\n  ".join(diff))
         out["ratio"] = out["pfl"] / out["engine"]
+        out["cpu_ratio"] = out["pfl_cpu"] / out["engine_cpu"]
     return out
 
 
@@ -272,15 +276,18 @@ def table(report: dict) -> str:
     rows = [f"{report['cores']} cores; load average {report['load_average'][0]:.1f} at the start, "
             f"{report['load_average_end'][0]:.1f} at the end; medians of alternated runs",
             "| N, m, rounds | engine ms/update | pfl ms/update | pfl / engine | "
+            "CPU ms/update, engine / pfl | CPU pfl / engine | "
             "flwr run ms/update | flwr / engine | load averages |",
-            "|:---|---:|---:|---:|---:|---:|:---|"]
+            "|:---|---:|---:|---:|---:|---:|---:|---:|:---|"]
     for r in report["results"]:
         ours, theirs = r["engine"], r.get("pfl")
         f = flwr.get((r["population"], r["clients"]), {}).get("ms_per_client_update")
         loads = " ".join(f"{x['load_average']:.1f}" for name in ("engine", "pfl")
                          for x in r["runs"][name])
         rows.append(f"| {r['population']}, {r['clients']}, {r['rounds']} | {ours:.3f} | "
-                    + (f"{theirs:.3f} | {theirs / ours:.1f}x | " if theirs else "- | - | ")
+                    + (f"{theirs:.3f} | {theirs / ours:.1f}x | {r['engine_cpu']:.3f} / "
+                       f"{r['pfl_cpu']:.3f} | {r['cpu_ratio']:.1f}x | " if theirs else
+                       "- | - | - | - | ")
                     + (f"{f:.2f} | {f / ours:.0f}x | " if f else "- | - | ") + f"{loads} |")
     return "\n".join(rows)
 

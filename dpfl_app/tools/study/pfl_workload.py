@@ -165,17 +165,18 @@ def run(work: dict, arrays: dict) -> dict:
     warm = {**arrays, "offsets": arrays["offsets"][:2]}
     rounds(copy.deepcopy(model), poisson_users(warm, 1, work["seed"]), 1, 1)
     users = poisson_users(arrays, work["clients"], work["seed"])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     rounds(model, users, work["rounds"], work["clients"])
     metrics = model.evaluate(test_set, lambda name: name, eval_params)
-    end = time.perf_counter()
+    end, cpu = time.perf_counter(), time.process_time() - cpu
     accuracy = next(float(v.overall_value) for k, v in metrics if "accuracy" in str(k))
     ran = {**work, "weights": sum(p.numel() for p in net.parameters()),
            "data": fingerprint(arrays["images"], arrays["labels"], arrays["offsets"]),
            "population": len(arrays["offsets"]) - 1}
     return {"engine": f"pfl {pfl.__version__}", "workload": ran, "updates": users.trained,
-            "setup_s": start - setup, "loop_s": end - start,
+            "setup_s": start - setup, "loop_s": end - start, "loop_cpu_s": cpu,
             "ms_per_client_update": 1000 * (end - start) / max(users.trained, 1),
+            "cpu_ms_per_client_update": 1000 * cpu / max(users.trained, 1),
             "test_accuracy": accuracy}
 
 

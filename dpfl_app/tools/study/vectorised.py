@@ -18,8 +18,6 @@ tests check both against `task.train`.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
@@ -74,40 +72,48 @@ class CohortTrainer:
     def train(self, global_state: dict[str, torch.Tensor], datasets: list[Tensors],
               epochs: int, batch_size: int, lr: float, seed: int) -> dict[str, torch.Tensor]:
         """Each client's weights after local training, stacked along a first axis."""
-        out = {name: torch.empty((len(datasets), *v.shape), dtype=v.dtype)
-               for name, v in global_state.items()}
-        groups: dict[int, list[int]] = defaultdict(list)
-        for position, data in enumerate(datasets):
-            groups[len(data.labels)].append(position)
-        for size, positions in groups.items():
-            if self.vectorised:
-                trained = self._train_group(global_state, [datasets[p] for p in positions],
-                                            batch_order(size, batch_size, epochs, seed), lr)
-            else:
-                trained = self._train_each(global_state, [datasets[p] for p in positions],
-                                           epochs, batch_size, lr, seed)
-            index = torch.tensor(positions)
-            for name in out:
-                out[name][index] = trained[name]
-        return out
+        if not self.vectorised:
+            return self._train_each(global_state, datasets, epochs, batch_size, lr, seed)
+        sizes = sorted({len(d.labels) for d in datasets})
+        orders = [batch_order(size, batch_size, epochs, seed) for size in sizes]
+        if len(sizes) == 1:  # every client holds as many examples: one batch order
+            images = torch.stack([d.images for d in datasets])  # clients x examples x ...
+            labels = torch.stack([d.labels for d in datasets])
+            return self._train_stacked(global_state, images, labels, [
+                (images[:, batch], labels[:, batch], None, None) for batch in orders[0]], lr)
+        return self._train_stacked(global_state, None, None,
+                                   _padded_steps(datasets, sizes, orders), lr)
 
-    def _train_group(self, global_state, datasets, batches, lr):
-        count = len(datasets)
-        images = torch.stack([d.images for d in datasets])  # clients x examples x ...
-        labels = torch.stack([d.labels for d in datasets])
+    def _train_stacked(self, global_state, images, labels, steps, lr):
+        """Momentum SGD on stacked weights; each step is (images, labels, weight, active).
+
+        `weight` (clients x batch) is 1/b on a client's b real examples and 0 on
+        padding; `active` marks the clients that still have a batch at this step
+        (a client with fewer examples stops earlier, its weights and momentum kept).
+        """
+        count = next(iter(steps))[0].shape[0] if steps else 0
         params = {k: v.detach().unsqueeze(0).repeat(count, *[1] * v.dim()).requires_grad_()
                   for k, v in global_state.items()}
         velocity = [torch.zeros_like(v) for v in params.values()]
-        for batch in batches:
-            logits = self._logits(params, images[:, batch])  # clients x batch x classes
-            # The sum over clients of each client's mean loss (all share the batch size).
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, batch].flatten(),
-                                               reduction="sum") / len(batch)
+        for x, y, weight, active in steps:
+            logits = self._logits(params, x)  # clients x batch x classes
+            if weight is None:  # the sum over clients of each one's mean loss
+                loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(),
+                                                   reduction="sum") / y.shape[1]
+            else:
+                losses = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(),
+                                                     reduction="none")
+                loss = (losses.view_as(weight) * weight).sum()
             grads = torch.autograd.grad(loss, list(params.values()))
             with torch.no_grad():  # task.sgd_step, all clients at once
                 for param, buf, grad_ in zip(params.values(), velocity, grads):
-                    buf.mul_(MOMENTUM).add_(grad_)
-                    param.add_(buf, alpha=-lr)
+                    if active is None:
+                        buf.mul_(MOMENTUM).add_(grad_)
+                        param.add_(buf, alpha=-lr)
+                    else:
+                        mask = active.view(-1, *[1] * (buf.dim() - 1))
+                        buf.copy_(torch.where(mask, buf * MOMENTUM + grad_, buf))
+                        param.sub_(torch.where(mask, buf * lr, 0.0))
         return {k: v.detach() for k, v in params.items()}
 
     def _train_each(self, global_state, datasets, epochs, batch_size, lr, seed):
@@ -118,3 +124,37 @@ class CohortTrainer:
                   device="cpu")
             trained.append({k: v.detach().clone() for k, v in self.net.state_dict().items()})
         return {k: torch.stack([t[k] for t in trained]) for k in self.names}
+
+
+def _padded_steps(datasets: list[Tensors], sizes: list[int], orders: list[list[torch.Tensor]]):
+    """The steps of clients of several sizes as one stacked batch per step.
+
+    Each size has its own batch order (the loader's, for that many examples);
+    at step k a client's batch is its size's k-th, padded to the widest with
+    weight 0. One batched call per step instead of one per size.
+    """
+    count = len(datasets)
+    shape = datasets[0].images.shape[1:]
+    images = torch.zeros(count, max(sizes), *shape, dtype=datasets[0].images.dtype)
+    labels = torch.zeros(count, max(sizes), dtype=datasets[0].labels.dtype)
+    kind = torch.empty(count, dtype=torch.long)  # each client's position in `sizes`
+    for position, data in enumerate(datasets):
+        size = len(data.labels)
+        images[position, :size], labels[position, :size] = data.images, data.labels
+        kind[position] = sizes.index(size)
+    rows = torch.arange(count).unsqueeze(1)
+    steps = []
+    for k in range(max(len(order) for order in orders)):
+        batches = [order[k] if k < len(order) else torch.zeros(0, dtype=torch.long)
+                   for order in orders]
+        width = max(len(b) for b in batches)
+        index = torch.zeros(len(sizes), width, dtype=torch.long)
+        weight = torch.zeros(len(sizes), width)
+        for row, batch in enumerate(batches):
+            index[row, :len(batch)] = batch
+            weight[row, :len(batch)] = 1.0 / max(len(batch), 1)
+        picked = index[kind]
+        active = torch.tensor([len(b) > 0 for b in batches])[kind]
+        steps.append((images[rows, picked], labels[rows, picked], weight[kind],
+                      None if bool(active.all()) else active))
+    return steps
