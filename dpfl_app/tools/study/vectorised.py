@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.nn.utils.rnn import pad_sequence
 
 from dpfl_app.data.datasets import Tensors, loader
 from dpfl_app.task import MOMENTUM, train
@@ -134,14 +135,10 @@ def _padded_steps(datasets: list[Tensors], sizes: list[int], orders: list[list[t
     weight 0. One batched call per step instead of one per size.
     """
     count = len(datasets)
-    shape = datasets[0].images.shape[1:]
-    images = torch.zeros(count, max(sizes), *shape, dtype=datasets[0].images.dtype)
-    labels = torch.zeros(count, max(sizes), dtype=datasets[0].labels.dtype)
-    kind = torch.empty(count, dtype=torch.long)  # each client's position in `sizes`
-    for position, data in enumerate(datasets):
-        size = len(data.labels)
-        images[position, :size], labels[position, :size] = data.images, data.labels
-        kind[position] = sizes.index(size)
+    images = pad_sequence([d.images for d in datasets], batch_first=True)
+    labels = pad_sequence([d.labels for d in datasets], batch_first=True)
+    lengths = torch.tensor([len(d.labels) for d in datasets])
+    kind = torch.searchsorted(torch.tensor(sizes), lengths)  # each client's place in `sizes`
     rows = torch.arange(count).unsqueeze(1)
     steps = []
     for k in range(max(len(order) for order in orders)):
