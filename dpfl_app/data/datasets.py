@@ -287,12 +287,26 @@ def partition_label_counts(name: str, partitioning: str, num_partitions: int,
     spec = describe(name, data_dir, image_column, label_column)
     partitioner, _ = _partitioned(name, data_dir, image_column, label_column,
                                   partitioning, num_partitions, alpha, seed)
-    counts = []
-    for pid in range(num_partitions):
-        labels = np.asarray(partitioner.load_partition(pid)[spec.label_column], dtype=np.int64)
-        labels = labels[(labels >= 0) & (labels < spec.num_classes)]
-        counts.append(np.bincount(labels, minlength=spec.num_classes).tolist())
-    return counts
+    if partitioning == "iid":  # contiguous shards: one pass over the label column
+        column = np.asarray(partitioner.dataset[spec.label_column], dtype=np.int64)
+        parts = [column[start:end] for start, end in iid_shard_bounds(len(column),
+                                                                      num_partitions)]
+    else:  # each partition loaded once (about 12 ms each with `datasets`)
+        parts = [np.asarray(partitioner.load_partition(pid)[spec.label_column], dtype=np.int64)
+                 for pid in range(num_partitions)]
+    return [np.bincount(labels[(labels >= 0) & (labels < spec.num_classes)],
+                        minlength=spec.num_classes).tolist() for labels in parts]
+
+
+def iid_shard_bounds(rows: int, num_partitions: int) -> list[tuple[int, int]]:
+    """[start, end) of each IID partition: flwr-datasets' IidPartitioner takes
+    `datasets.Dataset.shard(num_partitions, i, contiguous=True)`, whose
+    arithmetic this is (tests/data check it against `load_partition`). Reading
+    the label column once instead of loading 1,437 partitions takes the
+    ServerApp's partition histogram from 18 s to milliseconds."""
+    div, mod = divmod(rows, num_partitions)
+    starts = [div * i + min(i, mod) for i in range(num_partitions)]
+    return [(start, start + div + (1 if i < mod else 0)) for i, start in enumerate(starts)]
 
 
 def format_label_histogram(counts: list[list[int]]) -> str:

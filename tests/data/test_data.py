@@ -408,3 +408,17 @@ def test_baseline_help():
     run = subprocess.run([sys.executable, "-m", "dpfl_app.tools.baseline", "--help"], cwd=PROJECT,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "--data-dir" in run.stdout
+
+
+@pytest.mark.parametrize("num_partitions", [1, 7, 150])
+def test_iid_label_counts_read_once_equal_each_partition_loaded(num_partitions):
+    """The IID histogram from one pass over the labels equals the partitioner's own
+    partitions, loaded one by one (so a change in flwr-datasets' sharding shows here)."""
+    spec = data.describe("digits")
+    partitioner, _ = data._partitioned("digits", "", "", "", "iid", num_partitions, 0.5, 42)
+    loaded = [np.bincount(np.asarray(partitioner.load_partition(pid)[spec.label_column]),
+                          minlength=10).tolist() for pid in range(num_partitions)]
+    assert data.partition_label_counts("digits", "iid", num_partitions) == loaded
+    bounds = data.iid_shard_bounds(len(partitioner.dataset), num_partitions)
+    assert [end - start for start, end in bounds] == [len(partitioner.load_partition(pid))
+                                                      for pid in range(num_partitions)]
