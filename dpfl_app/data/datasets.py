@@ -248,7 +248,22 @@ def load_client_data(name: str, partition_id: int, num_partitions: int,
         raise ValueError(f"partition-id={partition_id} must be in [0, {num_partitions})")
     partitioner, _ = _partitioned(name, data_dir, image_column, label_column,
                                   partitioning, num_partitions, alpha, seed)
+    if spec.hub_id is None and partitioning == "iid" and val_fraction <= 0:
+        # The built-in data set is small: convert its train split once per process and
+        # slice each IID shard from it, instead of `load_partition` (about 12 ms each,
+        # a large part of a 1,437-client simulation's first round).
+        whole = _train_tensors(name, seed)
+        start, end = iid_shard_bounds(len(whole.labels), num_partitions)[partition_id]
+        train = Tensors(whole.images[start:end].clone(), whole.labels[start:end].clone())
+        return train, Tensors(train.images[:0], train.labels[:0])
     return split_for_client(partitioner.load_partition(partition_id), spec, seed, val_fraction)
+
+
+@functools.lru_cache(maxsize=2)
+def _train_tensors(name: str, seed: int) -> Tensors:
+    """A built-in data set's whole train split as tensors (the rows the partitioners split)."""
+    partitioner, _ = _partitioned(name, "", "", "", "iid", 1, 0.5, seed)
+    return to_tensors(partitioner.dataset[:], describe(name))
 
 
 def split_for_client(rows, spec: DatasetSpec, seed: int,

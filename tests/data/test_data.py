@@ -422,3 +422,17 @@ def test_iid_label_counts_read_once_equal_each_partition_loaded(num_partitions):
     bounds = data.iid_shard_bounds(len(partitioner.dataset), num_partitions)
     assert [end - start for start, end in bounds] == [len(partitioner.load_partition(pid))
                                                       for pid in range(num_partitions)]
+
+
+def test_builtin_iid_partitions_are_slices_of_the_converted_train_split():
+    """The built-in data set's fast path gives each client exactly its `load_partition` rows."""
+    import torch
+
+    spec = data.describe("digits")
+    for num_partitions in (7, 150):
+        partitioner, _ = data._partitioned("digits", "", "", "", "iid", num_partitions, 0.5, 42)
+        for pid in (0, 3, num_partitions - 1):
+            fast, val = data.load_client_data.__wrapped__("digits", pid, num_partitions)
+            slow, _ = data.split_for_client(partitioner.load_partition(pid), spec, 42)
+            assert torch.equal(fast.images, slow.images) and torch.equal(fast.labels, slow.labels)
+            assert len(val.labels) == 0
