@@ -154,7 +154,7 @@ def run_one(fed: LocalFederation, setting: dict, seed: int, output_dir: Path, ru
 
 
 def run_inprocess(setting: dict, seed: int, output_dir: Path, base: dict, population: int,
-                  holdout: str, label: str) -> dict:
+                  holdout: str, label: str, report_every: int = 1) -> dict:
     """One run in the study engine; writes results.json like a Flower run's folder."""
     from dpfl_app.run.outputs import write_diagnostics, write_json
     from dpfl_app.tools.study.engine import ENGINE, run_study
@@ -162,7 +162,8 @@ def run_inprocess(setting: dict, seed: int, output_dir: Path, base: dict, popula
     record = new_record(setting, seed, output_dir, ENGINE)
     start = time.monotonic()
     try:
-        results = run_study({**base, **setting, "seed": seed}, population, holdout)
+        results = run_study({**base, **setting, "seed": seed}, population, holdout,
+                            report_every=report_every)
     except Exception as err:  # noqa: BLE001  a bad setting is recorded; the sweep goes on
         record.update(status="failed", error=f"failed: {type(err).__name__}: {err}"[:300])
     else:
@@ -206,6 +207,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--holdout", choices=("test", "validation"), default="test",
                         help="inprocess: report accuracy on a validation half of the server's "
                              "test set, for tuning")
+    parser.add_argument("--report-every", type=int, default=1, metavar="K",
+                        help="inprocess: evaluate and read epsilon every K rounds and the last "
+                             "(0: the last only; the table needs no more, the per-round plot "
+                             "shows what was evaluated)")
     parser.add_argument("--run-config", default="",
                         help='other run-config overrides for every run, e.g. "rounds=5 clients=6"')
     parser.add_argument("--repeats", type=int, default=1,
@@ -228,6 +233,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--target-epsilon values must be > 0")
     if args.holdout != "test" and args.engine != "inprocess":
         parser.error("--holdout validation needs --engine inprocess")
+    if args.report_every < 0 or (args.report_every != 1 and args.engine != "inprocess"):
+        parser.error("--report-every takes K >= 0 and needs --engine inprocess")
     if args.audit_canaries and args.engine != "flwr":
         parser.error("--audit-canaries needs --engine flwr")
     try:
@@ -282,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                 record = (run_one(fed, setting, seed, out, args.run_config, args.timeout_per_run,
                                   label, args.audit_canaries) if fed is not None else
                           run_inprocess(setting, seed, out, base, args.supernodes,
-                                        args.holdout, label))
+                                        args.holdout, label, args.report_every))
                 runs.append(record)
                 outcome = (f"final accuracy {record['final_accuracy']:.4f}, epsilon "
                            f"{record['epsilon']:.3f}" if record["error"] is None

@@ -132,6 +132,8 @@ def test_grid_and_target_epsilon_settings():
         parse_grid("model=digits-mlp,resnet")
     with pytest.raises(SystemExit):  # a validation split exists only in process
         parse_args(["--noise", "1", "--holdout", "validation"])
+    with pytest.raises(SystemExit):  # reporting fewer rounds exists only in process
+        parse_args(["--noise", "1", "--report-every", "0"])
     with pytest.raises(SystemExit):  # noise levels or target epsilons, not both
         parse_args(["--noise", "1", "--target-epsilon", "2"])
 
@@ -145,7 +147,8 @@ def test_inprocess_sweep_over_target_epsilons_and_a_grid(tmp_path, capsys):
     out = tmp_path / "sweep"
     assert sweep.main(["--engine", "inprocess", "--target-epsilon", "20,inf", "--grid",
                        "lr=0.05,0.1", "--supernodes", str(POPULATION), "--run-config",
-                       "rounds=2 clients=5 deterministic-noise=true", "--output", str(out)]) == 0
+                       "rounds=2 clients=5 deterministic-noise=true", "--output", str(out),
+                       "--report-every", "0"]) == 0
     with open(out / "sweep.csv") as handle:
         rows = {r["setting"]: r for r in csv.DictReader(handle)}
     assert list(rows) == ["target-epsilon=20 lr=0.05", "target-epsilon=20 lr=0.1",
@@ -158,6 +161,9 @@ def test_inprocess_sweep_over_target_epsilons_and_a_grid(tmp_path, capsys):
     results = json.loads(next((out / "runs").glob("target-epsilon=20-lr=0.1-seed-42"))
                          .joinpath("results.json").read_text())
     assert results["engine"] == "inprocess" and results["config"]["lr"] == 0.1
+    # --report-every 0: the table's final round is evaluated and accounted, round 1 is not
+    assert ["test_accuracy" in r for r in results["rounds"]] == [False, True]
+    assert results["final"]["epsilon"] == results["rounds"][-1]["epsilon"]
 
 
 FAKE_PFL = """import json, sys
