@@ -97,29 +97,31 @@ def export_data(cfg: dict, population: int, path: Path) -> str:
     from dpfl_app.tools.study.engine import evaluation_sets, population_data
     from dpfl_app.tools.study.pfl_workload import fingerprint
 
-    users = population_data(cfg, population)
-    arrays = {"images": np.concatenate([u.images.numpy() for u in users]),
-              "labels": np.concatenate([u.labels.numpy() for u in users]).astype(np.int64),
-              "offsets": np.cumsum([0] + [len(u.labels) for u in users]).astype(np.int64)}
+    arrays = users_arrays(population_data(cfg, population))
     test = evaluation_sets(cfg, "test")["test"]
     np.savez(path, **arrays, test_images=test.images.numpy(),
              test_labels=test.labels.numpy().astype(np.int64))
     return fingerprint(arrays["images"], arrays["labels"], arrays["offsets"])
 
 
-def engine_run(cfg: dict, population: int) -> dict:
-    """One timed engine run (in a fresh process: no cache of an earlier run helps it)."""
+def users_arrays(users) -> dict:
+    """Every user's examples end to end, and where each user's start (offsets)."""
     import numpy as np
 
+    return {"images": np.concatenate([u.images.numpy() for u in users]),
+            "labels": np.concatenate([u.labels.numpy() for u in users]).astype(np.int64),
+            "offsets": np.cumsum([0] + [len(u.labels) for u in users]).astype(np.int64)}
+
+
+def engine_run(cfg: dict, population: int) -> dict:
+    """One timed engine run (in a fresh process: no cache of an earlier run helps it)."""
     from dpfl_app.task import MOMENTUM as APP_MOMENTUM, build_model
     from dpfl_app.tools.study.engine import population_data, run_study
     from dpfl_app.tools.study.pfl_workload import fingerprint
 
     result = run_study(cfg, population, report_every=0)
-    users = population_data(cfg, population)
-    data = fingerprint(np.concatenate([u.images.numpy() for u in users]),
-                       np.concatenate([u.labels.numpy() for u in users]).astype(np.int64),
-                       np.cumsum([0] + [len(u.labels) for u in users]).astype(np.int64))
+    arrays = users_arrays(population_data(cfg, population))  # what the engine trained on
+    data = fingerprint(arrays["images"], arrays["labels"], arrays["offsets"])
     ran = {**workload_of(result["config"], result["population"], data),
            "momentum": APP_MOMENTUM, "rounds": result["final"]["rounds_completed"],
            "weights": sum(p.numel() for p in build_model(result["config"]["model"]).parameters())}
