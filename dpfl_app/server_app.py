@@ -22,6 +22,7 @@ from dpfl_app.run import outcome
 from dpfl_app.strategy.large_deployment import deployment  # light: no torch
 
 if TYPE_CHECKING:
+    from dpfl_app.privacy.accounting import AccountingModel
     from dpfl_app.strategy.canaries import CanaryAudit
     from dpfl_app.strategy.dp_fedavg import DPFedAvgAdaptive
 
@@ -41,10 +42,20 @@ def choose_noise(cfg: dict, population: int) -> float:
     headline = headline_accountant(AccountingModel(cfg["sampling"], 1.0, population,
                                                    clients, cfg["target-delta"]))
     z = calibrate_noise(cfg["target-epsilon"], cfg["target-delta"], cfg["rounds"],
-                        population, clients, cfg["sampling"], accountant=headline)
+                        population, clients, cfg["sampling"], accountant=headline,
+                        withheld_inputs=withheld_inputs(cfg, population, clients))
     log(INFO, "target-epsilon=%s: calibrated noise multiplier z=%.6g (replaces noise=%s)",
         cfg["target-epsilon"], z, cfg["noise"])
     return z
+
+
+def withheld_inputs(cfg: dict, population: int, clients: int) -> int:
+    """W of the accounting model: secure aggregation may withhold a round's whole sum."""
+    if not cfg.get("secure-aggregation", False):
+        return 0
+    from dpfl_app.privacy.accounting import withheld_sum_bound
+
+    return withheld_sum_bound(cfg["sampling"], population, clients)
 
 
 def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive:
@@ -67,9 +78,10 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
             " < 2*sigma_b; update noise multiplier z_delta=%.4f", split.default_count_stddev,
             split.count_stddev, noise, split.update_noise_multiplier)
     generators = server_generators(cfg["seed"] if cfg["deterministic-noise"] else None)
-    ledger = PrivacyLedger(AccountingModel(cfg["sampling"], noise, big.population,
-                                           big.clients_per_round, cfg["target-delta"]),
-                           noise_secret=generators.secret)
+    ledger = PrivacyLedger(AccountingModel(
+        cfg["sampling"], noise, big.population, big.clients_per_round, cfg["target-delta"],
+        withheld_inputs(cfg, big.population, big.clients_per_round)),
+        noise_secret=generators.secret)
     # FedAvg addresses every online node; the strategy keeps the sampled slots.
     fedavg = FedAvg(
         fraction_train=1.0,
@@ -96,9 +108,27 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
         server_optimizer=server_optimizer(cfg),
         noise_scale=big.noise_scale, sampling_population=population,
     )
-    strategy.announcement = client_policy.announcement(ledger.model, cfg["rounds"],
-                                                       cfg["secure-aggregation"])
+    strategy.announcement = client_policy.announcement(
+        real_model(ledger.model, big), cfg["rounds"], cfg["secure-aggregation"],
+        cfg["deterministic-noise"])
     return strategy
+
+
+def real_model(model: AccountingModel, big) -> AccountingModel:
+    """This run's own clients' model: `model` itself, unless a deployment is simulated.
+
+    A simulated deployment scales the noise on the real cohort's sum by m/m_big:
+    the real clients get noise multiplier z * m/m_big, sampled m of the real N.
+    """
+    from dpfl_app.privacy.accounting import withheld_sum_bound
+
+    if not big.simulated:
+        return model
+    return model.replace(noise_multiplier=model.noise_multiplier * big.noise_scale,
+                         population=big.real_population,
+                         clients_per_round=big.real_clients_per_round,
+                         withheld_inputs=0 if not model.withheld_inputs else withheld_sum_bound(
+                             model.sampling, big.real_population, big.real_clients_per_round))
 
 
 def population_size(cfg: dict, online: int, state: dict | None) -> int:

@@ -45,10 +45,32 @@ def describe_model(model: AccountingModel, rounds: int, accountant: str) -> str:
         sampling = (f"fixed-size sampling without replacement (exactly m = {m} of N = {n} "
                     f"clients each round)")
         adjacency = (f"replace-one adjacency (sensitivity doubled, so the accounted "
-                     f"multiplier is z/2 = {model.event_noise_multiplier:.4g})")
+                     f"multiplier is z/2 = {z / 2:.4g})")
+    if model.withheld_inputs:
+        adjacency += (f"; secure aggregation may withhold a round's whole sum, of up to "
+                      f"W = {model.withheld_inputs} clients, depending on who took part, so "
+                      f"the accounted sensitivity is {model.sensitivity_multiple}·C and the "
+                      f"multiplier z/{model.sensitivity_multiple} = "
+                      f"{model.event_noise_multiplier:.4g}")
     name = {"pld": "PLD", "rdp": "RDP"}[accountant]
     return (f"{sampling}, {adjacency}, noise multiplier z = {z:.4g}, {rounds} rounds, "
             f"{name} accountant")
+
+
+def withheld_section(ledger: PrivacyLedger) -> list[str]:
+    """Why secure aggregation's epsilon is larger, and the figure under a stated assumption."""
+    model = ledger.model
+    return ["", "## Withheld sums (secure aggregation)", "",
+            "A secure sum is released only when enough clients survive to rebuild the masks; "
+            "otherwise the round releases noise only. Whether that happens depends on who took "
+            "part: adding one client can turn \"noise only\" into \"the sum of the others and "
+            "that client\". When the other clients' answers sit exactly at the protocol's "
+            "threshold, one client's presence or dropout decides it, so the guarantee above "
+            f"charges each round with sensitivity W·C, W = {model.withheld_inputs} (the largest "
+            "cohort), against any pattern of dropouts.", "",
+            f"ε if no sampled client drops out during the protocol (an ASSUMPTION about the "
+            f"deployment, NOT part of the guarantee: then only a cohort of one is withheld, "
+            f"W = 2): {fmt_eps(ledger.epsilon_if_no_dropout())} at δ={model.delta:g}."]
 
 
 def _reach(model: AccountingModel, rounds: int, goal: float, accountant: str) -> list[str]:
@@ -57,11 +79,15 @@ def _reach(model: AccountingModel, rounds: int, goal: float, accountant: str) ->
                      model.delta, model.sampling)
     out = []
     try:
-        z_need = calibrate_noise(goal, d, rounds, n, m, s, accountant)
+        z_need = calibrate_noise(goal, d, rounds, n, m, s, accountant, model.withheld_inputs)
         out.append(f"- Keeping m = {m} clients per round: you need noise ≥ {z_need:g} "
                    f"(noise multiplier; now {z:.4g}).")
     except ValueError:
         out.append(f"- Keeping m = {m} clients per round: not reachable by adding noise.")
+    if model.withheld_inputs:
+        out.append("- Without secure aggregation nothing is withheld, and the sensitivity is "
+                   "C (Poisson) or 2C (fixed-size).")
+        return out
     if z == 0:
         out.append("- Changing the number of clients per round cannot help while no noise is added.")
         return out
@@ -186,6 +212,8 @@ def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | No
         lines += _reach(model, rounds, goal, acc)
     elif rounds == 0:
         lines += ["", "No round was accounted: nothing trained was released, so ε = 0."]
+    if model.withheld_inputs and rounds > 0:
+        lines += withheld_section(ledger)
     if audit is not None:
         lines += audit_section(audit)
     lines += [

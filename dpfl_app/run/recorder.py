@@ -100,6 +100,9 @@ class RunRecorder:
             # deterministic-noise: epsilon above is inf; this is only a comparison figure.
             **({} if self.strategy.ledger.noise_secret else {
                 "epsilon_if_noise_secret": self.strategy.ledger.epsilon_if_secret() if done else 0.0}),
+            # secure aggregation: epsilon if no client drops out mid-protocol (an assumption)
+            **({} if not self.strategy.ledger.model.withheld_inputs else {
+                "epsilon_if_no_dropout": self.strategy.ledger.epsilon_if_no_dropout()}),
             "delta": self.cfg["target-delta"],
             "stop_reason": self.stop_reason or (
                 "completed all rounds" if last is not self.initial
