@@ -359,7 +359,9 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
     strategy.on_round_charged = lambda: checkpoint.save_ledger(run_dir,
                                                                strategy.ledger.state_dict())
     recorder = RunRecorder(cfg, run_dir, strategy, accounting_extra,
-                           initial=state["initial"] if state else None)
+                           initial=state["initial"] if state else None,
+                           real_model=real_model(strategy.ledger.model, simulation)
+                           if simulation.simulated else None)
     try:
         strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_model),
                        num_rounds=cfg["rounds"] - strategy.round_offset,
@@ -378,4 +380,5 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
         log(INFO, "%s", line)
     final = recorder.results()["final"]
     outcome.report_success(final["stop_reason"], final["rounds_completed"],
-                           final["test_accuracy"], final["epsilon"], cfg["target-delta"], run_dir)
+                           final["test_accuracy"], final["epsilon"], cfg["target-delta"], run_dir,
+                           final.get("epsilon_this_run"))

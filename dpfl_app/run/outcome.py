@@ -96,8 +96,15 @@ def report_failure(err: BaseException, run_dir: Path | None, resumed: bool,
 
 
 def report_success(stop_reason: str, rounds: int, accuracy: float | None, epsilon: float,
-                   delta: float, run_dir: Path) -> None:
-    """The run's last line when it succeeded."""
+                   delta: float, run_dir: Path, epsilon_this_run: float | None = None) -> None:
+    """The run's last line when it succeeded.
+
+    `epsilon_this_run`: a simulated deployment's run gives both figures, each labelled.
+    """
     acc = "n/a" if accuracy is None else f"{accuracy:.4f}"
-    log(INFO, "run SUCCEEDED (%s): %d rounds, test accuracy %s, epsilon %.3f at delta %g; "
-        "outputs in %s", stop_reason, rounds, acc, epsilon, delta, run_dir)
+    eps = f"epsilon {epsilon:.3f}"
+    if epsilon_this_run is not None:
+        eps = (f"SIMULATED deployment's epsilon {epsilon:.3f} (this run's own: "
+               f"{epsilon_this_run:.4g})")
+    log(INFO, "run SUCCEEDED (%s): %d rounds, test accuracy %s, %s at delta %g; "
+        "outputs in %s", stop_reason, rounds, acc, eps, delta, run_dir)

@@ -37,8 +37,12 @@ class RunRecorder:
     """Evaluates, logs and persists a run; `evaluate` is the strategy's evaluate_fn."""
 
     def __init__(self, cfg: dict, run_dir: Path, strategy: DPFedAvgAdaptive,
-                 accounting_extra: dict, initial: dict | None = None) -> None:
+                 accounting_extra: dict, initial: dict | None = None,
+                 real_model=None) -> None:
         self.cfg, self.run_dir, self.strategy = cfg, run_dir, strategy
+        # A simulated deployment's run: the AccountingModel of its real clients. Every
+        # epsilon the ledger gives is then the simulated deployment's, and says so.
+        self.real_model = real_model
         self.accounting_extra = accounting_extra  # fixed for the run; the rest is per round
         test_set = load_test_data(cfg["dataset"], cfg["seed"], **data_source(cfg))
         self.test_loader = loader(test_set, 512, False)
@@ -81,8 +85,24 @@ class RunRecorder:
         eta = f", about {left * sum(steady) / len(steady):.0f} s left" if left else ""
         return (f"round {rec['round']}/{self.cfg['rounds']} ({seconds:.1f} s{eta}): "
                 f"test accuracy {rec['test_accuracy']:.4f} (loss {rec['test_loss']:.3f}) | "
-                f"epsilon so far {rec['epsilon']:.3f} at delta {self.cfg['target-delta']:g} | "
+                f"{self.epsilon_label()} so far {rec['epsilon']:.3f} at delta "
+                f"{self.cfg['target-delta']:g} | "
                 f"clip norm {rec['clip_norm']:.4f} -> {rec['next_clip_norm']:.4f}")
+
+    def epsilon_label(self) -> str:
+        return "epsilon" if self.real_model is None else "SIMULATED deployment's epsilon"
+
+    def simulated_fields(self) -> dict:
+        """results.json's labels for a simulated deployment, and this run's own epsilon."""
+        if self.real_model is None:
+            return {}
+        from dpfl_app.privacy.accounting import epsilon_after, headline_accountant
+
+        rounds = self.strategy.ledger.rounds
+        return {"epsilon_is": "SIMULATED: the simulated deployment's, not this run's",
+                "epsilon_this_run": epsilon_after(self.real_model, rounds,
+                                                  headline_accountant(self.real_model)),
+                "this_run_model": self.real_model.to_dict()}
 
     def results(self) -> dict:
         done = [r for r in self.strategy.records if "test_accuracy" in r]
@@ -103,12 +123,15 @@ class RunRecorder:
             # secure aggregation: epsilon if no client drops out mid-protocol (an assumption)
             **({} if not self.strategy.ledger.model.withheld_inputs else {
                 "epsilon_if_no_dropout": self.strategy.ledger.epsilon_if_no_dropout()}),
+            **self.simulated_fields(),
             "delta": self.cfg["target-delta"],
             "stop_reason": self.stop_reason or (
                 "completed all rounds" if last is not self.initial
                 and last["round"] == self.cfg["rounds"] else "in progress or interrupted"),
         }
         accounting = {**accounting_record(self.strategy.ledger), **self.accounting_extra}
+        if self.real_model is not None:  # every epsilon in this file is the simulated one
+            accounting["epsilon_is"] = final["epsilon_is"]
         results = {"config": self.cfg, "accounting": accounting, "initial": self.initial,
                    "rounds": self.strategy.records, "final": final}
         if self.audit is not None:
