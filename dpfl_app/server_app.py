@@ -300,6 +300,7 @@ def main(grid: Grid, context: Context) -> None:
     The last log line says whether the run succeeded and where its outputs are.
     """
     folder: dict = {"path": None, "resumed": False}
+    outcome.keep_timings_out_of_the_log()
     try:
         train(grid, context, folder)
     except Exception as err:

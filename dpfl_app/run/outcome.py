@@ -49,6 +49,26 @@ def keep_input_errors_brief(kinds: tuple[type[BaseException], ...]) -> None:
     logger.addFilter(BriefErrors((ConfigError, *kinds)))
 
 
+class NoTimings(logging.Filter):
+    """Flower's "Strategy execution finished in 12.34s", without the time.
+
+    The run's wall time sums every round's, which grows with the clients that
+    trained: a participation signal in a log that is meant to be shareable.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Strategy execution finished in"):
+            record.msg, record.args = "Strategy execution finished", ()
+        return True
+
+
+def keep_timings_out_of_the_log() -> None:
+    """Install `NoTimings` once on Flower's logger."""
+    logger = logging.getLogger("flwr")
+    if not any(isinstance(existing, NoTimings) for existing in logger.filters):
+        logger.addFilter(NoTimings())
+
+
 def charged_rounds(run_dir: Path) -> int:
     """Rounds the run's ledger.json charged (0 without a readable one).
 

@@ -74,16 +74,22 @@ class RunRecorder:
         return MetricRecord({"test_loss": loss, "test_accuracy": accuracy})
 
     def round_line(self, rec: dict) -> str:
-        """One line per round: progress, time (and what is left), accuracy, epsilon, clip norm.
+        """One line per round: progress, accuracy, epsilon, clip norm.
 
-        No reply or cohort counts: they are not part of the analysed release.
+        No reply or cohort counts: they are not part of the analysed release. No
+        time either: a round's wall time grows with the clients that trained
+        (and an empty round is instant), so it goes to the operator's
+        diagnostics (`seconds`), with the estimate of the time left.
         """
         seconds = time.monotonic() - self._round_started
         self._round_seconds.append(seconds)
         left = self.cfg["rounds"] - rec["round"]
         steady = self._round_seconds[1:] or self._round_seconds  # round 1 pays the start-up
-        eta = f", about {left * sum(steady) / len(steady):.0f} s left" if left else ""
-        return (f"round {rec['round']}/{self.cfg['rounds']} ({seconds:.1f} s{eta}): "
+        if self.strategy.diagnostics:
+            self.strategy.diagnostics[-1].update(
+                seconds=round(seconds, 3), seconds_left_estimate=round(
+                    left * sum(steady) / len(steady), 1))
+        return (f"round {rec['round']}/{self.cfg['rounds']}: "
                 f"test accuracy {rec['test_accuracy']:.4f} (loss {rec['test_loss']:.3f}) | "
                 f"{self.epsilon_label()} so far {rec['epsilon']:.3f} at delta "
                 f"{self.cfg['target-delta']:g} | "
