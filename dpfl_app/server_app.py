@@ -145,14 +145,26 @@ def population_size(cfg: dict, online: int, state: dict | None) -> int:
     return cfg["population"]
 
 
-def population_assumption(cfg: dict, population: int) -> str:
-    """How N was chosen, in words, for the log and privacy.md."""
+def population_assumption(cfg: dict, population: int, simulation: bool = False) -> str:
+    """How N was chosen, in words, for the log and privacy.md.
+
+    With population=0 in a deployment, N is an exact count of connected nodes,
+    published un-noised (it sets q, and the log and results.json show it): under
+    add/remove adjacency one client more changes it, so the guarantee does not
+    cover it. In a local simulation the node count is a public setting.
+    """
     if cfg["population"]:
         return f"N = {population} is the run-config `population`."
-    return (f"N = {population} is the number of SuperNodes connected at the start "
-            f"(run-config population=0). This is an assumption: the guarantee holds for "
-            f"this population. Nodes that join later are only sampled into free slots, "
-            f"so none is chosen more often than m/N.")
+    base = (f"N = {population} is the number of SuperNodes connected at the start "
+            f"(run-config population=0). Nodes that join later are only sampled into free "
+            f"slots, so none is chosen more often than m/N.")
+    if simulation:
+        return (f"{base} In this local simulation that number is a public setting "
+                f"(the federation's --num-supernodes), not a count of users.")
+    return (f"{base} **That count is released un-noised (it sets q = m/N and is published "
+            f"here) and is NOT covered by the guarantee**: under add/remove adjacency, one "
+            f"client more or less changes it. In a deployment, set run-config `population` "
+            f"to a public N (at least the nodes that may connect) to cover it.")
 
 
 def server_optimizer(cfg: dict):
@@ -331,7 +343,10 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
         log(WARNING, "%s", simulation.summary())
     noise = state["noise"] if state else choose_noise(cfg, num_nodes)
     strategy = build_strategy(cfg, num_nodes, noise)
-    assumption = population_assumption(cfg, num_nodes)
+    assumption = population_assumption(cfg, num_nodes, is_simulation(grid))
+    if not cfg["population"] and not is_simulation(grid) and not state:
+        log(WARNING, "population=0 in a deployment: N = %d, the SuperNodes connected now, is "
+            "published un-noised and NOT covered by the guarantee; set `population`", num_nodes)
     accounting_extra = {"update_noise_multiplier": strategy.split.update_noise_multiplier,
                         "clipped_count_stddev": strategy.split.count_stddev,
                         "population_source": assumption}

@@ -71,6 +71,18 @@ def test_shared_files_and_the_log_carry_no_exact_counts(tmp_path, caplog):
     assert "connected at the start" in (run_dir / "privacy.md").read_text()
 
 
+def test_a_deployment_without_population_says_its_node_count_is_released_and_not_covered():
+    """population=0 outside a simulation: N is an exact, published count of nodes."""
+    from dpfl_app.server_app import population_assumption
+
+    cfg = default_run_config(population=0)
+    deployed = population_assumption(cfg, 10, simulation=False)
+    assert "released un-noised" in deployed and "NOT covered" in deployed
+    simulated = population_assumption(cfg, 10, simulation=True)
+    assert "NOT covered" not in simulated and "public setting" in simulated
+    assert "NOT covered" not in population_assumption({**cfg, "population": 10}, 10)
+
+
 def test_a_round_released_before_a_crash_stays_charged(tmp_path, monkeypatch):
     """The server dies after round 2's model was written, before its checkpoint.
 
