@@ -221,6 +221,8 @@ def restore(strategy: DPFedAvgAdaptive, state: dict) -> None:
     strategy.records = list(state["records"])
     strategy.diagnostics = [d for d in outputs.read_diagnostics(state["run_dir"])
                             if d["round"] <= state["round"]]
+    strategy.client_eval = [e for e in outputs.read_jsonl(state["run_dir"] / outputs.CLIENT_EVAL_FILE)
+                            if e["round"] <= state["round"]]
     if state["rng"] is not None:  # deterministic-noise only; secret generators are never saved
         strategy.sampling_rng.bit_generator.state = state["rng"]["sampling"]
         strategy.rng.bit_generator.state = state["rng"]["noise"]

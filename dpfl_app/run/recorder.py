@@ -152,6 +152,8 @@ class RunRecorder:
         outputs.write_json(self.run_dir / "results.json", self.results())
         outputs.write_rounds_csv(self.run_dir / "rounds.csv", self.strategy.records)
         outputs.write_diagnostics(self.run_dir, self.strategy.diagnostics)
+        if self.strategy.client_eval:  # client-eval=true: not DP, not shareable
+            outputs.write_jsonl(self.run_dir / outputs.CLIENT_EVAL_FILE, self.strategy.client_eval)
         if final or time.monotonic() - self._plotted_at >= PLOT_INTERVAL_S:
             plot_run_accuracy(self.strategy.records, self.run_dir / "accuracy.png", self.initial)
             self._plotted_at = time.monotonic()

@@ -140,6 +140,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self.round_offset = 0  # rounds already run before a resume
         self.records: list[dict] = []  # one per round, only released quantities
         self.diagnostics: list[dict] = []  # one per round, exact counts: operator only
+        self.client_eval: list[dict] = []  # client-side metrics, not DP: not shareable
         # Called after a round is charged and before its model is returned:
         # must store the ledger durably (the server's crash safety).
         self.on_round_charged: Callable[[], None] | None = None
@@ -268,10 +269,17 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
                           [{"node_id": bad.node_id, "reason": bad.reason} for bad in rejected])
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
-        """Client-side evaluation: available, but *not* covered by the DP guarantee."""
+        """Client-side evaluation: available, but *not* covered by the DP guarantee.
+
+        The metrics are computed on the clients' private data without noise, so
+        they go to `client_eval` alone (the run folder's CLIENT_EVAL_FILE, not
+        shareable), never to results.json or the log. Returning None keeps
+        Flower from logging them too.
+        """
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         if metrics is not None:
-            log(INFO, "client-side evaluation (NOT covered by DP): %s", dict(metrics))
-            if self.records:
-                self.records[-1]["client_eval_not_dp"] = {k: float(v) for k, v in metrics.items()}
-        return metrics
+            self.client_eval.append({"round": self.round_offset + server_round,
+                                     **{k: float(v) for k, v in metrics.items()}})
+            log(INFO, "client-side evaluation metrics (NOT covered by DP) written to the "
+                "run folder's non-shareable client-eval file")
+        return None
