@@ -141,6 +141,11 @@ def audit_section(audit: dict) -> list[str]:
                       "error. Something is wrong: the noise, the clipping, the sampling or the "
                       "accounting does not match what the code claims. Do not trust this run's "
                       "ε.**"]
+    count = audit.get("count_channel")
+    if count is not None and count.get("epsilon") is not None:
+        lines += ["", f"The clipped-count release, audited on its own (each canary's coin per "
+                      f"round against the released count): empirical ε ≈ "
+                      f"{fmt_eps(count['epsilon'])} (verdict: {count['verdict']})."]
     lines += ["", "Canaries change the model a little: each sampled one adds the clip norm "
                   "times a random unit direction to the update, like one more client."]
     if audit.get("population_warning"):

@@ -53,6 +53,9 @@ class ClippedSum:
     rejected: int  # replies refused by screening, or dropouts of the secure protocol
     # operator-only: {"node_id", "reason"} per refused reply; never in shared files
     reasons: list[dict] = field(default_factory=list)
+    # False when a secure sum was withheld: the round releases noise only, and the
+    # audit's canaries, which join this sum, are withheld with it
+    released: bool = True
 
 
 def clipped_deltas(models: list, global_nd: list[np.ndarray], clip: float) -> list:
@@ -214,6 +217,8 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         deltas, unclipped, count = total.deltas, total.unclipped, total.count
         if self.canaries is not None:  # audit: sampled canaries join the sum before the noise
             extra, bits = self.canaries.join([], [], global_nd, clip, self.sampling_rng)
+            if not total.released:  # a withheld secure sum withholds theirs too
+                extra, bits = [], []
             deltas = deltas + clipped_deltas(extra, global_nd, clip)
             unclipped, count = unclipped + sum(bits), count + len(bits)
         new_model, unclipped_fraction, self.clipping_norm = mechanism.dp_fedavg_release(
@@ -224,7 +229,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
             noise_scale=self.noise_scale,
         )
         if self.canaries is not None:
-            self.canaries.observe(global_nd, new_model)
+            self.canaries.observe(global_nd, new_model, (unclipped_fraction - 0.5) * m)
         new_arrays = ArrayRecord({k: Array(v) for k, v in zip(reference, new_model)})
         self.current_arrays = new_arrays
         # Charge the round, durably, before its model leaves this method: a

@@ -121,7 +121,7 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
         """The unmasked sum of the survivors' clipped deltas and bits, or nothing."""
         rnd = self._round
         if rnd is None:
-            return ClippedSum([], 0, 0, len(self._lost), self._refusals)
+            return ClippedSum([], 0, 0, len(self._lost), self._refusals, released=False)
         dim = sum(a.size for a in reference.values())
         by_node = {node: index for index, node in self._nodes.items()}
         for reply in replies:
@@ -145,7 +145,7 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
         self._note(masked_inputs=len(rnd.inputs), min_survivors=rnd.min_survivors,
                    sum_released=total is not None, dropouts=len(self._lost))
         if total is None:  # too few survivors, or secrets not recoverable: noise only
-            return ClippedSum([], 0, 0, len(self._lost), self._refusals)
+            return ClippedSum([], 0, 0, len(self._lost), self._refusals, released=False)
         flat, unclipped = quantize.decode_sum(total, clip)
         sizes = np.cumsum([a.size for a in reference.values()])[:-1]
         deltas = [part.reshape(ref.shape)
