@@ -392,7 +392,8 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
     report = privacy_report(strategy.ledger, len(strategy.records), recorder.stop_reason,
                             audit=recorder.audit, secure_aggregation=cfg["secure-aggregation"],
                             assumptions=[assumption],
-                            simulation=simulation.summary() if simulation.simulated else None)
+                            simulation=simulation.summary() if simulation.simulated else None,
+                            float_residual=recorder.float_residual())
     outputs.write_atomic(run_dir / "privacy.md", report.encode())
     for line in report.splitlines():
         log(INFO, "%s", line)

@@ -57,6 +57,21 @@ def describe_model(model: AccountingModel, rounds: int, accountant: str) -> str:
             f"{name} accountant")
 
 
+def float_line(residual: dict) -> str:
+    """The floating-point residual of the noise sampler, in one sentence."""
+    if not residual["bound_applies"]:
+        return ("**Floating point:** the release grid is coarser than σ/256 in this "
+                "configuration (m/z_Δ above about 16,000), where our bound of the sampler's "
+                "residual is not claimed.")
+    return (f"**Floating point:** the ε above is that of an exact Gaussian. numpy's sampler "
+            f"differs from it by a factor within e^±2^-36 per released number (README, "
+            f"\"Randomness and floating point\"); over the "
+            f"{residual['coordinates_released']:,} numbers released, the guarantee is "
+            f"(ε + {residual['epsilon_added']:.2g}, δ·{residual['delta_factor']:.6g})-DP, i.e. "
+            f"ε ≤ {fmt_eps(residual['epsilon_with_float'])} at δ = "
+            f"{residual['delta_with_float']:.4g}.")
+
+
 def withheld_section(ledger: PrivacyLedger) -> list[str]:
     """Why secure aggregation's epsilon is larger, and the figure under a stated assumption."""
     model = ledger.model
@@ -155,7 +170,8 @@ def audit_section(audit: dict) -> list[str]:
 
 def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | None = None,
                    audit: dict | None = None, secure_aggregation: bool = False,
-                   assumptions: list[str] = (), simulation: str | None = None) -> str:
+                   assumptions: list[str] = (), simulation: str | None = None,
+                   float_residual: dict | None = None) -> str:
     """Markdown privacy report for the rounds composed in `ledger`, with the audit if any.
 
     `assumptions` are sentences the guarantee rests on (e.g. how N was chosen).
@@ -185,6 +201,8 @@ def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | No
     if eps_all.get(other) is not None and math.isfinite(eps):
         lines.append(f"(Cross-check: the {other.upper()} accountant gives ε = "
                      f"{fmt_eps(eps_all[other])}.)")
+    if float_residual is not None and ledger.noise_secret and rounds > 0:
+        lines += ["", float_line(float_residual)]
     if assumptions:
         lines += ["", "**Assumptions:** " + " ".join(assumptions)]
     lines += ["", f"**Strength:** {cat}."]

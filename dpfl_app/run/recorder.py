@@ -95,6 +95,18 @@ class RunRecorder:
                 f"{self.cfg['target-delta']:g} | "
                 f"clip norm {rec['clip_norm']:.4f} -> {rec['next_clip_norm']:.4f}")
 
+    def float_residual(self) -> dict | None:
+        """What numpy's Gaussian sampler adds to (epsilon, delta), bounded (mechanism.py)."""
+        from dpfl_app.privacy import mechanism
+
+        strategy = self.strategy
+        if strategy.current_arrays is None:
+            return None
+        dim = sum(int(a.numpy().size) for a in strategy.current_arrays.values())
+        return mechanism.run_float_residual(
+            strategy.split, strategy.num_sampled_clients, strategy.noise_scale, dim,
+            strategy.ledger.rounds, strategy.ledger.epsilon(), self.cfg["target-delta"])
+
     def epsilon_label(self) -> str:
         return "epsilon" if self.real_model is None else "SIMULATED deployment's epsilon"
 
@@ -136,6 +148,7 @@ class RunRecorder:
                 and last["round"] == self.cfg["rounds"] else "in progress or interrupted"),
         }
         accounting = {**accounting_record(self.strategy.ledger), **self.accounting_extra}
+        accounting["float_residual"] = self.float_residual()
         if self.real_model is not None:  # every epsilon in this file is the simulated one
             accounting["epsilon_is"] = final["epsilon_is"]
         results = {"config": self.cfg, "accounting": accounting, "initial": self.initial,
