@@ -61,7 +61,8 @@ class AccountingModel:
     clients_per_round: int
     delta: float
     # W: the most clipped inputs whose sum a withholding rule can hide (0: every
-    # round releases its sum). See `withheld_sum_bound` and the README, "Secure aggregation".
+    # round releases its sum). See `withheld_sum_bound`, and "Withheld sums" in
+    # docs/secure-aggregation.md.
     withheld_inputs: int = 0
 
     def __post_init__(self):

@@ -120,7 +120,7 @@ def update_noise_stddev(split: NoiseSplit, clip_norm: float) -> float:
 # accountant we report for Poisson sampling would not cover it.
 GRID_BELOW_NOISE_BITS = 10  # grid <= noise std / 2^10: adds variance <= 2^-20 sigma^2 / 12
 GRID_ABOVE_ULP_BITS = 30  # grid >= 2^30 float64 ulps of any value the sum can take
-# The residual, bounded (README, "Randomness and floating point"). numpy's
+# The residual, bounded (docs/privacy.md, "Randomness and floating point"). numpy's
 # standard_normal is a 256-layer ziggurat: in layer i it returns u * x_i / 2^52
 # for a 52-bit integer u, so its values lie on a lattice of spacing at most
 # x_0 / 2^52 < 3.92 * 2^-52 (x_0 = v / f(r) = 3.9107 for r = 3.6542), its
@@ -351,7 +351,8 @@ def dp_fedavg_release(
 
     Secure aggregation calls it with one "delta": the unmasked sum of the
     survivors' clipped deltas, and the unmasked sum of their norm bits; the
-    noise, the fixed denominator m and the accounting are the same. The update
+    noise and the fixed denominator m are the same (the accounting charges a
+    possibly withheld sum: `AccountingModel.withheld_inputs`). The update
     noise is drawn before the count noise. `step(global_model, noised_mean)`
     gives the next model (a server optimizer); without it, the plain step
     w + server_lr * mean. `noise_scale` multiplies both noises: m / m_big

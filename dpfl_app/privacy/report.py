@@ -68,7 +68,7 @@ def float_line(residual: dict) -> str:
                 "configuration (m/z_Δ above about 16,000), where our bound of the sampler's "
                 "residual is not claimed.")
     return (f"**Floating point:** the ε above is that of an exact Gaussian. numpy's sampler "
-            f"differs from it by a factor within e^±2^-36 per released number (README, "
+            f"differs from it by a factor within e^±2^-36 per released number (docs/privacy.md, "
             f"\"Randomness and floating point\"); over the "
             f"{residual['coordinates_released']:,} numbers released, the guarantee is "
             f"(ε + {residual['epsilon_added']:.2g}, δ·{residual['delta_factor']:.6g})-DP, i.e. "

@@ -9,8 +9,9 @@ Each round (Bell et al. 2020; Bonawitz et al. 2017):
 2. The clients train, clip (Flower's `adaptiveclipping_mod`), encode and mask.
 3. `clipped_sum` collects the masked vectors, runs `query.secagg_unmask`, and
    decodes the sum of the survivors' clipped deltas and norm bits. The base
-   class then adds exactly the same noise, divides by the same fixed m and
-   accounts the same round as without secure aggregation.
+   class then adds exactly the same noise and divides by the same fixed m as
+   without secure aggregation; the ledger charges each round with the largest
+   sum it could withhold (`AccountingModel.withheld_inputs`; docs/secure-aggregation.md).
 
 When fewer than the threshold survive, or a needed secret cannot be rebuilt,
 the sum is withheld: the round has no contributors (noise only, never a
