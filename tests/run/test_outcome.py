@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 
 from dpfl_app.run import outcome
 from dpfl_app.run.recorder import RunRecorder
 from tests.inprocess import ServerCrash, default_run_config, run_server
-
-
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def flwr_lines():
-    handler = _Lines()
-    logging.getLogger("flwr").addHandler(handler)
-    yield handler.lines
-    logging.getLogger("flwr").removeHandler(handler)
 
 
 def test_a_crash_in_round_1_after_its_release_keeps_the_ledger(tmp_path, monkeypatch, flwr_lines):

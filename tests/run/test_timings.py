@@ -7,7 +7,6 @@ un-noised participation signal, and so is Flower's total "finished in 12.34s".
 
 from __future__ import annotations
 
-import logging
 import re
 
 from dpfl_app.run.outputs import read_diagnostics
@@ -16,29 +15,15 @@ from tests.inprocess import default_run_config, run_server
 SECONDS = re.compile(r"\d+(\.\d+)? ?s\b")
 
 
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
-def test_the_log_has_no_round_times_and_the_diagnostics_have_them(tmp_path):
-    handler = _Lines()
-    logging.getLogger("flwr").addHandler(handler)
-    try:
-        run_server(default_run_config(**{"output-dir": str(tmp_path), "rounds": 2}))
-    finally:
-        logging.getLogger("flwr").removeHandler(handler)
-    rounds = [ln for ln in handler.lines if re.match(r"round [12]/2", ln)]
+def test_the_log_has_no_round_times_and_the_diagnostics_have_them(tmp_path, flwr_lines):
+    run_server(default_run_config(**{"output-dir": str(tmp_path), "rounds": 2}))
+    rounds = [ln for ln in flwr_lines if re.match(r"round [12]/2", ln)]
     assert len(rounds) == 2
     for line in rounds:
         assert not SECONDS.search(line.split("test accuracy")[0]), line
         assert "left" not in line, line
-    assert not any("finished in" in ln for ln in handler.lines)
-    assert any(ln == "Strategy execution finished" for ln in handler.lines)
+    assert not any("finished in" in ln for ln in flwr_lines)
+    assert any(ln == "Strategy execution finished" for ln in flwr_lines)
     (run_dir,) = list(tmp_path.iterdir())
     diagnostics = read_diagnostics(run_dir)  # operator only
     assert [d["round"] for d in diagnostics] == [1, 2]
