@@ -108,6 +108,8 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
         server_optimizer=server_optimizer(cfg),
         noise_scale=big.noise_scale, sampling_population=population,
     )
+    # The secure strategy's smallest summed cohort, if it has one (a client floor).
+    ledger.no_dropout_floor = max(2, int(getattr(strategy, "min_cohort", 2)))
     strategy.announcement = client_policy.announcement(
         real_model(ledger.model, big), cfg["rounds"], cfg["secure-aggregation"],
         cfg["deterministic-noise"])

@@ -310,16 +310,21 @@ class PrivacyLedger:
         return {**self.model.to_dict(), "accountant": self.headline, "rounds": self._rounds,
                 "noise_secret": self.noise_secret}
 
+    # The smallest cohort whose secure sum is released: with no mid-protocol dropout,
+    # the only withholding rule left (a sum of one input is never released).
+    no_dropout_floor = 2
+
     def epsilon_if_no_dropout(self) -> float | None:
         """Secure aggregation only: epsilon if no sampled client drops out mid-protocol.
 
-        Then the survivors are the cohort, and only a cohort of one is withheld
-        (W = 2). An assumption about the deployment, never the guarantee; None
-        when nothing is withheld.
+        Then the survivors are the cohort, and only a cohort below
+        `no_dropout_floor` is withheld (W = max(2, floor)). An assumption about
+        the deployment, never the guarantee; None when nothing is withheld.
         """
         model = self.model
         if not model.withheld_inputs:
             return None
         floor = model.replace(withheld_inputs=withheld_sum_bound(
-            model.sampling, model.population, model.clients_per_round, survivor_floor=2))
+            model.sampling, model.population, model.clients_per_round,
+            survivor_floor=self.no_dropout_floor))
         return epsilon_after(floor, self._rounds, self.headline)

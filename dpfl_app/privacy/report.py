@@ -88,8 +88,9 @@ def withheld_section(ledger: PrivacyLedger) -> list[str]:
             f"charges each round with sensitivity W·C, W = {model.withheld_inputs} (the largest "
             "cohort), against any pattern of dropouts.", "",
             f"ε if no sampled client drops out during the protocol (an ASSUMPTION about the "
-            f"deployment, NOT part of the guarantee: then only a cohort of one is withheld, "
-            f"W = 2): {fmt_eps(ledger.epsilon_if_no_dropout())} at δ={model.delta:g}."]
+            f"deployment, NOT part of the guarantee: then only a cohort smaller than "
+            f"{ledger.no_dropout_floor} is withheld, W = {max(2, ledger.no_dropout_floor)}): "
+            f"{fmt_eps(ledger.epsilon_if_no_dropout())} at δ={model.delta:g}."]
 
 
 def _reach(model: AccountingModel, rounds: int, goal: float, accountant: str) -> list[str]:

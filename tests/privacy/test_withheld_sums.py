@@ -96,3 +96,18 @@ def test_the_event_multiplier_is_z_over_the_largest_sensitivity(sampling, base):
     # Floor 2 under Poisson: exactly the pair's z/2 event, with q (an upper bound of q^2).
     floor = model.replace(withheld_inputs=2)
     assert epsilon_after(floor, 5, "auto") >= exact_pair_epsilon(0.01, 1.2, 5)
+
+
+def test_the_no_dropout_figure_follows_the_smallest_summed_cohort():
+    """Under the no-dropout assumption only the cohort-size floor withholds: W = max(2, F)."""
+    from dpfl_app.privacy.accounting import PrivacyLedger
+
+    ledger = PrivacyLedger(AccountingModel("poisson", 1.0, 10, 6, DELTA, withheld_inputs=10))
+    ledger.compose_round(5)
+    assert ledger.epsilon_if_no_dropout() == pytest.approx(
+        epsilon_after(ledger.model.replace(withheld_inputs=2), 5, "pld"))
+    assert ledger.epsilon_if_no_dropout() >= exact_pair_epsilon(0.36, 1.0, 5)  # 18.43
+    ledger.no_dropout_floor = 4  # e.g. a client floor on the cohort
+    assert ledger.epsilon_if_no_dropout() == pytest.approx(
+        epsilon_after(ledger.model.replace(withheld_inputs=4), 5, "pld"))
+    assert ledger.epsilon_if_no_dropout() <= ledger.epsilon()
