@@ -324,6 +324,8 @@ class PrivacyLedger:
         model = self.model
         if not model.withheld_inputs:
             return None
+        if not self.noise_secret and self._rounds:
+            return math.inf  # deterministic noise: no guarantee under any assumption
         floor = model.replace(withheld_inputs=withheld_sum_bound(
             model.sampling, model.population, model.clients_per_round,
             survivor_floor=self.no_dropout_floor))
