@@ -240,11 +240,13 @@ def log_wrap_probability(params: DistributedDpParams, contributors: int) -> floa
 def choose_scale(params: DistributedDpParams, noise_multiplier: float, count_noise_std: float,
                  contributors: int, log_wrap_target: float = math.log(1e-9)) -> DistributedDpParams:
     """The largest scale gamma whose wrap-around bound stays below the target, with shares
-    recalibrated (`with_noise`) at every gamma tried. Raises when even gamma -> 0 wraps."""
+    recalibrated (`with_noise`) at every gamma tried, and shares the sampler can draw
+    (`skellam.MAX_POISSON_MEAN`). Raises when even gamma -> 0 wraps."""
 
     def fits(scale: float) -> bool:
         trial = with_noise(replace(params, scale=scale), noise_multiplier, count_noise_std)
-        return log_wrap_probability(trial, contributors) <= log_wrap_target
+        samplable = max(trial.share_variance, trial.count_share_variance) <= 2 * skellam.MAX_POISSON_MEAN
+        return samplable and log_wrap_probability(trial, contributors) <= log_wrap_target
 
     lo, hi = 1e-12 / params.clip, 2.0 ** params.bits / params.clip
     if not fits(lo):

@@ -42,6 +42,10 @@ project's ChaCha20 generator keyed by the OS (`randomness.secure_generator`).
 Its outputs are integers, so the low-order-bit leaks of floating-point
 continuous samplers (Mironov 2012) do not arise; its acceptance test uses
 floating point, so "exact" means exact up to double rounding in that test.
+Measured (400,000 draws each): the standardised variance is within 0.5 % of 1
+up to a Poisson mean of 1e12, and 3.6 % off at 1e15. Shares are therefore
+limited to a Poisson mean of MAX_POISSON_MEAN = 2**32 (a share's standard
+deviation up to ~92,000 grid steps), far above what 16-24 bits need.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ import math
 import numpy as np
 
 from dpfl_app.privacy.randomness import secure_generator
+
+MAX_POISSON_MEAN = 2.0**32  # numpy's Poisson sampler is accurate well beyond (see above)
 
 
 def _check_variance(variance: float) -> float:
@@ -68,6 +74,9 @@ def noise_share(size: int, variance: float, rng: np.random.Generator | None = No
     OS-keyed ChaCha20 generator that is never stored.
     """
     v = _check_variance(variance)
+    if v / 2 > MAX_POISSON_MEAN:
+        raise ValueError(f"Skellam share variance {v:.3g} exceeds {2 * MAX_POISSON_MEAN:.3g}, "
+                         f"where the Poisson sampler is checked; use a smaller scale")
     gen = secure_generator() if rng is None else rng
     return gen.poisson(v / 2, size).astype(np.int64) - gen.poisson(v / 2, size).astype(np.int64)
 
@@ -109,7 +118,8 @@ def log_tail(threshold: float, variance: float, subgaussian_variance: float = 0.
         return -math.inf
 
     def exponent(t: float) -> float:
-        return t * t * s2 / 2 + v * (math.cosh(t) - 1) - t * a
+        skellam_part = v * (math.cosh(t) - 1) if v > 0 else 0.0  # t < asinh(a/v) when v > 0
+        return t * t * s2 / 2 + skellam_part - t * a
 
     # The exponent is convex in t, and its minimiser lies below asinh(a / v) and a / s2.
     hi = min(math.asinh(a / v) if v > 0 else math.inf, a / s2 if s2 > 0 else math.inf)

@@ -208,3 +208,8 @@ def test_tail_bound_is_above_the_exact_skellam_tail():
         exact = 2 * stats.skellam.sf(threshold - 1, variance / 2, variance / 2)
         bound = math.exp(skellam.log_tail(threshold, variance))
         assert exact <= bound <= 100 * exact  # a Chernoff bound: valid, and not absurdly loose
+
+
+def test_sampler_refuses_shares_beyond_its_checked_range():
+    with pytest.raises(ValueError, match="smaller scale"):
+        skellam.noise_share(3, 4.1 * skellam.MAX_POISSON_MEAN)

@@ -1,0 +1,171 @@
+"""The distributed-DP accountant: survivors' noise, the client's own bound, amplification by
+sampling under zero-out adjacency (checked against exact Renyi divergences of the explicit
+mixtures), calibration, and the modulus's wrap-around bound (checked by simulation)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import special, stats
+
+from dpfl_app.privacy import distributed, skellam
+
+
+def _params(**changes):
+    base = dict(clip=1.0, dim=650, scale=2000.0, bits=20, share_variance=1e5,
+                count_share_variance=40.0, threshold=8)
+    return distributed.DistributedDpParams(**{**base, **changes})
+
+
+def _log_mixture(q, rest_var, share_var, shift, support):
+    """log pmf of (1 - q) Sk(rest) + q (Sk(rest + share) + shift): one round, dimension 1,
+    conditioned on the other clients' sample (the bound must hold for each)."""
+    out = stats.skellam.logpmf(support, rest_var / 2, rest_var / 2)
+    inn = stats.skellam.logpmf(support - shift, (rest_var + share_var) / 2, (rest_var + share_var) / 2)
+    return np.logaddexp(np.log1p(-q) + out, math.log(q) + inn)
+
+
+@pytest.mark.parametrize("q", [0.01, 0.1, 0.5])
+@pytest.mark.parametrize("rest,share,shift", [(4, 1.0, 1), (20, 5.0, 2), (3, 10.0, 3)])
+def test_sampled_bound_holds_against_the_exact_mixture_divergence(q, rest, share, shift):
+    """Zero-out: the client's data x vs 0, its share present when it is sampled, in both worlds."""
+    total = rest * share + share
+    half = int(shift + 40 * math.sqrt(total) + 60)
+    support = np.arange(-half, half + 1)
+    with_x = _log_mixture(q, rest * share, share, shift, support)
+    with_zero = _log_mixture(q, rest * share, share, 0, support)
+    base = np.array([skellam.rdp(a, shift, shift, total) for a in distributed.ORDERS])
+    bound = distributed.sampled_rdp(base, q)
+    for i, order in enumerate(distributed.ORDERS[:40]):
+        for lp, lq in ((with_x, with_zero), (with_zero, with_x)):
+            exact = special.logsumexp(order * lp + (1 - order) * lq) / (order - 1)
+            assert exact <= bound[i] * (1 + 1e-9) + 1e-12
+    assert np.all(bound <= base)  # never worse than no amplification
+    assert bound[0] < base[0]  # and it does amplify
+
+
+def test_accountant_uses_the_survivors_noise_and_refuses_a_sum_below_the_threshold():
+    params = _params()
+    acc = distributed.DistributedAccountant(params, 1e-6, 0.05)
+    with pytest.raises(ValueError, match="below the threshold"):
+        acc.compose_round(params.threshold - 1)
+    for survivors in (8, 12, 9):
+        acc.compose_round(survivors)
+    expected = sum(distributed.round_rdp(params, n) for n in (8, 12, 9))
+    eps = acc.epsilons()
+    assert eps["without_sampling"] == pytest.approx(distributed.epsilon_from_rdp(expected, 1e-6))
+    assert eps["with_sampling"] < eps["without_sampling"] < eps["client_bound"]
+    assert eps["client_bound"] == distributed.client_epsilon(params, 3, 1e-6)
+    assert acc.survivors == [8, 12, 9]
+
+
+def test_with_only_threshold_survivors_the_server_figure_is_the_clients_bound():
+    params = _params()
+    acc = distributed.DistributedAccountant(params, 1e-6, 1.0)
+    for _ in range(5):
+        acc.compose_round(params.threshold)
+    eps = acc.epsilons()
+    assert eps["without_sampling"] == pytest.approx(eps["client_bound"], rel=1e-12)
+    assert eps["with_sampling"] == pytest.approx(eps["client_bound"], rel=1e-12)  # q = 1
+
+
+def test_a_dropout_raises_epsilon_and_the_survivors_round_is_accounted_as_such():
+    params = _params()
+    full, dropped = (distributed.DistributedAccountant(params, 1e-6, 0.1) for _ in range(2))
+    for acc, survivors in ((full, 20), (dropped, 10)):
+        for _ in range(10):
+            acc.compose_round(survivors)
+    assert dropped.epsilons()["with_sampling"] > full.epsilons()["with_sampling"]
+
+
+def test_client_bound_grows_with_rounds_and_shrinks_with_the_threshold():
+    eps = [distributed.client_epsilon(_params(threshold=t), r, 1e-6)
+           for t, r in ((8, 10), (8, 20), (16, 20))]
+    assert eps[0] < eps[1] and eps[2] < eps[1]
+
+
+def test_sensitivities_include_the_rounding():
+    p = _params()
+    assert p.l2_sensitivity > p.scale * p.clip
+    assert p.l1_sensitivity == pytest.approx(math.sqrt(1024) * p.l2_sensitivity)
+    assert _params(scale=0.01).l1_sensitivity == pytest.approx(_params(scale=0.01).l2_sensitivity ** 2)
+
+
+@pytest.mark.parametrize("q", [None, 0.05])
+def test_calibration_is_tight(q):
+    params = _params()
+    z = distributed.calibrate_noise_multiplier(8.0, 1e-6, 30, params, 50.0, q)
+
+    def epsilon(mult):
+        rdp = distributed.round_rdp(distributed.with_noise(params, mult, 50.0), params.threshold)
+        rdp = rdp if q is None else distributed.sampled_rdp(rdp, q)
+        return distributed.epsilon_from_rdp(30 * rdp, 1e-6)
+
+    assert epsilon(z) <= 8.0 < epsilon(z * 0.999)
+
+
+def test_calibration_says_when_the_count_noise_is_too_small():
+    with pytest.raises(ValueError, match="count noise"):
+        distributed.calibrate_noise_multiplier(1.0, 1e-6, 100, _params(), 0.5)
+
+
+def test_with_noise_sets_the_threshold_sum_to_the_multiplier():
+    p = distributed.with_noise(_params(), 1.5, 4.0)
+    assert p.noise_multiplier(p.threshold) == pytest.approx(1.5)
+    assert p.threshold * p.count_share_variance == pytest.approx(64.0)
+
+
+def test_chosen_scale_is_the_largest_within_the_wrap_target():
+    template = _params()
+    p = distributed.choose_scale(template, 1.0, 5.0, 50)
+    target = math.log(1e-9)
+    assert distributed.log_wrap_probability(p, 50) <= target
+    bigger = distributed.with_noise(distributed.DistributedDpParams(
+        **{**p.__dict__, "scale": p.scale * 1.01}), 1.0, 5.0)
+    assert distributed.log_wrap_probability(bigger, 50) > target
+    with pytest.raises(ValueError, match="raise bits"):
+        distributed.choose_scale(_params(bits=4), 1.0, 5.0, 50)
+
+
+def test_wrap_bound_holds_in_simulation_and_costs_at_most_two_bits():
+    """Aligned inputs of norm C (the worst case for the sum), the real pipeline's integers:
+    at 10 bits the bound says < 1e-4 and no round wraps; at 8 bits most rounds do, so the
+    bound asks for at most two bits more than the simulated sums need."""
+    from dpfl_app.secagg import discrete  # the real pipeline's arithmetic; test-only import
+
+    rng = np.random.default_rng(9)
+    dim, n, trials = 64, 6, 400
+    p = distributed.with_noise(_params(dim=dim, bits=10, scale=100.0, threshold=n), 0.5, 2.0)
+    assert math.exp(distributed.log_wrap_probability(p, n)) < 1e-4
+    enc = discrete.Encoding(p.clip, p.scale, p.l2_sensitivity, p.bits, b"s" * 32, 0)
+    peaks = []
+    for trial in range(trials):
+        enc = enc._replace(round_number=trial)
+        deltas = [v / np.linalg.norm(v) for v in rng.normal(size=(n, dim)) + 0.3]
+        total = sum(discrete.integer_update(d, enc, rng) for d in deltas)
+        total = total + sum(skellam.noise_share(p.padded_dim, p.share_variance, rng)
+                            for _ in range(n))
+        peaks.append(int(np.max(np.abs(total))))
+    peaks = np.array(peaks)
+    assert np.all(peaks < 2 ** (10 - 1))  # 10 bits: no wrap
+    assert np.mean(peaks >= 2 ** (8 - 1)) > 0.5  # 8 bits: most rounds wrap
+
+
+def test_to_dict_records_the_mechanism():
+    acc = distributed.DistributedAccountant(_params(), 1e-6, 0.05)
+    acc.compose_round(10)
+    block = acc.to_dict()
+    assert block["noise_at"] == "clients" and block["adjacency"] == "zero-out"
+    assert {"bits", "scale", "share_variance", "count_share_variance", "threshold",
+            "bytes_per_client", "mechanism"} <= set(block["params"])
+    assert block["params"]["bytes_per_client"] == math.ceil(1025 * 20 / 8)
+    assert block["survivors"] == [10]
+
+
+def test_parameters_are_checked():
+    with pytest.raises(ValueError, match="bits"):
+        _params(bits=63)
+    with pytest.raises(ValueError, match="threshold"):
+        _params(threshold=0)
