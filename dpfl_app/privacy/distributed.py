@@ -285,3 +285,24 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, rounds: int,
         mid = math.sqrt(lo * hi)
         lo, hi = (lo, mid) if epsilon(mid) <= target_epsilon else (mid, hi)
     return hi
+
+
+def client_refusal(params: DistributedDpParams, rounds: int, delta: float,
+                   max_epsilon: float) -> str | None:
+    """Why a client with node-config `max-epsilon` refuses the announced mechanism, or None.
+
+    Pure: from the announced parameters alone (its own share v, the threshold t it
+    enforces, the announced rounds T and delta), the client's own bound
+    `client_epsilon`, which trusts neither the server's sampling nor its counts.
+    max_epsilon <= 0 means no limit. Refuses inf and nan (no noise) too.
+    """
+    if max_epsilon <= 0:
+        return None
+    epsilon = client_epsilon(params, rounds, delta)
+    if epsilon <= max_epsilon:
+        return None
+    shown = "inf (no noise)" if math.isinf(epsilon) else f"{epsilon:.3f}"
+    return (f"privacy policy: the announced client noise (Skellam share variance "
+            f"{params.share_variance:.4g} at scale {params.scale:.4g}, threshold t={params.threshold}, "
+            f"T={rounds} rounds, delta={delta}) gives this client epsilon={shown} without "
+            f"amplification > node-config max-epsilon={max_epsilon}")

@@ -169,3 +169,17 @@ def test_parameters_are_checked():
         _params(bits=63)
     with pytest.raises(ValueError, match="threshold"):
         _params(threshold=0)
+
+
+def test_client_refuses_above_its_max_epsilon_from_its_own_bound():
+    params = distributed.with_noise(_params(), 2.0, 30.0)
+    eps = distributed.client_epsilon(params, 20, 1e-6)
+    assert distributed.client_refusal(params, 20, 1e-6, 0.0) is None  # no limit
+    assert distributed.client_refusal(params, 20, 1e-6, eps * 1.001) is None
+    reason = distributed.client_refusal(params, 20, 1e-6, eps * 0.999)
+    assert reason and "max-epsilon" in reason and "threshold t=8" in reason
+    silent = distributed.DistributedDpParams(**{**params.__dict__, "share_variance": 0.0})
+    assert "inf (no noise)" in distributed.client_refusal(silent, 20, 1e-6, 100.0)
+    # a smaller announced threshold means less guaranteed noise: refused at the same limit
+    fewer = distributed.DistributedDpParams(**{**params.__dict__, "threshold": 4})
+    assert distributed.client_refusal(fewer, 20, 1e-6, eps * 1.001) is not None
