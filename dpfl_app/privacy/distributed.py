@@ -1,50 +1,19 @@
-"""Accounting for distributed DP: Skellam noise added by the clients under secure aggregation.
+"""Distributed DP's parameters: the grid, the modulus and the clients' Skellam shares.
 
 What is released. Each round every surviving client i sends, under secure
 aggregation modulo 2**b, the integer vector q_i + N_i, where q_i is its
 clipped, rotated, scaled (by gamma) and conditionally rounded update, with
-||q_i||_2 <= B always (see `rounded_l2_bound`), and N_i ~ Skellam of variance
-v per coordinate; plus one count coordinate c_i = 2 b_i - 1 (the centred norm
+||q_i||_2 <= B always (`rounded_l2_bound`), and N_i ~ Skellam of variance v
+per coordinate; plus one count coordinate c_i = 2 b_i - 1 (the centred norm
 bit of adaptive clipping, times 2) with its own Skellam share of variance v_c.
 The server learns only the modular sum: sum_i q_i + Skellam(n v) and
 sum_i c_i + Skellam(n v_c), n = the survivors. Reduction modulo 2**b, the
 centred lift, unscaling and the inverse rotation are post-processing of that
 integer sum, so a wrap-around costs accuracy, never privacy;
-`log_wrap_probability` bounds how often it happens.
+`log_wrap_probability` bounds how often it happens, and `choose_scale` picks the
+largest gamma that keeps it below a stated target (1e-9 per round by default).
 
-Adjacency: zero-out. Neighbouring federations differ in one client's data: its
-update and count are replaced by zero, and the client still takes part and
-adds its noise share. This is the honest unit here: the server sees *who*
-sends a masked input, so under distributed DP participation is not hidden
-from it, only what a client contributed. (Add-or-remove would also change the
-number of noise shares, and a d-dimensional sum reveals its noise variance,
-hence that number, very precisely.) Sensitivities on the integer grid:
-update D2 = B, D1 = min(sqrt(d') B, B^2) (integers: |x| <= x^2); count 1.
-
-Per round, with n shares: RDP(alpha) = Skellam(D1, D2, n v) + Skellam(1, 1, n v_c)
-(`skellam.rdp`, composed over the two releases), at integer orders.
-
-Sampling. Under zero-out the set of sampled clients has the same distribution
-in both worlds (Poisson rate q, or m of N without replacement: q = m/N), and
-given that set the outputs differ only when the client is in it. Joint
-convexity of (P, Q) -> sum P^alpha Q^(1-alpha) then gives, per round,
-
-    eps_q(alpha) <= log(1 - q + q exp((alpha - 1) eps(alpha))) / (alpha - 1).
-
-This bound is weaker than the Gaussian add-or-remove amplification (it is
-linear in q, not quadratic), but it is proved for what runs; the reference
-implementations' stronger figure treats the absent client's share as present.
-It holds only when the server samples as announced, which clients cannot check.
-
-Three figures (`DistributedAccountant.epsilons`), all composed by RDP and
-converted with dp_accounting's `compute_epsilon`:
-- `with_sampling`: every round's survivors' actual noise, amplified by q;
-- `without_sampling`: the same noise, every round counted as including the client;
-- `client_bound`: what a client computes alone, trusting neither the server's
-  sampling nor its survivor counts: noise of t shares (the threshold it
-  enforces), every announced round (`client_epsilon`). It assumes at least t
-  of the survivors in a sum are honest; c colluders with the server remove
-  their c shares, so it then holds with t - c.
+`distributed_accounting` turns these parameters and each round's survivors into epsilon.
 """
 
 from __future__ import annotations
@@ -53,11 +22,9 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
-from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
 from dpfl_app.privacy import skellam
 
-ORDERS = tuple(range(2, 257)) + (320, 384, 448, 512, 768, 1024)  # integers: the Skellam theorem's
 MAX_BITS = 62  # residues and centred values fit int64/uint64 with room for a sum's carry
 DEFAULT_BETA = math.exp(-0.5)  # conditional rounding: at most 1/(1 - beta) ~ 2.5 tries expected
 
@@ -143,72 +110,6 @@ class DistributedDpParams:
                 "noise_multiplier_at_threshold": self.noise_multiplier(self.threshold)}
 
 
-def round_rdp(params: DistributedDpParams, shares: int) -> np.ndarray:
-    """RDP at ORDERS of one round whose sum holds `shares` clients' noise (update + count)."""
-    if shares < 1:
-        raise ValueError(f"a released sum holds at least one share, got {shares}")
-    l1, l2 = params.l1_sensitivity, params.l2_sensitivity
-    return np.array([skellam.rdp(a, l1, l2, shares * params.share_variance)
-                     + skellam.rdp(a, 1, 1, shares * params.count_share_variance)
-                     for a in ORDERS])
-
-
-def sampled_rdp(rdp: np.ndarray, sampling_probability: float) -> np.ndarray:
-    """The zero-out mixture bound log(1 - q + q e^{(a-1) eps}) / (a - 1), per order (see above)."""
-    q = float(sampling_probability)
-    if not 0 < q <= 1:
-        raise ValueError(f"sampling probability must be in (0, 1], got {q!r}")
-    a = np.array(ORDERS, dtype=float)
-    with np.errstate(divide="ignore"):
-        mixed = np.logaddexp(np.log1p(-q) if q < 1 else -np.inf, math.log(q) + (a - 1) * rdp)
-    return np.minimum(mixed / (a - 1), rdp)
-
-
-def epsilon_from_rdp(rdp: np.ndarray, delta: float) -> float:
-    """dp_accounting's RDP -> (epsilon, delta) conversion over ORDERS."""
-    if not np.all(np.isfinite(rdp)):
-        rdp = np.where(np.isfinite(rdp), rdp, np.inf)
-    return float(compute_epsilon(ORDERS, rdp, delta)[0])
-
-
-def client_epsilon(params: DistributedDpParams, rounds: int, delta: float) -> float:
-    """A client's own bound: t shares (its threshold), `rounds` rounds, no amplification."""
-    return epsilon_from_rdp(rounds * round_rdp(params, params.threshold), delta)
-
-
-class DistributedAccountant:
-    """Composes rounds with the noise the survivors actually contributed (see module doc)."""
-
-    def __init__(self, params: DistributedDpParams, delta: float, sampling_probability: float):
-        self.params, self.delta, self.q = params, float(delta), float(sampling_probability)
-        self._sampled = np.zeros(len(ORDERS))
-        self._unsampled = np.zeros(len(ORDERS))
-        self.survivors: list[int] = []
-
-    def compose_round(self, survivors: int) -> None:
-        """One released sum holding `survivors` >= t clients' shares."""
-        if survivors < self.params.threshold:
-            raise ValueError(f"a sum of {survivors} survivors is below the threshold "
-                             f"{self.params.threshold}: the protocol must not release it")
-        rdp = round_rdp(self.params, survivors)
-        self._unsampled = self._unsampled + rdp
-        self._sampled = self._sampled + sampled_rdp(rdp, self.q)
-        self.survivors.append(int(survivors))
-
-    def epsilons(self) -> dict:
-        rounds = len(self.survivors)
-        return {"with_sampling": epsilon_from_rdp(self._sampled, self.delta),
-                "without_sampling": epsilon_from_rdp(self._unsampled, self.delta),
-                "client_bound": client_epsilon(self.params, rounds, self.delta) if rounds else 0.0,
-                "rounds": rounds, "delta": self.delta}
-
-    def to_dict(self) -> dict:
-        """The accounting block's `distributed_dp` entry."""
-        return {"noise_at": "clients", "params": self.params.to_dict(),
-                "sampling_probability": self.q, "survivors": list(self.survivors),
-                "adjacency": "zero-out", **self.epsilons()}
-
-
 def with_noise(params: DistributedDpParams, noise_multiplier: float,
                count_noise_std: float) -> DistributedDpParams:
     """Shares for a central-equivalent z at the threshold: t v = (z B)^2, and a count noise
@@ -258,51 +159,3 @@ def choose_scale(params: DistributedDpParams, noise_multiplier: float, count_noi
         if hi / lo < 1 + 1e-9:
             break
     return with_noise(replace(params, scale=lo), noise_multiplier, count_noise_std)
-
-
-def calibrate_noise_multiplier(target_epsilon: float, delta: float, rounds: int,
-                               params: DistributedDpParams, count_noise_std: float,
-                               sampling_probability: float | None = None) -> float:
-    """The smallest central-equivalent z at the threshold meeting the target over `rounds`.
-
-    With `sampling_probability` None, the client's own bound (no amplification);
-    otherwise the amplified figure with only t survivors every round (the
-    worst case the protocol allows). Bisection on log z, to 1e-4 relative, returning
-    the upper end so the target holds.
-    """
-
-    def epsilon(z: float) -> float:
-        rdp = round_rdp(with_noise(params, z, count_noise_std), params.threshold)
-        if sampling_probability is not None:
-            rdp = sampled_rdp(rdp, sampling_probability)
-        return epsilon_from_rdp(rounds * rdp, delta)
-
-    lo, hi = 1e-3, 1e4
-    if epsilon(hi) > target_epsilon:
-        raise ValueError(f"distributed DP: no noise multiplier up to {hi} reaches "
-                         f"epsilon={target_epsilon} (the count noise alone may exceed it)")
-    while hi / lo > 1 + 1e-4:
-        mid = math.sqrt(lo * hi)
-        lo, hi = (lo, mid) if epsilon(mid) <= target_epsilon else (mid, hi)
-    return hi
-
-
-def client_refusal(params: DistributedDpParams, rounds: int, delta: float,
-                   max_epsilon: float) -> str | None:
-    """Why a client with node-config `max-epsilon` refuses the announced mechanism, or None.
-
-    Pure: from the announced parameters alone (its own share v, the threshold t it
-    enforces, the announced rounds T and delta), the client's own bound
-    `client_epsilon`, which trusts neither the server's sampling nor its counts.
-    max_epsilon <= 0 means no limit. Refuses inf and nan (no noise) too.
-    """
-    if max_epsilon <= 0:
-        return None
-    epsilon = client_epsilon(params, rounds, delta)
-    if epsilon <= max_epsilon:
-        return None
-    shown = "inf (no noise)" if math.isinf(epsilon) else f"{epsilon:.3f}"
-    return (f"privacy policy: the announced client noise (Skellam share variance "
-            f"{params.share_variance:.4g} at scale {params.scale:.4g}, threshold t={params.threshold}, "
-            f"T={rounds} rounds, delta={delta}) gives this client epsilon={shown} without "
-            f"amplification > node-config max-epsilon={max_epsilon}")

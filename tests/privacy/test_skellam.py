@@ -20,6 +20,7 @@ from randomgen import ChaCha
 from scipy import special, stats
 
 from dpfl_app.privacy import distributed, randomness, skellam
+from dpfl_app.privacy import distributed_accounting as accounting
 
 P_REJECT = 1e-4  # a fixed-seed test rejects at p < 1e-4: a correct sampler passes, see the controls
 
@@ -72,8 +73,8 @@ def test_sum_of_m_shares_is_the_skellam_the_accountant_assumes():
                                              threshold=5)
     l1, l2 = params.l1_sensitivity, params.l2_sensitivity
     expected = [skellam.rdp(a, l1, l2, m * share) + skellam.rdp(a, 1, 1, m * 2.0)
-                for a in distributed.ORDERS]
-    assert distributed.round_rdp(params, m) == pytest.approx(expected, rel=1e-12)
+                for a in accounting.ORDERS]
+    assert accounting.round_rdp(params, m) == pytest.approx(expected, rel=1e-12)
 
 
 def test_sampler_draws_from_the_os_keyed_chacha20_by_default(monkeypatch):
@@ -141,18 +142,18 @@ def _pld_epsilon(variance: float, shift: int, rounds: int, delta: float) -> floa
 def test_epsilon_against_dp_accountings_pld_of_the_explicit_pmf(variance, shift, rounds, slack):
     """Exact privacy loss (PLD, pessimistic) <= ours; ours within the RDP->(eps, delta) slack."""
     exact = _pld_epsilon(variance, shift, rounds, 1e-5)
-    rdp = np.array([skellam.rdp(a, shift, shift, variance) for a in distributed.ORDERS])
-    ours = distributed.epsilon_from_rdp(rounds * rdp, 1e-5)
+    rdp = np.array([skellam.rdp(a, shift, shift, variance) for a in accounting.ORDERS])
+    ours = accounting.epsilon_from_rdp(rounds * rdp, 1e-5)
     assert exact <= ours <= slack * exact
 
 
 def test_bound_tends_to_the_gaussian_mechanism_as_the_scale_grows():
     z, rounds, delta = 1.3, 50, 1e-6
-    gauss = RdpAccountant(distributed.ORDERS).compose(GaussianDpEvent(z), rounds).get_epsilon(delta)
+    gauss = RdpAccountant(accounting.ORDERS).compose(GaussianDpEvent(z), rounds).get_epsilon(delta)
     gaps = []
     for scale in (3, 30, 300, 3000):  # sensitivity `scale`, variance (z * scale)^2
-        rdp = np.array([skellam.rdp(a, scale, scale, (z * scale) ** 2) for a in distributed.ORDERS])
-        gaps.append(distributed.epsilon_from_rdp(rounds * rdp, delta) / gauss - 1)
+        rdp = np.array([skellam.rdp(a, scale, scale, (z * scale) ** 2) for a in accounting.ORDERS])
+        gaps.append(accounting.epsilon_from_rdp(rounds * rdp, delta) / gauss - 1)
     assert all(g >= 0 for g in gaps)  # never below the Gaussian
     assert gaps == sorted(gaps, reverse=True)  # shrinking with the scale
     assert gaps[-1] < 1e-3

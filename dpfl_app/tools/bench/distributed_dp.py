@@ -11,11 +11,11 @@ the reduction mod 2**b; and the server's decode of one sum. Medians of `reps`
 interleaved repetitions, with the load average: compare them with a client's
 training time measured beside them, never across machines.
 
-Part 2, noise: for each target epsilon and threshold t (a fraction of the
-expected cohort m), the central-DP noise multiplier (the app's calibration: PLD,
-Poisson, add-or-remove, the count's sigma_b = m/20), and the distributed one at
-t survivors, for the two figures `privacy.distributed` reports: amplified by the
-server's sampling (zero-out mixture bound) and the client's own bound (no
+Part 2, noise: for each sampling, target epsilon and threshold t (a fraction
+of the expected cohort m), the central-DP noise multiplier (the app's
+calibration and headline accountant, the count's sigma_b = m/20), and the
+distributed one at t survivors, for the two figures `distributed_accounting`
+reports: amplified by the server's sampling, and the client's own bound (no
 amplification). For each b: the scale gamma, the rounding's inflation B/(gamma C),
 and the resulting noise std on the sum when all m survive, relative to central DP's.
 """
@@ -23,6 +23,7 @@ and the resulting noise std on the sum when all m survive, relative to central D
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import time
@@ -30,6 +31,7 @@ import time
 import numpy as np
 
 from dpfl_app.privacy import calibration, distributed, mechanism, skellam
+from dpfl_app.privacy import distributed_accounting as accounting
 from dpfl_app.secagg import discrete, rotation
 
 SEED = b"benchmark rotation seed 32 bytes"
@@ -78,13 +80,13 @@ def time_stages(dim: int, bits: int, clients: int, reps: int) -> dict[str, float
 
 
 def noise_table(population, clients, rounds, delta, epsilon, fraction, bits_list, dim,
-                z_central=None):
-    """One row per b: central z (calibrated unless given) against the distributed z at
-    t = fraction * m survivors."""
+                sampling="poisson", z_central=None):
+    """One row per b: central z (calibrated unless given; the app's headline accountant for
+    `sampling`) against the distributed z at t = fraction * m survivors."""
     q = clients / population
     if z_central is None:
         z_central = calibration.calibrate_noise(epsilon, delta, rounds, population, clients,
-                                                "poisson", "pld")
+                                                sampling, "pld" if sampling == "poisson" else "rdp")
     split = mechanism.split_noise(z_central, clients)
     t = max(1, int(fraction * clients))
     rows = []
@@ -93,12 +95,12 @@ def noise_table(population, clients, rounds, delta, epsilon, fraction, bits_list
                                                    share_variance=0.0, count_share_variance=0.0,
                                                    threshold=t)
         row = {"bits": bits, "t": t, "z_central_update": split.update_noise_multiplier}
-        for name, sampling in (("sampled", q), ("client", None)):
+        for name, rate in (("sampled", q), ("client", None)):
             z = 1.0
             for _ in range(3):  # the scale depends on z (noise fills the modulus), z on B/gamma C
                 params = distributed.choose_scale(template, z, split.count_stddev, clients)
-                z = distributed.calibrate_noise_multiplier(epsilon, delta, rounds, params,
-                                                           split.count_stddev, sampling)
+                z = accounting.calibrate_noise_multiplier(epsilon, delta, rounds, params,
+                                                          split.count_stddev, sampling, rate)
             params = distributed.choose_scale(template, z, split.count_stddev, clients)
             inflation = params.l2_sensitivity / (params.scale * params.clip)
             std_all = (clients * params.share_variance) ** 0.5 / params.scale
@@ -119,6 +121,7 @@ def main(argv=None) -> None:
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--epsilons", default="4,2")
     parser.add_argument("--thresholds", default="0.5,0.8")
+    parser.add_argument("--sampling", default="poisson,fixed")
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args(argv)
     print(f"load average {os.getloadavg()[0]:.2f} (1 min)")
@@ -132,17 +135,17 @@ def main(argv=None) -> None:
                   f"upload {r['bytes']} B (float32: {4 * (dim + 1)} B, 64-bit SecAgg: {8 * (dim + 1)} B)")
     print(f"part 2: noise for N={args.population}, m={args.clients}, T={args.rounds}, "
           f"delta={args.delta}, d={_ints(args.dims)[0]}")
-    for epsilon in _floats(args.epsilons):
-        for fraction in _floats(args.thresholds):
-            for row in noise_table(args.population, args.clients, args.rounds, args.delta,
-                                   epsilon, fraction, _ints(args.bits), _ints(args.dims)[0]):
-                s, c = row["sampled"], row["client"]
-                print(f"  eps={epsilon} t={row['t']} b={row['bits']}: central z_update "
-                      f"{row['z_central_update']:.3f} | amplified: z(t) {s['z_at_t']:.3f}, B/gC "
-                      f"{s['inflation']:.4f}, noise std vs central (all survive) "
-                      f"{s['std_ratio_all_survive']:.2f}x | client bound: z(t) {c['z_at_t']:.3f}, "
-                      f"noise std vs central {c['std_ratio_all_survive']:.2f}x")
-
+    grid = itertools.product(args.sampling.split(","), _floats(args.epsilons),
+                             _floats(args.thresholds))
+    for sampling, epsilon, fraction in grid:
+        for row in noise_table(args.population, args.clients, args.rounds, args.delta, epsilon,
+                               fraction, _ints(args.bits), _ints(args.dims)[0], sampling):
+            s, c = row["sampled"], row["client"]
+            print(f"  {sampling} eps={epsilon} t={row['t']} b={row['bits']}: central z_update "
+                  f"{row['z_central_update']:.3f} | amplified: z(t) {s['z_at_t']:.3f}, B/gC "
+                  f"{s['inflation']:.4f}, noise std vs central (all survive) "
+                  f"{s['std_ratio_all_survive']:.2f}x | client bound: z(t) {c['z_at_t']:.3f}, "
+                  f"noise std vs central {c['std_ratio_all_survive']:.2f}x")
 
 if __name__ == "__main__":
     main()
