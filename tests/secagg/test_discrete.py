@@ -173,3 +173,32 @@ def test_an_over_long_update_is_clipped_before_encoding():
     q = discrete.integer_update(big, enc, np.random.default_rng(1))
     assert np.linalg.norm(q) <= params.l2_sensitivity
     assert rotation.padded_dim(100) == q.size == params.padded_dim
+
+
+def test_masking_in_the_b_bit_ring_hides_the_carries_that_a_64_bit_sum_would_show():
+    """The integration's rule: each client reduces its *masked* vector mod 2**b. The SecAgg+
+    masks (AES-CTR, mod 2**64) still cancel mod 2**b, since 2**b divides 2**64. Without the
+    reduction, the unmasked 64-bit sum is sum_i r_i over the integers: its high part counts
+    the clients whose noised coordinate was negative (a residue near 2**b)."""
+    from dpfl_app.secagg import masks
+
+    bits, dim, n = 16, 32, 5
+    rng = np.random.default_rng(11)
+    values = rng.integers(-300, 300, size=(n, dim))
+    residues = [discrete.to_residues(v, bits) for v in values]
+    keys = {(i, j): rng.bytes(32) for i in range(n) for j in range(i + 1, n)}
+    sent = []
+    for i, r in enumerate(residues):
+        y = r.copy()
+        for (a, b), key in keys.items():
+            if i in (a, b):
+                masks.add_mask(y, key, masks.pairwise_sign(i, b if i == a else a))
+        sent.append(y & np.uint64(2**bits - 1))  # the reduction the protocol must add
+    total = discrete.modular_sum(sent, bits)
+    assert np.array_equal(discrete.centred(total, bits), values.sum(axis=0))
+    naive = np.sum(np.stack(residues), axis=0).astype(np.int64)  # what a 64-bit unmask yields
+    # the server knows the true sum (above), so it would learn, per coordinate, how many
+    # clients' noised inputs were negative
+    learned = (naive - values.sum(axis=0)) // 2**bits
+    assert np.array_equal(learned, (values < 0).sum(axis=0))
+    assert len(set(learned.tolist())) > 1  # and it varies with the inputs
