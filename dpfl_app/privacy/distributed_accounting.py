@@ -178,6 +178,15 @@ class DistributedAccountant:
                 "without_sampling": epsilon_from_rdp(self._plain, self.delta),
                 "client_bound": client, "rounds": rounds, "delta": self.delta}
 
+    def state_dict(self) -> dict:
+        """For checkpoints: the survivors of each round determine everything else."""
+        return {"survivors": list(self.survivors)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__init__(self.params, self.delta, self.sampling, self.q)
+        for survivors in state["survivors"]:
+            self.compose_round(int(survivors))
+
     def to_dict(self) -> dict:
         """The accounting block's entry for noise-at=clients (results.json)."""
         return {"noise_at": "clients", "params": self.params.to_dict(), "sampling": self.sampling,

@@ -245,3 +245,14 @@ def test_fixed_sampling_accounts_replace_one_and_amplifies_quadratically():
     assert fixed.to_dict()["adjacency"] == "replace-one"
     with pytest.raises(ValueError, match="sampling"):
         accounting.DistributedAccountant(params, 1e-6, "bernoulli", 0.1)
+
+
+def test_state_dict_restores_the_same_epsilons():
+    params = _params()
+    acc = accounting.DistributedAccountant(params, 1e-6, "fixed", 0.1)
+    for survivors in (9, 12, 8):
+        acc.compose_round(survivors)
+    resumed = accounting.DistributedAccountant(params, 1e-6, "fixed", 0.1)
+    resumed.compose_round(20)  # whatever it held before is replaced
+    resumed.load_state_dict(acc.state_dict())
+    assert resumed.epsilons() == acc.epsilons() and resumed.survivors == [9, 12, 8]
