@@ -23,3 +23,7 @@ def test_noise_table_rows_meet_the_target_and_cost_at_least_central():
     # all survivors' noise is at least the threshold's, which at least matches central DP's z
     assert sampled["std_ratio_all_survive"] >= sampled["z_at_t"] / row["z_central_update"]
     assert sampled["inflation"] == pytest.approx(1.0, abs=1e-2)  # 20 bits: rounding is cheap
+
+
+def test_training_timer_runs_the_apps_train():
+    assert distributed_dp.time_training("digits-mlp", images=2, epochs=1, reps=1) > 0

@@ -1,11 +1,11 @@
 """Cost of distributed DP (noise-at=clients): client time, bytes, and noise against central DP.
 
-    python -m dpfl_app.tools.bench.distributed_dp [--dims 2410,61706] [--bits 16,20]
+    python -m dpfl_app.tools.bench.distributed_dp [--dims 2410,62006] [--bits 16,20]
         [--population 1437] [--clients 1000] [--rounds 40] [--delta 1e-5] [--epsilons 4,2]
         [--thresholds 0.5,0.8] [--reps 20]
 
 Part 1, time: per client, the stages `secagg.discrete.encode` runs on a clipped
-update of `dim` coordinates (2410: digits-mlp; 61706: lenet): the rotation, the
+update of `dim` coordinates (2410: digits-mlp; 62006: lenet): the rotation, the
 conditional rounding, drawing the Skellam share from the ChaCha20 CSPRNG, and
 the reduction mod 2**b; and the server's decode of one sum. Medians of `reps`
 interleaved repetitions, with the load average: compare them with a client's
@@ -79,6 +79,25 @@ def time_stages(dim: int, bits: int, clients: int, reps: int) -> dict[str, float
     return result
 
 
+def time_training(model: str, images: int, epochs: int, batch_size: int = 32, reps: int = 5) -> float:
+    """Median seconds of `task.train` on `images` random 8x8 (digits) or 3x32x32 (lenet) images."""
+    import torch  # pylint: disable=import-outside-toplevel
+    from torch.utils.data import DataLoader, TensorDataset  # pylint: disable=import-outside-toplevel
+
+    from dpfl_app import task  # pylint: disable=import-outside-toplevel
+
+    shape = (1, 8, 8) if model.startswith("digits") else (3, 32, 32)
+    data = TensorDataset(torch.randn(images, *shape), torch.randint(0, 10, (images,)))
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True)
+    seconds = []
+    for _ in range(reps):
+        net = task.build_model(model)
+        start = time.perf_counter()
+        task.train(net, loader, epochs, 0.05, device="cpu")
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
 def noise_table(population, clients, rounds, delta, epsilon, fraction, bits_list, dim,
                 sampling="poisson", z_central=None):
     """One row per b: central z (calibrated unless given; the app's headline accountant for
@@ -113,7 +132,7 @@ def noise_table(population, clients, rounds, delta, epsilon, fraction, bits_list
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dims", default="2410,61706")
+    parser.add_argument("--dims", default="2410,62006")
     parser.add_argument("--bits", default="16,20")
     parser.add_argument("--population", type=int, default=1437)
     parser.add_argument("--clients", type=int, default=1000)
@@ -122,6 +141,9 @@ def main(argv=None) -> None:
     parser.add_argument("--epsilons", default="4,2")
     parser.add_argument("--thresholds", default="0.5,0.8")
     parser.add_argument("--sampling", default="poisson,fixed")
+    parser.add_argument("--train", action="store_true",
+                        help="also time the clients' training (torch): digits-mlp on 1 image, "
+                             "1 epoch (the recipes) and on 180 images, 5 epochs; lenet on 600, 1")
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args(argv)
     print(f"load average {os.getloadavg()[0]:.2f} (1 min)")
@@ -133,6 +155,10 @@ def main(argv=None) -> None:
                   f" ms  noise {r['noise']*1e3:7.2f} ms  mod {r['modulus']*1e3:6.2f} ms  "
                   f"encode total {r['encode']*1e3:7.2f} ms  decode {r['decode']*1e3:7.2f} ms  "
                   f"upload {r['bytes']} B (float32: {4 * (dim + 1)} B, 64-bit SecAgg: {8 * (dim + 1)} B)")
+    if args.train:
+        for model, images, epochs in (("digits-mlp", 1, 1), ("digits-mlp", 180, 5), ("lenet", 600, 1)):
+            print(f"  training {model}, {images} images, {epochs} epoch(s): "
+                  f"{time_training(model, images, epochs) * 1e3:.1f} ms")
     print(f"part 2: noise for N={args.population}, m={args.clients}, T={args.rounds}, "
           f"delta={args.delta}, d={_ints(args.dims)[0]}")
     grid = itertools.product(args.sampling.split(","), _floats(args.epsilons),
