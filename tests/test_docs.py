@@ -87,6 +87,19 @@ def test_readme_is_a_landing_page():
             assert f"](docs/{page.name})" in README, page.name
 
 
+def test_readme_keys_in_brief_show_the_defaults_of_pyproject():
+    defaults = tomllib.loads((PROJECT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    table = README.split("## The keys in brief", 1)[1].split("\n## ", 1)[0]
+    rows = [row.split(" | ")[:2] for row in table.splitlines() if row.startswith("| `")]
+    assert len(rows) >= 10
+    for keys, shown in rows:
+        names = re.findall(r"`([a-z-]+)`", keys)
+        values = [tomllib.loads(f"v = {v}")["v"] for v in re.findall(r"`([^`]*)`", shown)]
+        assert len(names) == len(values), keys
+        for name, value in zip(names, values):
+            assert value == defaults[name], (name, value, defaults[name])
+
+
 @pytest.mark.parametrize("words", [
     'flwr run . --stream --run-config "secure-aggregation=true"',
     'flwr run . --stream --run-config "target-epsilon=8"',
