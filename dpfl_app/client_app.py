@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 from dpfl_app import secagg_client
 from dpfl_app.secagg_client import masking_mod, policy_mod
 from dpfl_app.client_mods import zero_safe_adaptiveclipping_mod
+from dpfl_app.run import console
 
 app = ClientApp()
 
@@ -31,6 +32,7 @@ def _model_and_data(msg: Message, context: Context):
     from dpfl_app.data.node_data import client_data  # pylint: disable=import-outside-toplevel
     from dpfl_app.task import build_model  # pylint: disable=import-outside-toplevel
 
+    console.configure(context.run_config)  # this process's Flower lines: verbose=true or not
     settings = client_settings(context)
     net = build_model(settings.model, settings.num_classes)
     net.load_state_dict(msg.content["arrays"].to_torch_state_dict())

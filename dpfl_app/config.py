@@ -46,6 +46,8 @@ NODE_DATA = ("partitions", "local")
 MODEL_NAMES = ("digits-linear", "digits-mlp", "digits-cnn", "mnist-cnn", "lenet")
 # strategy/server_optimizer.py's optimizers, here for the same reason (a test checks).
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
+# run/tracking.py's experiment trackers (a test checks).
+TRACKERS = ("none", "tensorboard", "mlflow")
 
 KEYS: dict[str, Key] = {
     "noise": NON_NEGATIVE,
@@ -94,6 +96,9 @@ KEYS: dict[str, Key] = {
     "node-wait-timeout": POSITIVE,
     "output-dir": Key(str, lambda v: v != "", "a non-empty path"),
     "resume-from": Key(str),
+    "tracking": _choice(TRACKERS),
+    "tracking-uri": Key(str),  # mlflow only; "" = a SQLite file in output-dir
+    "verbose": Key(bool),
 }
 
 

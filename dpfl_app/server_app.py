@@ -18,7 +18,7 @@ from flwr.supercore import log
 
 from dpfl_app.config import validate
 from dpfl_app.errors import ConfigError
-from dpfl_app.run import outcome
+from dpfl_app.run import console, outcome
 from dpfl_app.strategy.large_deployment import deployment  # light: no torch
 
 if TYPE_CHECKING:
@@ -71,13 +71,12 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
                                            big.clients_per_round, cfg["target-delta"]),
                            noise_secret=generators.secret)
     # FedAvg addresses every online node; the strategy keeps the sampled slots.
-    fedavg = FedAvg(
-        fraction_train=1.0,
-        min_train_nodes=1,
-        min_available_nodes=1,
-        fraction_evaluate=1.0 if cfg["client-eval"] else 0.0,
-        min_evaluate_nodes=1,
-    )
+    fedavg = FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1,
+                    fraction_evaluate=1.0, min_evaluate_nodes=1)
+    if not cfg["client-eval"]:
+        # What FedAvg(fraction_evaluate=0.0) sets, without its warning "Federated
+        # evaluation will be skipped" in every run (100 times in a sweep).
+        fedavg.fraction_evaluate, fedavg.min_evaluate_nodes = 0.0, 0
     if cfg["deterministic-noise"]:
         log(WARNING, "deterministic-noise=true: the DP noise is reproducible from seed=%d, "
             "so there is NO privacy guarantee: epsilon is reported as inf. Fine for "
@@ -269,13 +268,15 @@ def main(grid: Grid, context: Context) -> None:
 
     The last log line says whether the run succeeded and where its outputs are.
     """
+    console.configure(context.run_config)  # Flower's repeated lines: only with verbose=true
     folder: dict = {"path": None, "resumed": False}
     try:
         train(grid, context, folder)
     except Exception as err:
         from dpfl_app.strategy.dp_fedavg import NotEnoughNodes  # not before validating
 
-        outcome.report_failure(err, folder["path"], folder["resumed"], (NotEnoughNodes,))
+        outcome.report_failure(err, folder["path"], folder["resumed"], (NotEnoughNodes,),
+                               run_id=context.run_id)
         raise
 
 
@@ -307,10 +308,12 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
     model_name, _ = model_spec(cfg)
     log(INFO, "config: %s data (%s partitions, %s model), %d rounds, N=%d SuperNodes, "
         "m=%d per round (%s sampling) | noise z=%.4g (update z_delta=%.4g, count sigma_b=%.3g),"
-        " delta=%g, accountant=%s | server-lr=%g, lr=%g, local-epochs=%d, batch-size=%d",
+        " delta=%g, accountant=%s | clip norm C_0=%g, target quantile %g, clip-lr %g | "
+        "server-lr=%g, lr=%g, local-epochs=%d, batch-size=%d",
         cfg["dataset"], cfg["partitioning"], model_name, cfg["rounds"], num_nodes,
         cfg["clients"], cfg["sampling"], noise, strategy.split.update_noise_multiplier,
         strategy.split.count_stddev, cfg["target-delta"], strategy.ledger.headline.upper(),
+        cfg["initial-clip"], cfg["target-quantile"], cfg["clip-lr"],
         cfg["server-lr"], cfg["lr"], cfg["local-epochs"], cfg["batch-size"])
     log(INFO, "%s", assumption)
 
@@ -344,8 +347,9 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
                             assumptions=[assumption],
                             simulation=simulation.summary() if simulation.simulated else None)
     outputs.write_atomic(run_dir / "privacy.md", report.encode())
-    for line in report.splitlines():
+    for line in console.report_lines(report, run_dir / "privacy.md", cfg["verbose"]):
         log(INFO, "%s", line)
     final = recorder.results()["final"]
     outcome.report_success(final["stop_reason"], final["rounds_completed"],
-                           final["test_accuracy"], final["epsilon"], cfg["target-delta"], run_dir)
+                           final["test_accuracy"], final["epsilon"], cfg["target-delta"], run_dir,
+                           run_id=context.run_id)

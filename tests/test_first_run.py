@@ -198,7 +198,7 @@ def test_successful_run_ends_with_success_and_its_folder(tmp_path):
         logging.getLogger("flwr").removeHandler(handler)
     (run_dir,) = out.iterdir()
     assert lines[-1].startswith("run SUCCEEDED (completed all rounds): 2 rounds")
-    assert lines[-1].endswith(f"outputs in {run_dir}")
+    assert lines[-1].endswith(f"; `flwr ls` status finished:completed (run 1); outputs in {run_dir}")
     rounds = [ln for ln in lines if ln.startswith("round ") and not ln.startswith("round 0")]
     assert len(rounds) == 2
     for line in rounds:  # round, seconds, accuracy, epsilon so far, clip norm; no counts
