@@ -106,7 +106,9 @@ class RunRecorder:
                 and last["round"] == self.cfg["rounds"] else "in progress or interrupted"),
         }
         accounting = {**accounting_record(self.strategy.ledger), **self.accounting_extra}
-        results = {"config": self.cfg, "accounting": accounting, "initial": self.initial,
+        # The model actually trained, not "auto" (the dataset's default)
+        config = {**self.cfg, "model": model_spec(self.cfg)[0]}
+        results = {"config": config, "accounting": accounting, "initial": self.initial,
                    "rounds": self.strategy.records, "final": final}
         if self.audit is not None:
             results["audit"] = self.audit
