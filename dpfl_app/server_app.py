@@ -18,7 +18,7 @@ from flwr.supercore import log
 
 from dpfl_app.config import validate
 from dpfl_app.errors import ConfigError
-from dpfl_app.run import console, outcome
+from dpfl_app.run import console, outcome, tracking
 from dpfl_app.strategy.large_deployment import deployment  # light: no torch
 
 if TYPE_CHECKING:
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from dpfl_app.strategy.dp_fedavg import DPFedAvgAdaptive
 
 app = ServerApp()
+# The run folder's files that a tracker attaches at the end (all DP-covered).
+SHAREABLE = ("results.json", "privacy.md", "accuracy.png")
 
 
 def choose_noise(cfg: dict, population: int) -> float:
@@ -275,6 +277,8 @@ def main(grid: Grid, context: Context) -> None:
     except Exception as err:
         from dpfl_app.strategy.dp_fedavg import NotEnoughNodes  # not before validating
 
+        if "tracker" in folder:
+            folder["tracker"].finish(False, [])
         outcome.report_failure(err, folder["path"], folder["resumed"], (NotEnoughNodes,),
                                run_id=context.run_id)
         raise
@@ -283,6 +287,7 @@ def main(grid: Grid, context: Context) -> None:
 def train(grid: Grid, context: Context, folder: dict) -> None:
     """The run; `folder` learns the run folder as soon as there is one."""
     cfg = validate(dict(context.run_config))  # before any heavy import: fails in seconds
+    tracking.require(cfg)  # the tracker's package, also before training
     import torch
     from flwr.app import ArrayRecord, ConfigRecord
 
@@ -331,8 +336,10 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
         outputs.DIAGNOSTICS_FILE)
     strategy.on_round_charged = lambda: checkpoint.save_ledger(run_dir,
                                                                strategy.ledger.state_dict())
+    folder["tracker"] = tracking.open_tracker(cfg, run_dir, resumed=bool(state))
+    folder["tracker"].log_config({**cfg, "model": model_name})  # as results.json records it
     recorder = RunRecorder(cfg, run_dir, strategy, accounting_extra,
-                           initial=state["initial"] if state else None)
+                           initial=state["initial"] if state else None, tracker=folder["tracker"])
     try:
         strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_model),
                        num_rounds=cfg["rounds"] - strategy.round_offset,
@@ -349,6 +356,7 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
     outputs.write_atomic(run_dir / "privacy.md", report.encode())
     for line in console.report_lines(report, run_dir / "privacy.md", cfg["verbose"]):
         log(INFO, "%s", line)
+    folder["tracker"].finish(True, [run_dir / name for name in SHAREABLE])
     final = recorder.results()["final"]
     outcome.report_success(final["stop_reason"], final["rounds_completed"],
                            final["test_accuracy"], final["epsilon"], cfg["target-delta"], run_dir,

@@ -24,6 +24,7 @@ from dpfl_app.config import data_source, model_spec
 from dpfl_app.data.datasets import load_test_data, loader
 from dpfl_app.privacy.record import accounting_record
 from dpfl_app.run.plots import plot_run_accuracy
+from dpfl_app.run.tracking import Tracker
 from dpfl_app.strategy.dp_fedavg import DPFedAvgAdaptive
 from dpfl_app.task import build_model, test
 
@@ -37,8 +38,10 @@ class RunRecorder:
     """Evaluates, logs and persists a run; `evaluate` is the strategy's evaluate_fn."""
 
     def __init__(self, cfg: dict, run_dir: Path, strategy: DPFedAvgAdaptive,
-                 accounting_extra: dict, initial: dict | None = None) -> None:
+                 accounting_extra: dict, initial: dict | None = None,
+                 tracker: Tracker | None = None) -> None:
         self.cfg, self.run_dir, self.strategy = cfg, run_dir, strategy
+        self.tracker = tracker or Tracker()  # DP-covered values only (run/tracking.py)
         self.accounting_extra = accounting_extra  # fixed for the run; the rest is per round
         test_set = load_test_data(cfg["dataset"], cfg["seed"], **data_source(cfg))
         self.test_loader = loader(test_set, 512, False)
@@ -66,6 +69,7 @@ class RunRecorder:
             log(INFO, "%s", self.round_line(rec))
             self.write(final=False)
             self.save_checkpoint()
+            self.tracker.log_round(rec)
         self._round_started = time.monotonic()
         return MetricRecord({"test_loss": loss, "test_accuracy": accuracy})
 
