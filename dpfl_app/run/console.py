@@ -62,7 +62,7 @@ class QuietFlower(logging.Filter):
             return False
         if ACTOR in path and str(record.msg).startswith("Manually terminating"):
             return False
-        if self.failure_reported and (record.msg == RAISED or EXIT in path):
+        if self.failure_reported and (str(record.msg).startswith(RAISED) or EXIT in path):
             return False  # Flower's repetition of the failure our last line gave
         return True
 
