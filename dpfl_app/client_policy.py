@@ -2,8 +2,9 @@
 
 Following dpsa4flower, the server announces its mechanism in every train (and
 secure-aggregation setup) message: the noise multiplier z, the sampling, the
-population N, the clients per round m, the number of rounds T, delta, and
-whether the sum is computed by secure aggregation. A client recomputes the
+population N, the clients per round m, the number of rounds T, delta,
+whether the sum is computed by secure aggregation, and whether the noise is
+deterministic (reproducible from a seed: epsilon = inf for the node). A client recomputes the
 epsilon of that announcement with the same accountant the server reports
 (`dpfl_app.privacy.accounting`), and refuses when:
 
@@ -23,26 +24,43 @@ from typing import Any
 
 # The announcement, as keys of the message's ConfigRecord.
 ANNOUNCED = ("dp-sampling", "dp-noise", "dp-population", "dp-clients", "dp-rounds", "dp-delta",
-             "dp-secure-aggregation")
+             "dp-secure-aggregation", "dp-deterministic-noise")
 POLICY_KEYS = ("max-epsilon", "require-secure-aggregation")
 
 
-def announcement(model, rounds: int, secure: bool) -> dict[str, Any]:
-    """What the server puts in every train message's config (`model`: an AccountingModel)."""
+def announcement(model, rounds: int, secure: bool, deterministic: bool = False) -> dict[str, Any]:
+    """What the server puts in every train message's config.
+
+    `model`: the AccountingModel of *this* run's clients (for a simulated
+    deployment, the real cohort with the noise it really gets, not the
+    simulated one). `deterministic`: the noise is reproducible from a seed,
+    which the node treats as epsilon = inf.
+    """
     return {"dp-sampling": model.sampling, "dp-noise": model.noise_multiplier,
             "dp-population": model.population, "dp-clients": model.clients_per_round,
-            "dp-rounds": int(rounds), "dp-delta": model.delta, "dp-secure-aggregation": secure}
+            "dp-rounds": int(rounds), "dp-delta": model.delta, "dp-secure-aggregation": secure,
+            "dp-deterministic-noise": bool(deterministic)}
 
 
 def announced_epsilon(config: dict[str, Any]) -> float:
-    """Epsilon after all announced rounds, with the server's headline accountant."""
+    """Epsilon after all announced rounds, with the server's headline accountant.
+
+    inf when the noise is announced as deterministic. Under secure aggregation
+    the node derives the withheld-sum bound W itself from the announced N, m
+    and sampling (`withheld_sum_bound`), so a server cannot announce a smaller one.
+    """
+    if _flag(config.get("dp-deterministic-noise", False)):
+        return math.inf
     # Imported here: dp-accounting (and scipy) load only on nodes that set max-epsilon.
     from dpfl_app.privacy.accounting import (  # pylint: disable=import-outside-toplevel
-        AccountingModel, epsilon_after, headline_accountant)
+        AccountingModel, epsilon_after, headline_accountant, withheld_sum_bound)
 
-    model = AccountingModel(config["dp-sampling"], float(config["dp-noise"]),
-                            int(config["dp-population"]), int(config["dp-clients"]),
-                            float(config["dp-delta"]))
+    sampling, population = config["dp-sampling"], int(config["dp-population"])
+    clients = int(config["dp-clients"])
+    withheld = (withheld_sum_bound(sampling, population, clients)
+                if _flag(config["dp-secure-aggregation"]) else 0)
+    model = AccountingModel(sampling, float(config["dp-noise"]), population, clients,
+                            float(config["dp-delta"]), withheld)
     return epsilon_after(model, int(config["dp-rounds"]), headline_accountant(model))
 
 
@@ -65,7 +83,10 @@ def refusal(config: dict[str, Any], node_config: dict[str, Any]) -> str | None:
     if max_epsilon > 0:
         epsilon = announced_epsilon(config)
         if not epsilon <= max_epsilon:  # also refuses inf (no noise) and nan
-            shown = "inf (no noise)" if math.isinf(epsilon) else f"{epsilon:.3f}"
+            shown = f"{epsilon:.3f}"
+            if math.isinf(epsilon):
+                shown = ("inf (deterministic noise: reproducible from the run's seed)"
+                         if _flag(config["dp-deterministic-noise"]) else "inf (no noise)")
             return (f"privacy policy: the announced mechanism (z={config['dp-noise']}, "
                     f"{config['dp-sampling']} sampling of m={config['dp-clients']} of "
                     f"N={config['dp-population']}, T={config['dp-rounds']} rounds, "

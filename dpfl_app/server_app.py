@@ -22,6 +22,7 @@ from dpfl_app.run import console, outcome, tracking
 from dpfl_app.strategy.large_deployment import deployment  # light: no torch
 
 if TYPE_CHECKING:
+    from dpfl_app.privacy.accounting import AccountingModel
     from dpfl_app.strategy.canaries import CanaryAudit
     from dpfl_app.strategy.dp_fedavg import DPFedAvgAdaptive
 
@@ -43,10 +44,20 @@ def choose_noise(cfg: dict, population: int) -> float:
     headline = headline_accountant(AccountingModel(cfg["sampling"], 1.0, population,
                                                    clients, cfg["target-delta"]))
     z = calibrate_noise(cfg["target-epsilon"], cfg["target-delta"], cfg["rounds"],
-                        population, clients, cfg["sampling"], accountant=headline)
+                        population, clients, cfg["sampling"], accountant=headline,
+                        withheld_inputs=withheld_inputs(cfg, population, clients))
     log(INFO, "target-epsilon=%s: calibrated noise multiplier z=%.6g (replaces noise=%s)",
         cfg["target-epsilon"], z, cfg["noise"])
     return z
+
+
+def withheld_inputs(cfg: dict, population: int, clients: int) -> int:
+    """W of the accounting model: secure aggregation may withhold a round's whole sum."""
+    if not cfg.get("secure-aggregation", False):
+        return 0
+    from dpfl_app.privacy.accounting import withheld_sum_bound
+
+    return withheld_sum_bound(cfg["sampling"], population, clients)
 
 
 def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive:
@@ -69,9 +80,10 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
             " < 2*sigma_b; update noise multiplier z_delta=%.4f", split.default_count_stddev,
             split.count_stddev, noise, split.update_noise_multiplier)
     generators = server_generators(cfg["seed"] if cfg["deterministic-noise"] else None)
-    ledger = PrivacyLedger(AccountingModel(cfg["sampling"], noise, big.population,
-                                           big.clients_per_round, cfg["target-delta"]),
-                           noise_secret=generators.secret)
+    ledger = PrivacyLedger(AccountingModel(
+        cfg["sampling"], noise, big.population, big.clients_per_round, cfg["target-delta"],
+        withheld_inputs(cfg, big.population, big.clients_per_round)),
+        noise_secret=generators.secret)
     # FedAvg addresses every online node; the strategy keeps the sampled slots.
     fedavg = FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1,
                     fraction_evaluate=1.0, min_evaluate_nodes=1)
@@ -97,9 +109,29 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
         server_optimizer=server_optimizer(cfg),
         noise_scale=big.noise_scale, sampling_population=population,
     )
-    strategy.announcement = client_policy.announcement(ledger.model, cfg["rounds"],
-                                                       cfg["secure-aggregation"])
+    # The secure strategy's smallest summed cohort, if it has one (a client floor).
+    ledger.no_dropout_floor = max(2, int(getattr(strategy, "min_cohort", 2)))
+    strategy.announcement = client_policy.announcement(
+        real_model(ledger.model, big), cfg["rounds"], cfg["secure-aggregation"],
+        cfg["deterministic-noise"])
     return strategy
+
+
+def real_model(model: AccountingModel, big) -> AccountingModel:
+    """This run's own clients' model: `model` itself, unless a deployment is simulated.
+
+    A simulated deployment scales the noise on the real cohort's sum by m/m_big:
+    the real clients get noise multiplier z * m/m_big, sampled m of the real N.
+    """
+    from dpfl_app.privacy.accounting import withheld_sum_bound
+
+    if not big.simulated:
+        return model
+    return model.replace(noise_multiplier=model.noise_multiplier * big.noise_scale,
+                         population=big.real_population,
+                         clients_per_round=big.real_clients_per_round,
+                         withheld_inputs=0 if not model.withheld_inputs else withheld_sum_bound(
+                             model.sampling, big.real_population, big.real_clients_per_round))
 
 
 def population_size(cfg: dict, online: int, state: dict | None) -> int:
@@ -116,14 +148,26 @@ def population_size(cfg: dict, online: int, state: dict | None) -> int:
     return cfg["population"]
 
 
-def population_assumption(cfg: dict, population: int) -> str:
-    """How N was chosen, in words, for the log and privacy.md."""
+def population_assumption(cfg: dict, population: int, simulation: bool = False) -> str:
+    """How N was chosen, in words, for the log and privacy.md.
+
+    With population=0 in a deployment, N is an exact count of connected nodes,
+    published un-noised (it sets q, and the log and results.json show it): under
+    add/remove adjacency one client more changes it, so the guarantee does not
+    cover it. In a local simulation the node count is a public setting.
+    """
     if cfg["population"]:
         return f"N = {population} is the run-config `population`."
-    return (f"N = {population} is the number of SuperNodes connected at the start "
-            f"(run-config population=0). This is an assumption: the guarantee holds for "
-            f"this population. Nodes that join later are only sampled into free slots, "
-            f"so none is chosen more often than m/N.")
+    base = (f"N = {population} is the number of SuperNodes connected at the start "
+            f"(run-config population=0). Nodes that join later are only sampled into free "
+            f"slots, so none is chosen more often than m/N.")
+    if simulation:
+        return (f"{base} In this local simulation that number is a public setting "
+                f"(the federation's --num-supernodes), not a count of users.")
+    return (f"{base} **That count is released un-noised (it sets q = m/N and is published "
+            f"here) and is NOT covered by the guarantee**: under add/remove adjacency, one "
+            f"client more or less changes it. In a deployment, set run-config `population` "
+            f"to a public N (at least the nodes that may connect) to cover it.")
 
 
 def server_optimizer(cfg: dict):
@@ -180,6 +224,8 @@ def restore(strategy: DPFedAvgAdaptive, state: dict) -> None:
     strategy.records = list(state["records"])
     strategy.diagnostics = [d for d in outputs.read_diagnostics(state["run_dir"])
                             if d["round"] <= state["round"]]
+    strategy.client_eval = [e for e in outputs.read_jsonl(state["run_dir"] / outputs.CLIENT_EVAL_FILE)
+                            if e["round"] <= state["round"]]
     if state["rng"] is not None:  # deterministic-noise only; secret generators are never saved
         strategy.sampling_rng.bit_generator.state = state["rng"]["sampling"]
         strategy.rng.bit_generator.state = state["rng"]["noise"]
@@ -272,6 +318,7 @@ def main(grid: Grid, context: Context) -> None:
     """
     console.configure(context.run_config)  # Flower's repeated lines: only with verbose=true
     folder: dict = {"path": None, "resumed": False}
+    outcome.keep_timings_out_of_the_log()
     try:
         train(grid, context, folder)
     except Exception as err:
@@ -306,7 +353,10 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
         log(WARNING, "%s", simulation.summary())
     noise = state["noise"] if state else choose_noise(cfg, num_nodes)
     strategy = build_strategy(cfg, num_nodes, noise)
-    assumption = population_assumption(cfg, num_nodes)
+    assumption = population_assumption(cfg, num_nodes, is_simulation(grid))
+    if not cfg["population"] and not is_simulation(grid) and not state:
+        log(WARNING, "population=0 in a deployment: N = %d, the SuperNodes connected now, is "
+            "published un-noised and NOT covered by the guarantee; set `population`", num_nodes)
     accounting_extra = {"update_noise_multiplier": strategy.split.update_noise_multiplier,
                         "clipped_count_stddev": strategy.split.count_stddev,
                         "population_source": assumption}
@@ -339,7 +389,9 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
     folder["tracker"] = tracking.open_tracker(cfg, run_dir, resumed=bool(state))
     folder["tracker"].log_config({**cfg, "model": model_name})  # as results.json records it
     recorder = RunRecorder(cfg, run_dir, strategy, accounting_extra,
-                           initial=state["initial"] if state else None, tracker=folder["tracker"])
+                           initial=state["initial"] if state else None,
+                           real_model=real_model(strategy.ledger.model, simulation)
+                           if simulation.simulated else None, tracker=folder["tracker"])
     try:
         strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_model),
                        num_rounds=cfg["rounds"] - strategy.round_offset,
@@ -352,7 +404,8 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
     report = privacy_report(strategy.ledger, len(strategy.records), recorder.stop_reason,
                             audit=recorder.audit, secure_aggregation=cfg["secure-aggregation"],
                             assumptions=[assumption],
-                            simulation=simulation.summary() if simulation.simulated else None)
+                            simulation=simulation.summary() if simulation.simulated else None,
+                            float_residual=recorder.float_residual())
     outputs.write_atomic(run_dir / "privacy.md", report.encode())
     for line in console.report_lines(report, run_dir / "privacy.md", cfg["verbose"]):
         log(INFO, "%s", line)
@@ -360,4 +413,4 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
     final = recorder.results()["final"]
     outcome.report_success(final["stop_reason"], final["rounds_completed"],
                            final["test_accuracy"], final["epsilon"], cfg["target-delta"], run_dir,
-                           run_id=context.run_id)
+                           final.get("epsilon_this_run"), run_id=context.run_id)

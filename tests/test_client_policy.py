@@ -45,3 +45,21 @@ def test_require_secure_aggregation():
 
 def test_a_server_that_announces_nothing_is_refused_by_a_node_with_a_policy():
     assert "did not announce" in client_policy.refusal({}, {"max-epsilon": 8.0})
+
+
+def test_deterministic_noise_is_announced_and_the_node_treats_it_as_no_guarantee():
+    """deterministic-noise=true: the noise is reproducible from the seed, epsilon = inf.
+    The old announcement omitted it, and a node with max-epsilon=10 accepted (8.38)."""
+    from dpfl_app.config import validate
+    from dpfl_app.server_app import build_strategy
+    from tests.inprocess import default_run_config
+
+    cfg = validate(default_run_config(**{"deterministic-noise": True, "population": 10,
+                                         "clients": 6, "rounds": 5, "noise": 1.0}))
+    announced = build_strategy(cfg, 10, 1.0).announcement
+    assert announced["dp-deterministic-noise"] is True
+    assert client_policy.announced_epsilon(announced) == float("inf")
+    reason = client_policy.refusal(announced, {"max-epsilon": 10.0})
+    assert reason is not None and "deterministic noise" in reason
+    secret = {**announced, "dp-deterministic-noise": False}
+    assert client_policy.refusal(secret, {"max-epsilon": 10.0}) is None  # 8.38 <= 10

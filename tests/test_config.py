@@ -44,6 +44,7 @@ BAD_VALUES = {
     "deterministic-noise": ("yes", "bool"),
     "secure-aggregation": ("on", "bool"),
     "secagg-neighbours": (-2, ">= 0"),
+    "noise-at": ("both", "server, clients"),
     "audit-canaries": (1, "0 (off) or an integer >= 2"),
     "client-eval": (1, "bool"),
     "population": (-1, ">= 0"),
@@ -82,6 +83,14 @@ def test_misspelled_key_is_named_with_the_allowed_keys():
 def test_conflicting_budget_keys():
     with pytest.raises(ConfigError, match="target-epsilon=10.0 exceeds max-epsilon=5.0"):
         validate(default_run_config(**{"target-epsilon": 10.0, "max-epsilon": 5.0}))
+
+
+def test_noise_at_clients_requires_secure_aggregation_and_is_refused_until_wired():
+    with pytest.raises(ConfigError, match="noise-at=clients requires secure-aggregation=true"):
+        validate(default_run_config(**{"noise-at": "clients"}))
+    with pytest.raises(ConfigError, match="noise-at=clients is not available yet"):
+        validate(default_run_config(**{"noise-at": "clients", "secure-aggregation": True}))
+    assert validate(default_run_config(**{"secure-aggregation": True}))["noise-at"] == "server"
 
 
 def test_explicit_count_stddev_too_small_for_noise_fails_before_training(tmp_path):

@@ -36,7 +36,7 @@ def test_default_app_trains_above_chance_and_writes_outputs(federation, tmp_path
         assert "num_replies" not in rec  # exact counts: operator diagnostics only
         assert rec["noise_std"] > 0
         assert 0 < rec["epsilon"]
-        assert "client_eval_not_dp" in rec
+        assert "client_eval_not_dp" not in rec  # not DP: its own, non-shareable file
     # epsilon accumulates
     assert rounds[0]["epsilon"] < rounds[-1]["epsilon"]
     # 10 digit classes: chance is 10%.

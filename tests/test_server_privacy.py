@@ -71,6 +71,18 @@ def test_shared_files_and_the_log_carry_no_exact_counts(tmp_path, caplog):
     assert "connected at the start" in (run_dir / "privacy.md").read_text()
 
 
+def test_a_deployment_without_population_says_its_node_count_is_released_and_not_covered():
+    """population=0 outside a simulation: N is an exact, published count of nodes."""
+    from dpfl_app.server_app import population_assumption
+
+    cfg = default_run_config(population=0)
+    deployed = population_assumption(cfg, 10, simulation=False)
+    assert "released un-noised" in deployed and "NOT covered" in deployed
+    simulated = population_assumption(cfg, 10, simulation=True)
+    assert "NOT covered" not in simulated and "public setting" in simulated
+    assert "NOT covered" not in population_assumption({**cfg, "population": 10}, 10)
+
+
 def test_a_round_released_before_a_crash_stays_charged(tmp_path, monkeypatch):
     """The server dies after round 2's model was written, before its checkpoint.
 
@@ -140,3 +152,24 @@ def test_results_json_alone_reproduces_epsilon_with_dp_accounting(tmp_path, samp
     for rec in results["rounds"]:  # and each round's RDP figure
         assert rec["epsilon_rdp"] == pytest.approx(_recompute(acc, rec["rounds_accounted"])[0],
                                                    rel=1e-9)
+
+
+def test_client_eval_metrics_leave_results_json_and_the_log_for_their_own_file(tmp_path, caplog):
+    """results.json is shareable; client-side metrics are computed on private data, un-noised."""
+    from dpfl_app.run.outputs import CLIENT_EVAL_FILE, read_jsonl
+
+    caplog.set_level(logging.INFO)
+    run_server(_config(tmp_path, rounds=2, **{"client-eval": True}))
+    run_dir = _run_dir(tmp_path)
+    results = _results(run_dir)
+    assert not any("client_eval" in key for rec in results["rounds"] for key in rec)
+    assert not any("client_eval" in key for key in results["final"])
+    rows = read_jsonl(run_dir / CLIENT_EVAL_FILE)
+    assert [r["round"] for r in rows] == [1, 2] and all(len(r) > 1 for r in rows)
+    assert "DO-NOT-SHARE" in CLIENT_EVAL_FILE and "NOT-DP" in CLIENT_EVAL_FILE
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "Aggregated MetricRecord" not in logged  # Flower's line for client metrics
+    for row in rows:
+        for key, value in row.items():
+            if key != "round":
+                assert repr(value) not in logged and f"{key}': {value}" not in logged

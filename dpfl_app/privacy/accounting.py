@@ -60,6 +60,10 @@ class AccountingModel:
     population: int
     clients_per_round: int
     delta: float
+    # W: the most clipped inputs whose sum a withholding rule can hide (0: every
+    # round releases its sum). See `withheld_sum_bound`, and "Withheld sums" in
+    # docs/secure-aggregation.md.
+    withheld_inputs: int = 0
 
     def __post_init__(self):
         if self.sampling not in SAMPLING_MODES:
@@ -77,20 +81,33 @@ class AccountingModel:
         d = self.delta
         if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0 < d < 1:
             raise ValueError(f"delta must be a number in (0, 1), got {d!r}")
+        if not _is_int(self.withheld_inputs) or self.withheld_inputs < 0:
+            raise ValueError(f"withheld_inputs must be an integer >= 0, got {self.withheld_inputs!r}")
         # Normalise numpy scalars so the model hashes, compares and serialises cleanly.
         object.__setattr__(self, "noise_multiplier", float(z))
         object.__setattr__(self, "population", int(self.population))
         object.__setattr__(self, "clients_per_round", int(m))
         object.__setattr__(self, "delta", float(d))
+        object.__setattr__(self, "withheld_inputs", int(self.withheld_inputs))
 
     @property
     def adjacency(self) -> str:
         return _ADJACENCY[self.sampling]
 
     @property
+    def sensitivity_multiple(self) -> int:
+        """The round's sensitivity in units of C (the count's in units of 1/2).
+
+        1 (add/remove) or 2 (replace-one) when every round releases its sum.
+        When a rule may withhold the sum of up to W inputs, adding (or replacing)
+        one client can turn "noise only" into "their sum": W, if larger.
+        """
+        return max(1 if self.sampling == "poisson" else 2, self.withheld_inputs)
+
+    @property
     def event_noise_multiplier(self) -> float:
-        """Multiplier in the DpEvent: z (add/remove) or z/2 (replace-one, sensitivity 2C)."""
-        return self.noise_multiplier if self.sampling == "poisson" else self.noise_multiplier / 2
+        """Multiplier in the DpEvent: z / sensitivity_multiple (z, z/2, or z/W)."""
+        return self.noise_multiplier / self.sensitivity_multiple
 
     @property
     def sampling_probability(self) -> float:
@@ -123,15 +140,39 @@ class AccountingModel:
             adjacency=self.adjacency,
             event_noise_multiplier=self.event_noise_multiplier,
             sampling_probability=self.sampling_probability,
+            sensitivity_multiple=self.sensitivity_multiple,
         )
         return {k: d[k] for k in (
             "sampling", "adjacency", "noise_multiplier", "event_noise_multiplier",
-            "population", "clients_per_round", "delta", "sampling_probability")}
+            "population", "clients_per_round", "delta", "sampling_probability",
+            "withheld_inputs", "sensitivity_multiple")}
 
     @classmethod
     def from_dict(cls, d: dict) -> "AccountingModel":
         return cls(**{k: d[k] for k in ("sampling", "noise_multiplier", "population",
-                                        "clients_per_round", "delta")})
+                                        "clients_per_round", "delta")},
+                   withheld_inputs=d.get("withheld_inputs", 0))
+
+
+def withheld_sum_bound(sampling: str, population: int, clients_per_round: int,
+                       survivor_floor: int | None = None) -> int:
+    """W for a release that is withheld (noise only) unless a secure sum completes.
+
+    `survivor_floor=None`: the worst case over dropouts. A threshold protocol
+    (SecAgg+) withholds the whole sum when a needed secret cannot be rebuilt,
+    and one client's presence, or its dropout during unmasking, can decide
+    that when the others' answers sit exactly at the threshold: the hidden sum
+    is then the largest survivor set, the cohort (m for fixed-size sampling,
+    all N slots for Poisson).
+
+    `survivor_floor=F`: the rule is only "withheld when fewer than F survive",
+    e.g. when no sampled client drops out during the protocol (then the
+    survivors are the cohort and only its size decides): W = max(2, F), since
+    a sum of one input is never released.
+    """
+    if survivor_floor is not None:
+        return max(2, int(survivor_floor))
+    return population if sampling == "poisson" else clients_per_round
 
 
 def _check_accountant(model: AccountingModel, accountant: str | None) -> str:
@@ -268,3 +309,24 @@ class PrivacyLedger:
     def to_dict(self) -> dict:
         return {**self.model.to_dict(), "accountant": self.headline, "rounds": self._rounds,
                 "noise_secret": self.noise_secret}
+
+    # The smallest cohort whose secure sum is released: with no mid-protocol dropout,
+    # the only withholding rule left (a sum of one input is never released).
+    no_dropout_floor = 2
+
+    def epsilon_if_no_dropout(self) -> float | None:
+        """Secure aggregation only: epsilon if no sampled client drops out mid-protocol.
+
+        Then the survivors are the cohort, and only a cohort below
+        `no_dropout_floor` is withheld (W = max(2, floor)). An assumption about
+        the deployment, never the guarantee; None when nothing is withheld.
+        """
+        model = self.model
+        if not model.withheld_inputs:
+            return None
+        if not self.noise_secret and self._rounds:
+            return math.inf  # deterministic noise: no guarantee under any assumption
+        floor = model.replace(withheld_inputs=withheld_sum_bound(
+            model.sampling, model.population, model.clients_per_round,
+            survivor_floor=self.no_dropout_floor))
+        return epsilon_after(floor, self._rounds, self.headline)

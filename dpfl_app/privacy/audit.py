@@ -6,7 +6,7 @@ Estimation for Federated Learning", ICLR 2024 (arXiv 2302.03098):
 * k canary clients each own a fixed random direction u_j, uniform on the unit
   sphere of the model's update space. A sampled canary contributes C_t * u_j
   (norm exactly C_t, on the clip boundary) to the clipped sum before the noise,
-  and a norm bit to the count (`boundary_bits`).
+  and a norm bit to the count (`canary_bits`).
   k more directions are drawn and never inserted: the unseen canaries.
 * Threat model "all iterates" (every released per-round model delta is seen,
   as it is here: every client receives w_t): the statistic of a canary is the
@@ -35,7 +35,11 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import optimize, special
 
+from dpfl_app.privacy.sampling import draw
+
 STATISTIC = "max over rounds of cos(released model delta w_{t+1} - w_t, canary direction)"
+COUNT_STATISTIC = ("sum over rounds of (2 b_jt - 1) * released centred clipped count, "
+                   "b_jt the canary's coin for round t")
 # Canaries generated together: one generator call per block keeps regeneration cheap.
 BLOCK = 256
 # Bootstrap resamples for the estimate's 95% interval (its sampling error).
@@ -93,30 +97,24 @@ def sample_canaries(rng: np.random.Generator, count: int, rate: float, sampling:
     poisson: an independent coin per canary, as for every real client.
     fixed: a fixed-size draw without replacement over the canary slots, of
     floor(count * rate) or one more (randomly rounded), so that each canary's
-    chance is exactly `rate`, as a real client's is m/N in its own draw.
+    chance is exactly `rate`, as a real client's is m/N in its own draw. The
+    same function (`privacy.sampling.draw`) draws the real clients' slots.
     """
-    if sampling == "poisson":
-        return np.flatnonzero(rng.random(count) < rate)
-    expected = count * rate
-    size = int(expected) + int(rng.random() < expected - int(expected))
-    return np.sort(rng.choice(count, size=size, replace=False))
+    return draw(rng, count, count * rate, sampling)  # the real clients' draw
 
 
-def boundary_bits(rng: np.random.Generator, count: int) -> list[int]:
-    """Norm bits for `count` canaries this round: half 1 (unclipped), half 0.
+def canary_bits(seed: int, round_index: int, count: int) -> np.ndarray:
+    """Every canary's norm bit in one round: a fair coin per canary and round, from `seed`.
 
-    A canary's update has norm exactly C_t: it sits on the clip boundary, where
-    "clipped" and "not clipped" meet. Reporting b = 1 for every canary would
-    tell the clip-norm estimate (Andrew et al. 2021) that k*q extra clients are
-    below the clip: with k not small against N it drives C_t towards 0 by a
-    factor exp(-clip_lr * k q / (2 m)) per round, and the released updates
-    shrink below float32 resolution. Half of each, with the odd one out decided
-    by a coin, adds nothing to the centred count sum(b - 1/2) (at most +-1/2),
-    so C_t still tracks the real clients' quantile. Each canary's bit is 1 with
-    probability 1/2; the bits depend on no client's data.
+    A canary's update has norm exactly C_t, on the clip boundary, so either bit
+    is honest. Fresh coins keep the centred count sum(b - 1/2) of the sampled
+    canaries at 0 on average, so C_t still tracks the real clients' quantile
+    (all b = 1 would drive it towards 0). They also give each canary its own
+    sign sequence over rounds, which the count statistic reads
+    (`COUNT_STATISTIC`): the released count is one number per round, shared
+    by everyone, and only a per-round sign tells one canary's part from another's.
     """
-    ones = count // 2 + (count % 2 and int(rng.random() < 0.5))
-    return [1] * ones + [0] * (count - ones)
+    return np.random.default_rng([seed, 2, round_index]).integers(0, 2, size=count)
 
 
 # --- the two-Gaussian test -------------------------------------------------------
@@ -248,7 +246,7 @@ def population_warning(canaries: int, population: int, rate: float) -> str | Non
 
 
 def estimate(inserted: Sequence[float], unseen: Sequence[float], delta: float,
-             accounted: float) -> dict:
+             accounted: float, statistic: str = STATISTIC) -> dict:
     """The audit block: both fits, the empirical epsilon, its interval and the verdict."""
     mu1, std1 = fit_gaussian(inserted)
     mu0, std0 = fit_gaussian(unseen)
@@ -256,7 +254,7 @@ def estimate(inserted: Sequence[float], unseen: Sequence[float], delta: float,
     interval = bootstrap_interval(inserted, unseen, delta)
     return {
         "threat_model": "all iterates (every per-round model is released)",
-        "statistic": STATISTIC,
+        "statistic": statistic,
         "inserted_fit": {"mean": mu1, "std": std1, "count": len(inserted)},
         "unseen_fit": {"mean": mu0, "std": std0, "count": len(unseen)},
         "delta": delta,

@@ -63,13 +63,14 @@ def _gap(fresh, make_event, target_epsilon, delta):
 
 
 def calibrate_noise(target_epsilon, delta, rounds, population, clients_per_round,
-                    sampling, accountant="rdp") -> float:
+                    sampling, accountant="rdp", withheld_inputs=0) -> float:
     """Smallest z of SIGNIFICANT_DIGITS significant digits with epsilon <= target after `rounds`.
 
     Values below 1e-3 are not searched: if z = 1e-3 already meets the target, 1e-3 is returned.
+    `withheld_inputs`: the model's W (secure aggregation's withheld sums).
     """
     _check_target(target_epsilon, rounds)
-    base = AccountingModel(sampling, 1.0, population, clients_per_round, delta)
+    base = AccountingModel(sampling, 1.0, population, clients_per_round, delta, withheld_inputs)
     accountant = _check_accountant(base, accountant)
     fresh = _make_fresh(sampling, accountant)
     make_event = lambda z: dp_accounting.SelfComposedDpEvent(  # noqa: E731

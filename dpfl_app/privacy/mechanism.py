@@ -112,14 +112,77 @@ def update_noise_stddev(split: NoiseSplit, clip_norm: float) -> float:
 # (RDP, PLD, the subsampled events) holds unchanged. The rounding step is the one
 # of Mironov's snapping mechanism (Mironov 2012), applied to the Gaussian; the
 # grid is stated in `release_grid`. What remains is the sampler's own error in
-# how much mass each grid cell gets: about one lattice point in 2^30.
+# how much mass each grid cell gets, bounded below (`float_residual`).
 # A discrete Gaussian (Canonne, Kamath & Steinke 2020) was not used: it has the
 # same Renyi DP / concentrated DP as the continuous one (shown in that paper), but its
 # (epsilon, delta) trade-off curve is *not* dominated by the continuous one
 # (e.g. sigma = 1, sensitivity 1: beta is lower by up to 0.016), so the PLD
 # accountant we report for Poisson sampling would not cover it.
-GRID_BELOW_NOISE_BITS = 20  # grid <= noise std / 2^20: adds variance <= 2^-40 sigma^2 / 12
+GRID_BELOW_NOISE_BITS = 10  # grid <= noise std / 2^10: adds variance <= 2^-20 sigma^2 / 12
 GRID_ABOVE_ULP_BITS = 30  # grid >= 2^30 float64 ulps of any value the sum can take
+# The residual, bounded (docs/privacy.md, "Randomness and floating point"). numpy's
+# standard_normal is a 256-layer ziggurat: in layer i it returns u * x_i / 2^52
+# for a 52-bit integer u, so its values lie on a lattice of spacing at most
+# x_0 / 2^52 < 3.92 * 2^-52 (x_0 = v / f(r) = 3.9107 for r = 3.6542), its
+# acceptance tests compare 53-bit uniforms with float64 densities (relative
+# error ~2^-52), and it never returns |Z| > r + 53 ln 2 / r < 13.8 (its tail
+# draws -log(1 - u) / r). A cell is at least 2^-11 sigma wide, so it holds at
+# least 2^41 / 3.92 > 2^39 lattice points: discreteness changes its mass by a
+# factor within 1 +- 2^-38. query + sigma Z is rounded to the grid exactly
+# (`noised_on_grid` adds with TwoSum), so the only other float64 error is the
+# product sigma * Z, off by at most 2^-53 * 13.8 sigma < 2^-49 sigma: each cell
+# boundary moves by at most 2^-38 of a cell. While a cell is at most sigma/2^8
+# wide (`narrow_grid`), the density changes by less than 6% across it. So for
+# every cell, sampled mass / ideal mass lies in [e^-g, e^g] with
+# g = FLOAT_CELL_LOG_ERROR = 2^-36 (2 * 1.06 * 2^-38 + 2^-38 < 2^-36), except
+# beyond |Z| = 13.8, where the ideal Gaussian has mass 2 Phi(-13.8) < 1e-42 and
+# numpy none.
+FLOAT_CELL_LOG_ERROR = 2.0**-36
+FLOAT_TAIL_MASS = 1e-42
+NARROW_GRID_BITS = 8
+
+
+def narrow_grid(noise_stddev: float, sum_bound: float) -> bool:
+    """The grid is at most noise std / 2^8, as `float_residual`'s bound needs.
+
+    True unless sum_bound > ~2^14 noise std (m / z_delta above ~16,000).
+    """
+    return release_grid(noise_stddev, sum_bound) <= noise_stddev / 2**NARROW_GRID_BITS
+
+
+def float_residual(coordinates: int, epsilon: float, delta: float) -> dict:
+    """What numpy's sampler adds to an (epsilon, delta) of the ideal Gaussian mechanism.
+
+    `coordinates` = every noised number released over the run: T (d + 1).
+    Per coordinate, every cell's probability is within a factor e^+-g of the
+    ideal one (g = FLOAT_CELL_LOG_ERROR) on both neighbouring datasets, also under
+    sampling (a mixture keeps the factor) and across adaptive rounds (chain
+    rule). So the released transcript is (epsilon + 2 n g, e^{n g} (delta + n
+    e^epsilon FLOAT_TAIL_MASS))-DP for n coordinates. Holds while every
+    release's grid is narrow (`narrow_grid`).
+    """
+    n = int(coordinates)
+    added = n * FLOAT_CELL_LOG_ERROR
+    tail = n * math.exp(min(epsilon, 700.0)) * FLOAT_TAIL_MASS if math.isfinite(epsilon) else 0.0
+    return {"coordinates_released": n, "epsilon_added": 2 * added,
+            "delta_factor": math.exp(added), "delta_added": math.exp(added) * tail,
+            "epsilon_with_float": epsilon + 2 * added,
+            "delta_with_float": math.exp(added) * (delta + tail)}
+
+
+def run_float_residual(split: NoiseSplit, clients_per_round: float, noise_scale: float,
+                       dim: int, rounds: int, epsilon: float, delta: float) -> dict | None:
+    """`float_residual` of a run: `rounds` releases of d update coordinates and one count.
+
+    `bound_applies` says whether every grid is narrow (the grids' ratios to the
+    noise do not depend on C_t). None without noise (epsilon is inf anyway).
+    """
+    if split.noise_multiplier == 0 or not math.isfinite(epsilon):
+        return None
+    narrow = narrow_grid(noise_scale * split.update_noise_multiplier, clients_per_round) and (
+        split.count_stddev == 0 or narrow_grid(noise_scale * split.count_stddev,
+                                               clients_per_round / 2))
+    return {**float_residual(rounds * (dim + 1), epsilon, delta), "bound_applies": narrow}
 
 
 def release_grid(noise_stddev: float, sum_bound: float) -> float:
@@ -137,10 +200,24 @@ def release_grid(noise_stddev: float, sum_bound: float) -> float:
 
 def noised_on_grid(total: np.ndarray | float, noise_stddev: float, sum_bound: float,
                    rng: np.random.Generator) -> np.ndarray:
-    """round((total + N(0, std^2)) / grid) * grid, in float64 (exact: grid is a power of two)."""
+    """round((total + N(0, std^2)) / grid) * grid, rounding the exact sum.
+
+    total + noise is added with TwoSum (Knuth): s + e is the exact sum of the
+    two float64 values. The grid is a power of two, at least 2^30 ulps of s,
+    so k = rint(s / grid) is exact, and so is s - k * grid; e (at most half an
+    ulp of s) can only decide an exact tie. So the grid point is the one of
+    the exact real sum, not of its float64 rounding.
+    """
     grid = release_grid(noise_stddev, sum_bound)
-    noisy = np.asarray(total, dtype=np.float64) + rng.normal(0.0, noise_stddev, np.shape(total))
-    return np.rint(noisy / grid) * grid
+    x = np.asarray(total, dtype=np.float64)
+    y = rng.normal(0.0, noise_stddev, np.shape(total))
+    s = x + y
+    back = s - x
+    e = (x - (s - back)) + (y - back)  # TwoSum: s + e == x + y exactly
+    k = np.rint(s / grid)
+    d = s - k * grid  # exact, |d| <= grid / 2
+    k = k + ((d == grid / 2) & (e > 0)) - ((d == -grid / 2) & (e < 0))
+    return k * grid
 
 
 def noised_mean_update(
@@ -274,7 +351,8 @@ def dp_fedavg_release(
 
     Secure aggregation calls it with one "delta": the unmasked sum of the
     survivors' clipped deltas, and the unmasked sum of their norm bits; the
-    noise, the fixed denominator m and the accounting are the same. The update
+    noise and the fixed denominator m are the same (the accounting charges a
+    possibly withheld sum: `AccountingModel.withheld_inputs`). The update
     noise is drawn before the count noise. `step(global_model, noised_mean)`
     gives the next model (a server optimizer); without it, the plain step
     w + server_lr * mean. `noise_scale` multiplies both noises: m / m_big

@@ -49,10 +49,48 @@ def describe_model(model: AccountingModel, rounds: int, accountant: str) -> str:
         sampling = (f"fixed-size sampling without replacement (exactly m = {m} of N = {n} "
                     f"clients each round)")
         adjacency = (f"replace-one adjacency (sensitivity doubled, so the accounted "
-                     f"multiplier is z/2 = {model.event_noise_multiplier:.4g})")
+                     f"multiplier is z/2 = {z / 2:.4g})")
+    if model.withheld_inputs:
+        adjacency += (f"; secure aggregation may withhold a round's whole sum, of up to "
+                      f"W = {model.withheld_inputs} clients, depending on who took part, so "
+                      f"the accounted sensitivity is {model.sensitivity_multiple}·C and the "
+                      f"multiplier z/{model.sensitivity_multiple} = "
+                      f"{model.event_noise_multiplier:.4g}")
     name = {"pld": "PLD", "rdp": "RDP"}[accountant]
     return (f"{sampling}, {adjacency}, noise multiplier z = {z:.4g}, {rounds} rounds, "
             f"{name} accountant")
+
+
+def float_line(residual: dict) -> str:
+    """The floating-point residual of the noise sampler, in one sentence."""
+    if not residual["bound_applies"]:
+        return ("**Floating point:** the release grid is coarser than σ/256 in this "
+                "configuration (m/z_Δ above about 16,000), where our bound of the sampler's "
+                "residual is not claimed.")
+    return (f"**Floating point:** the ε above is that of an exact Gaussian. numpy's sampler "
+            f"differs from it by a factor within e^±2^-36 per released number (docs/privacy.md, "
+            f"\"Randomness and floating point\"); over the "
+            f"{residual['coordinates_released']:,} numbers released, the guarantee is "
+            f"(ε + {residual['epsilon_added']:.2g}, δ·{residual['delta_factor']:.6g})-DP, i.e. "
+            f"ε ≤ {fmt_eps(residual['epsilon_with_float'])} at δ = "
+            f"{residual['delta_with_float']:.4g}.")
+
+
+def withheld_section(ledger: PrivacyLedger) -> list[str]:
+    """Why secure aggregation's epsilon is larger, and the figure under a stated assumption."""
+    model = ledger.model
+    return ["", "## Withheld sums (secure aggregation)", "",
+            "A secure sum is released only when enough clients survive to rebuild the masks; "
+            "otherwise the round releases noise only. Whether that happens depends on who took "
+            "part: adding one client can turn \"noise only\" into \"the sum of the others and "
+            "that client\". When the other clients' answers sit exactly at the protocol's "
+            "threshold, one client's presence or dropout decides it, so the guarantee above "
+            f"charges each round with sensitivity W·C, W = {model.withheld_inputs} (the largest "
+            "cohort), against any pattern of dropouts.", "",
+            f"ε if no sampled client drops out during the protocol (an ASSUMPTION about the "
+            f"deployment, NOT part of the guarantee: then only a cohort smaller than "
+            f"{ledger.no_dropout_floor} is withheld, W = {max(2, ledger.no_dropout_floor)}): "
+            f"{fmt_eps(ledger.epsilon_if_no_dropout())} at δ={model.delta:g}."]
 
 
 def _reach(model: AccountingModel, rounds: int, goal: float, accountant: str) -> list[str]:
@@ -61,11 +99,15 @@ def _reach(model: AccountingModel, rounds: int, goal: float, accountant: str) ->
                      model.delta, model.sampling)
     out = []
     try:
-        z_need = calibrate_noise(goal, d, rounds, n, m, s, accountant)
+        z_need = calibrate_noise(goal, d, rounds, n, m, s, accountant, model.withheld_inputs)
         out.append(f"- Keeping m = {m} clients per round: you need noise ≥ {z_need:g} "
                    f"(noise multiplier; now {z:.4g}).")
     except ValueError:
         out.append(f"- Keeping m = {m} clients per round: not reachable by adding noise.")
+    if model.withheld_inputs:
+        out.append("- Without secure aggregation nothing is withheld, and the sensitivity is "
+                   "C (Poisson) or 2C (fixed-size).")
+        return out
     if z == 0:
         out.append("- Changing the number of clients per round cannot help while no noise is added.")
         return out
@@ -119,6 +161,11 @@ def audit_section(audit: dict) -> list[str]:
                       "error. Something is wrong: the noise, the clipping, the sampling or the "
                       "accounting does not match what the code claims. Do not trust this run's "
                       "ε.**"]
+    count = audit.get("count_channel")
+    if count is not None and count.get("epsilon") is not None:
+        lines += ["", f"The clipped-count release, audited on its own (each canary's coin per "
+                      f"round against the released count): empirical ε ≈ "
+                      f"{fmt_eps(count['epsilon'])} (verdict: {count['verdict']})."]
     lines += ["", "Canaries change the model a little: each sampled one adds the clip norm "
                   "times a random unit direction to the update, like one more client."]
     if audit.get("population_warning"):
@@ -128,7 +175,8 @@ def audit_section(audit: dict) -> list[str]:
 
 def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | None = None,
                    audit: dict | None = None, secure_aggregation: bool = False,
-                   assumptions: list[str] = (), simulation: str | None = None) -> str:
+                   assumptions: list[str] = (), simulation: str | None = None,
+                   float_residual: dict | None = None) -> str:
     """Markdown privacy report for the rounds composed in `ledger`, with the audit if any.
 
     `assumptions` are sentences the guarantee rests on (e.g. how N was chosen).
@@ -158,6 +206,8 @@ def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | No
     if eps_all.get(other) is not None and math.isfinite(eps):
         lines.append(f"(Cross-check: the {other.upper()} accountant gives ε = "
                      f"{fmt_eps(eps_all[other])}.)")
+    if float_residual is not None and ledger.noise_secret and rounds > 0:
+        lines += ["", float_line(float_residual)]
     if assumptions:
         lines += ["", "**Assumptions:** " + " ".join(assumptions)]
     lines += ["", f"**Strength:** {cat}."]
@@ -190,6 +240,8 @@ def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | No
         lines += _reach(model, rounds, goal, acc)
     elif rounds == 0:
         lines += ["", "No round was accounted: nothing trained was released, so ε = 0."]
+    if model.withheld_inputs and rounds > 0:
+        lines += withheld_section(ledger)
     if audit is not None:
         lines += audit_section(audit)
     lines += [

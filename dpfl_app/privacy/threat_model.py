@@ -25,8 +25,10 @@ SECURE = [
     "survivors than the threshold releases noise only. The server still sees the un-noised "
     "sum of the cohort, so ε does not protect the cohort's *aggregate* from the server; "
     "distributed noise (each client adding a share of discrete noise) would remove that.",
-    "- Everyone else sees only the noised releases, covered by ε as in the central mode: "
-    "the noise, the fixed denominator m and the accounting are the same.",
+    "- Everyone else sees only the noised releases, covered by ε: the noise and the fixed "
+    "denominator m are those of the central mode, but a withheld sum is a release too (adding "
+    "one client can turn \"noise only\" into a sum of several), so each round is accounted "
+    "with the sensitivity of the largest sum that can be withheld (\"Withheld sums\" below).",
     "- Masking also hides a malicious client's input from the server's reply screening: a "
     "client that skips clipping or sends out-of-range values cannot be caught or re-clipped. "
     "That cannot hurt the privacy of honest clients (their updates stay hidden and the noise "

@@ -3,8 +3,9 @@
 `flwr run` exits 0 even when the run failed, and Flower's own last lines
 ("Strategy execution finished", its results dump, or a traceback) do not say
 whether *our* run succeeded. So the ServerApp's last line always does, and says
-where the outputs are. A failed run that never finished a round leaves no run
-folder behind: an empty folder would look like a result.
+where the outputs are. A failed run that never finished a round, and never
+charged one, leaves no run folder behind: an empty folder would look like a
+result. A run that charged a release keeps its ledger.json, and says so.
 
 Bad input (a run-config value, too few SuperNodes, a dataset this machine
 cannot read) is the user's to fix, not a bug: its message is the whole story,
@@ -19,6 +20,7 @@ column shows only "finished…" at 80 columns.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from logging import ERROR, INFO
@@ -57,14 +59,49 @@ def keep_input_errors_brief(kinds: tuple[type[BaseException], ...]) -> None:
     logger.addFilter(BriefErrors((*INPUT_ERRORS, *kinds)))
 
 
-def discard_unfinished(run_dir: Path | None) -> bool:
-    """Remove a new run folder that holds no finished round (no checkpoint.pt).
+class NoTimings(logging.Filter):
+    """Flower's "Strategy execution finished in 12.34s", without the time.
 
-    Returns True when the folder is gone (or was never made).
+    The run's wall time sums every round's, which grows with the clients that
+    trained: a participation signal in a log that is meant to be shareable.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Strategy execution finished in"):
+            record.msg, record.args = "Strategy execution finished", ()
+        return True
+
+
+def keep_timings_out_of_the_log() -> None:
+    """Install `NoTimings` once on Flower's logger."""
+    logger = logging.getLogger("flwr")
+    if not any(isinstance(existing, NoTimings) for existing in logger.filters):
+        logger.addFilter(NoTimings())
+
+
+def charged_rounds(run_dir: Path) -> int:
+    """Rounds the run's ledger.json charged (0 without a readable one).
+
+    The ledger is written before a round's model leaves the server
+    (`DPFedAvgAdaptive.on_round_charged`), so it may charge a release that no
+    checkpoint records yet.
+    """
+    try:
+        return int(json.loads((run_dir / "ledger.json").read_text()).get("rounds", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
+def discard_unfinished(run_dir: Path | None) -> bool:
+    """Remove a new run folder that holds no finished round and no charged release.
+
+    A folder with checkpoint.pt, or whose ledger.json charged a round, is kept
+    whole: a released model's privacy record must never be lost. Returns True
+    when the folder is gone (or was never made).
     """
     if run_dir is None or not run_dir.exists():
         return True
-    if (run_dir / "checkpoint.pt").exists():
+    if (run_dir / "checkpoint.pt").exists() or charged_rounds(run_dir) > 0:
         return False
     shutil.rmtree(run_dir, ignore_errors=True)
     return not run_dir.exists()
@@ -86,6 +123,10 @@ def report_failure(err: BaseException, run_dir: Path | None, resumed: bool,
     if resumed or not discard_unfinished(run_dir):
         where = (f"outputs up to the last finished round are in {run_dir}; continue with "
                  f"--run-config \"resume-from='{run_dir}'\"")
+        if not (run_dir / "checkpoint.pt").exists():
+            where = (f"{charged_rounds(run_dir)} released round(s) were charged: their privacy "
+                     f"ledger is kept in {run_dir / 'ledger.json'} (no checkpoint was written "
+                     f"yet, so the run cannot resume; a new run starts a new ledger)")
     else:
         where = "no outputs were kept"
     quiet.failure_reported = True
@@ -99,9 +140,17 @@ def flower_status(status: str, run_id: int | None) -> str:
 
 
 def report_success(stop_reason: str, rounds: int, accuracy: float | None, epsilon: float,
-                   delta: float, run_dir: Path, run_id: int | None = None) -> None:
-    """The run's last line when it succeeded."""
+                   delta: float, run_dir: Path, epsilon_this_run: float | None = None,
+                   run_id: int | None = None) -> None:
+    """The run's last line when it succeeded.
+
+    `epsilon_this_run`: a simulated deployment's run gives both figures, each labelled.
+    """
     acc = "n/a" if accuracy is None else f"{accuracy:.4f}"
-    log(INFO, "run SUCCEEDED (%s): %d rounds, test accuracy %s, epsilon %.3f at delta %g; "
-        "%s; outputs in %s", stop_reason, rounds, acc, epsilon, delta,
+    eps = f"epsilon {epsilon:.3f}"
+    if epsilon_this_run is not None:
+        eps = (f"SIMULATED deployment's epsilon {epsilon:.3f} (this run's own: "
+               f"{epsilon_this_run:.4g})")
+    log(INFO, "run SUCCEEDED (%s): %d rounds, test accuracy %s, %s at delta %g; %s; "
+        "outputs in %s", stop_reason, rounds, acc, eps, delta,
         flower_status("finished:completed", run_id), run_dir)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Every per-round field of results.json except the nested client_eval_not_dp:
+# Every per-round field of results.json:
 # docs/output.md's per-round table lists the same (tests/test_first_run.py).
 ROUND_COLUMNS = (
     "round", "test_loss", "test_accuracy", "epsilon", "epsilon_rdp", "epsilon_pld",
@@ -31,6 +31,8 @@ ROUND_COLUMNS = (
 # covered by the DP guarantee (with Poisson sampling the cohort size itself
 # reveals participation). Never copy them into a shared file.
 DIAGNOSTICS_FILE = "operator-diagnostics-DO-NOT-SHARE.jsonl"
+# Client-side evaluation (client-eval=true): computed on private data, not noised.
+CLIENT_EVAL_FILE = "client-eval-NOT-DP-DO-NOT-SHARE.jsonl"
 
 
 def make_run_dir(output_dir: str, run_id: int | str) -> Path:
@@ -86,12 +88,18 @@ def write_rounds_csv(path: Path, rounds: list[dict]) -> None:
 
 def write_diagnostics(run_dir: Path, rounds: list[dict]) -> None:
     """One JSON line per round, for the operator only (DIAGNOSTICS_FILE)."""
-    lines = "".join(json.dumps(_json_safe(r)) + "\n" for r in rounds)
-    write_atomic(run_dir / DIAGNOSTICS_FILE, lines.encode())
+    write_jsonl(run_dir / DIAGNOSTICS_FILE, rounds)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(_json_safe(r)) + "\n" for r in rows).encode())
 
 
 def read_diagnostics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / DIAGNOSTICS_FILE
+    return read_jsonl(Path(run_dir) / DIAGNOSTICS_FILE)
+
+
+def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

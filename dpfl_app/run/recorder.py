@@ -39,8 +39,11 @@ class RunRecorder:
 
     def __init__(self, cfg: dict, run_dir: Path, strategy: DPFedAvgAdaptive,
                  accounting_extra: dict, initial: dict | None = None,
-                 tracker: Tracker | None = None) -> None:
+                 real_model=None, tracker: Tracker | None = None) -> None:
         self.cfg, self.run_dir, self.strategy = cfg, run_dir, strategy
+        # A simulated deployment's run: the AccountingModel of its real clients. Every
+        # epsilon the ledger gives is then the simulated deployment's, and says so.
+        self.real_model = real_model
         self.tracker = tracker or Tracker()  # DP-covered values only (run/tracking.py)
         self.accounting_extra = accounting_extra  # fixed for the run; the rest is per round
         test_set = load_test_data(cfg["dataset"], cfg["seed"], **data_source(cfg))
@@ -74,19 +77,53 @@ class RunRecorder:
         return MetricRecord({"test_loss": loss, "test_accuracy": accuracy})
 
     def round_line(self, rec: dict) -> str:
-        """One line per round: progress, time (and what is left), accuracy, epsilon, clip norm.
+        """One line per round: progress, accuracy, epsilon, clip norm.
 
-        No reply or cohort counts: they are not part of the analysed release.
+        No reply or cohort counts: they are not part of the analysed release. No
+        time either: a round's wall time grows with the clients that trained
+        (and an empty round is instant), so it goes to the operator's
+        diagnostics (`seconds`), with the estimate of the time left.
         """
         seconds = time.monotonic() - self._round_started
         self._round_seconds.append(seconds)
         left = self.cfg["rounds"] - rec["round"]
         steady = self._round_seconds[1:] or self._round_seconds  # round 1 pays the start-up
-        eta = f", about {left * sum(steady) / len(steady):.0f} s left" if left else ""
-        return (f"round {rec['round']}/{self.cfg['rounds']} ({seconds:.1f} s{eta}): "
+        if self.strategy.diagnostics:
+            self.strategy.diagnostics[-1].update(
+                seconds=round(seconds, 3), seconds_left_estimate=round(
+                    left * sum(steady) / len(steady), 1))
+        return (f"round {rec['round']}/{self.cfg['rounds']}: "
                 f"test accuracy {rec['test_accuracy']:.4f} (loss {rec['test_loss']:.3f}) | "
-                f"epsilon so far {rec['epsilon']:.3f} at delta {self.cfg['target-delta']:g} | "
+                f"{self.epsilon_label()} so far {rec['epsilon']:.3f} at delta "
+                f"{self.cfg['target-delta']:g} | "
                 f"clip norm {rec['clip_norm']:.4f} -> {rec['next_clip_norm']:.4f}")
+
+    def float_residual(self) -> dict | None:
+        """What numpy's Gaussian sampler adds to (epsilon, delta), bounded (mechanism.py)."""
+        from dpfl_app.privacy import mechanism
+
+        strategy = self.strategy
+        if strategy.current_arrays is None:
+            return None
+        dim = sum(int(a.numpy().size) for a in strategy.current_arrays.values())
+        return mechanism.run_float_residual(
+            strategy.split, strategy.num_sampled_clients, strategy.noise_scale, dim,
+            strategy.ledger.rounds, strategy.ledger.epsilon(), self.cfg["target-delta"])
+
+    def epsilon_label(self) -> str:
+        return "epsilon" if self.real_model is None else "SIMULATED deployment's epsilon"
+
+    def simulated_fields(self) -> dict:
+        """results.json's labels for a simulated deployment, and this run's own epsilon."""
+        if self.real_model is None:
+            return {}
+        from dpfl_app.privacy.accounting import epsilon_after, headline_accountant
+
+        rounds = self.strategy.ledger.rounds
+        return {"epsilon_is": "SIMULATED: the simulated deployment's, not this run's",
+                "epsilon_this_run": epsilon_after(self.real_model, rounds,
+                                                  headline_accountant(self.real_model)),
+                "this_run_model": self.real_model.to_dict()}
 
     def results(self) -> dict:
         done = [r for r in self.strategy.records if "test_accuracy" in r]
@@ -104,12 +141,19 @@ class RunRecorder:
             # deterministic-noise: epsilon above is inf; this is only a comparison figure.
             **({} if self.strategy.ledger.noise_secret else {
                 "epsilon_if_noise_secret": self.strategy.ledger.epsilon_if_secret() if done else 0.0}),
+            # secure aggregation: epsilon if no client drops out mid-protocol (an assumption)
+            **({} if not self.strategy.ledger.model.withheld_inputs else {
+                "epsilon_if_no_dropout": self.strategy.ledger.epsilon_if_no_dropout()}),
+            **self.simulated_fields(),
             "delta": self.cfg["target-delta"],
             "stop_reason": self.stop_reason or (
                 "completed all rounds" if last is not self.initial
                 and last["round"] == self.cfg["rounds"] else "in progress or interrupted"),
         }
         accounting = {**accounting_record(self.strategy.ledger), **self.accounting_extra}
+        accounting["float_residual"] = self.float_residual()
+        if self.real_model is not None:  # every epsilon in this file is the simulated one
+            accounting["epsilon_is"] = final["epsilon_is"]
         # The model actually trained, not "auto" (the dataset's default)
         config = {**self.cfg, "model": model_spec(self.cfg)[0]}
         results = {"config": config, "accounting": accounting, "initial": self.initial,
@@ -126,6 +170,8 @@ class RunRecorder:
         outputs.write_json(self.run_dir / "results.json", self.results())
         outputs.write_rounds_csv(self.run_dir / "rounds.csv", self.strategy.records)
         outputs.write_diagnostics(self.run_dir, self.strategy.diagnostics)
+        if self.strategy.client_eval:  # client-eval=true: not DP, not shareable
+            outputs.write_jsonl(self.run_dir / outputs.CLIENT_EVAL_FILE, self.strategy.client_eval)
         if final or time.monotonic() - self._plotted_at >= PLOT_INTERVAL_S:
             plot_run_accuracy(self.strategy.records, self.run_dir / "accuracy.png", self.initial)
             self._plotted_at = time.monotonic()

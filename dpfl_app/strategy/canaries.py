@@ -8,9 +8,15 @@ epsilon) is in `privacy/audit.py`; this module is the strategy's hook:
   (the same rate m/N, from the same private sampling RNG) and hands each as one
   more client model w_t + C_t u_j, with a norm bit, to `mechanism.dp_fedavg_step`,
   so it is clipped, summed and counted before the noise by the same code
-  (the bits: see `audit.boundary_bits`);
+  (its bit: a coin per round, `audit.canary_bits`);
 * `observe` takes the released model delta w_{t+1} - w_t and keeps, per canary,
-  the largest cosine seen so far.
+  the largest cosine seen so far; and the released centred count, summed per
+  canary with the sign of its coin (the count channel's statistic).
+
+The canaries are drawn by the real clients' sampler (`privacy.sampling.draw`).
+Under secure aggregation they join the sum after it is unmasked, and only
+when it is released: a withheld round withholds them too. They are not
+protocol participants, so they never change whether a sum is withheld.
 
 Canaries do not enlarge N. The accountant's N and q = m/N describe the real
 clients, whose sampling is unchanged: their draw still happens exactly as
@@ -54,6 +60,7 @@ class CanaryAudit:
     def __init__(self, count: int, seed: int, sampling: str, rate: float) -> None:
         self.count, self.seed, self.sampling, self.rate = count, seed, sampling, rate
         self.max_cosines: np.ndarray | None = None  # 2k values: inserted, then unseen
+        self.count_sums: np.ndarray | None = None  # 2k count statistics, the same order
         self.rounds = 0  # released updates observed
         self.joined = 0  # canary contributions summed, over all rounds
         self._directions: audit.CanaryDirections | None = None
@@ -73,7 +80,8 @@ class CanaryAudit:
         Only the first k directions are ever inserted; the other k stay unseen.
         """
         chosen = audit.sample_canaries(rng, self.count, self.rate, self.sampling)
-        bits = list(bits) + audit.boundary_bits(rng, len(chosen))
+        coins = audit.canary_bits(self.seed, self.rounds, 2 * self.count)
+        bits = list(bits) + [int(coins[j]) for j in chosen]
         self.joined += len(chosen)
         bounds = np.cumsum([0] + [int(np.asarray(g).size) for g in global_nd])
         extra = []
@@ -83,11 +91,17 @@ class CanaryAudit:
                           for g, lo, hi in zip(global_nd, bounds[:-1], bounds[1:])])
         return list(models) + extra, bits
 
-    def observe(self, old: Sequence[np.ndarray], new: Sequence[np.ndarray]) -> None:
-        """Update each canary's maximum cosine with the released delta new - old."""
+    def observe(self, old: Sequence[np.ndarray], new: Sequence[np.ndarray],
+                centred_count: float | None = None) -> None:
+        """Update each canary's maximum cosine with the released delta new - old, and,
+        given the round's released centred count (b_bar - 1/2) m, its count statistic."""
         cosines = self.directions(old).cosines(_flat(new) - _flat(old))
         self.max_cosines = cosines if self.max_cosines is None else np.maximum(
             self.max_cosines, cosines)
+        if centred_count is not None:
+            signs = 2.0 * audit.canary_bits(self.seed, self.rounds, 2 * self.count) - 1.0
+            self.count_sums = (0.0 if self.count_sums is None else self.count_sums) + (
+                signs * centred_count)
         self.rounds += 1
 
     def summary(self, delta: float, accounted: float, population: int) -> dict:
@@ -108,12 +122,17 @@ class CanaryAudit:
             block.update(audit.estimate(inserted, unseen, delta, accounted))
             block["max_cosines"] = {"inserted": [round(float(v), 7) for v in inserted],
                                     "unseen": [round(float(v), 7) for v in unseen]}
+        if self.count_sums is not None:  # the clipped-count release, audited on its own
+            block["count_channel"] = audit.estimate(
+                self.count_sums[:self.count], self.count_sums[self.count:], delta, accounted,
+                audit.COUNT_STATISTIC)
         return block
 
     def state_dict(self) -> dict:
         return {"count": self.count, "seed": self.seed, "rounds": self.rounds,
                 "joined": self.joined,
-                "max_cosines": None if self.max_cosines is None else self.max_cosines.tolist()}
+                "max_cosines": None if self.max_cosines is None else self.max_cosines.tolist(),
+                "count_sums": None if self.count_sums is None else self.count_sums.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
         if state["count"] != self.count:
@@ -122,3 +141,5 @@ class CanaryAudit:
         self._directions = None
         cosines = state["max_cosines"]
         self.max_cosines = None if cosines is None else np.asarray(cosines, dtype=np.float64)
+        sums = state.get("count_sums")
+        self.count_sums = None if sums is None else np.asarray(sums, dtype=np.float64)

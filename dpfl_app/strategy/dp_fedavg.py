@@ -53,6 +53,9 @@ class ClippedSum:
     rejected: int  # replies refused by screening, or dropouts of the secure protocol
     # operator-only: {"node_id", "reason"} per refused reply; never in shared files
     reasons: list[dict] = field(default_factory=list)
+    # False when a secure sum was withheld: the round releases noise only, and the
+    # audit's canaries, which join this sum, are withheld with it
+    released: bool = True
 
 
 def clipped_deltas(models: list, global_nd: list[np.ndarray], clip: float) -> list:
@@ -145,6 +148,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self.round_offset = 0  # rounds already run before a resume
         self.records: list[dict] = []  # one per round, only released quantities
         self.diagnostics: list[dict] = []  # one per round, exact counts: operator only
+        self.client_eval: list[dict] = []  # client-side metrics, not DP: not shareable
         # Called after a round is charged and before its model is returned:
         # must store the ledger durably (the server's crash safety).
         self.on_round_charged: Callable[[], None] | None = None
@@ -221,6 +225,8 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         deltas, unclipped, count = total.deltas, total.unclipped, total.count
         if self.canaries is not None:  # audit: sampled canaries join the sum before the noise
             extra, bits = self.canaries.join([], [], global_nd, clip, self.sampling_rng)
+            if not total.released:  # a withheld secure sum withholds theirs too
+                extra, bits = [], []
             deltas = deltas + clipped_deltas(extra, global_nd, clip)
             unclipped, count = unclipped + sum(bits), count + len(bits)
         new_model, unclipped_fraction, self.clipping_norm = mechanism.dp_fedavg_release(
@@ -231,7 +237,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
             noise_scale=self.noise_scale,
         )
         if self.canaries is not None:
-            self.canaries.observe(global_nd, new_model)
+            self.canaries.observe(global_nd, new_model, (unclipped_fraction - 0.5) * m)
         new_arrays = ArrayRecord({k: Array(v) for k, v in zip(reference, new_model)})
         self.current_arrays = new_arrays
         # Charge the round, durably, before its model leaves this method: a
@@ -276,10 +282,17 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
                           [{"node_id": bad.node_id, "reason": bad.reason} for bad in rejected])
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
-        """Client-side evaluation: available, but *not* covered by the DP guarantee."""
+        """Client-side evaluation: available, but *not* covered by the DP guarantee.
+
+        The metrics are computed on the clients' private data without noise, so
+        they go to `client_eval` alone (the run folder's CLIENT_EVAL_FILE, not
+        shareable), never to results.json or the log. Returning None keeps
+        Flower from logging them too.
+        """
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         if metrics is not None:
-            log(INFO, "client-side evaluation (NOT covered by DP): %s", dict(metrics))
-            if self.records:
-                self.records[-1]["client_eval_not_dp"] = {k: float(v) for k, v in metrics.items()}
-        return metrics
+            self.client_eval.append({"round": self.round_offset + server_round,
+                                     **{k: float(v) for k, v in metrics.items()}})
+            log(INFO, "client-side evaluation metrics (NOT covered by DP) written to the "
+                "run folder's non-shareable client-eval file")
+        return None

@@ -29,6 +29,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from dpfl_app.privacy.sampling import draw
+
 
 class SlotSampler:
     """Assigns node ids to N population slots and samples slots each round."""
@@ -58,10 +60,7 @@ class SlotSampler:
 
     def sample_slots(self, rng: np.random.Generator) -> list[int]:
         """The slots chosen this round; the draw never depends on who is online."""
-        n, m = self.population, self.clients_per_round
-        if self.sampling == "poisson":
-            return np.flatnonzero(rng.random(n) < m / n).tolist()
-        return sorted(rng.choice(n, size=m, replace=False).tolist())
+        return draw(rng, self.population, self.clients_per_round, self.sampling).tolist()
 
     def sample(self, online: Iterable[int], rng: np.random.Generator) -> tuple[set[int], int]:
         """(online node ids in the chosen slots, number of chosen slots)."""

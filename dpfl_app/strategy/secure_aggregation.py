@@ -9,8 +9,9 @@ Each round (Bell et al. 2020; Bonawitz et al. 2017):
 2. The clients train, clip (Flower's `adaptiveclipping_mod`), encode and mask.
 3. `clipped_sum` collects the masked vectors, runs `query.secagg_unmask`, and
    decodes the sum of the survivors' clipped deltas and norm bits. The base
-   class then adds exactly the same noise, divides by the same fixed m and
-   accounts the same round as without secure aggregation.
+   class then adds exactly the same noise and divides by the same fixed m as
+   without secure aggregation; the ledger charges each round with the largest
+   sum it could withhold (`AccountingModel.withheld_inputs`; docs/secure-aggregation.md).
 
 When fewer than the threshold survive, or a needed secret cannot be rebuilt,
 the sum is withheld: the round has no contributors (noise only, never a
@@ -121,7 +122,7 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
         """The unmasked sum of the survivors' clipped deltas and bits, or nothing."""
         rnd = self._round
         if rnd is None:
-            return ClippedSum([], 0, 0, len(self._lost), self._refusals)
+            return ClippedSum([], 0, 0, len(self._lost), self._refusals, released=False)
         dim = sum(a.size for a in reference.values())
         by_node = {node: index for index, node in self._nodes.items()}
         for reply in replies:
@@ -145,7 +146,7 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
         self._note(masked_inputs=len(rnd.inputs), min_survivors=rnd.min_survivors,
                    sum_released=total is not None, dropouts=len(self._lost))
         if total is None:  # too few survivors, or secrets not recoverable: noise only
-            return ClippedSum([], 0, 0, len(self._lost), self._refusals)
+            return ClippedSum([], 0, 0, len(self._lost), self._refusals, released=False)
         flat, unclipped = quantize.decode_sum(total, clip)
         sizes = np.cumsum([a.size for a in reference.values()])[:-1]
         deltas = [part.reshape(ref.shape)

@@ -90,7 +90,8 @@ def test_round_events_follow_the_notes_table():
     assert f.adjacency == "replace-one" and f.event_noise_multiplier == 0.4
     d = f.to_dict()
     assert set(d) == {"sampling", "adjacency", "noise_multiplier", "event_noise_multiplier",
-                      "population", "clients_per_round", "delta", "sampling_probability"}
+                      "population", "clients_per_round", "delta", "sampling_probability",
+                      "withheld_inputs", "sensitivity_multiple"}
     assert json.loads(json.dumps(d)) == d
 
 

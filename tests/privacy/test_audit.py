@@ -99,11 +99,13 @@ def test_canaries_are_sampled_at_the_real_clients_rate(sampling):
         assert sizes == {18, 19}
 
 
-def test_boundary_bits_leave_the_centred_count_unchanged():
-    rng = np.random.default_rng(0)
-    for count in range(8):
-        bits = audit.boundary_bits(rng, count)
-        assert len(bits) == count and abs(sum(b - 0.5 for b in bits)) <= 0.5
+def test_canary_bits_are_fair_coins_fixed_by_seed_and_round():
+    bits = np.stack([audit.canary_bits(7, t, 400) for t in range(50)])
+    assert set(np.unique(bits)) == {0, 1}
+    # 20,000 coins: the mean is within 0.5 +- 0.011 (3 standard deviations)
+    assert abs(bits.mean() - 0.5) < 0.011
+    assert np.array_equal(bits[3], audit.canary_bits(7, 3, 400))
+    assert not np.array_equal(bits[3], bits[4])
 
 
 # --- the estimate on simulated runs ------------------------------------------------

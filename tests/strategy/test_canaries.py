@@ -82,3 +82,64 @@ def test_a_mechanism_adding_a_tenth_of_the_noise_it_claims_is_flagged(monkeypatc
     assert summary["verdict"] == "above"
     report = privacy_report(strategy.ledger, 5, audit=summary)
     assert "EXCEEDS the accounted ε" in report and "Something is wrong" in report
+
+
+@pytest.mark.parametrize("sampling", ["poisson", "fixed"])
+def test_canaries_are_drawn_by_the_real_clients_sampler(sampling):
+    """Same generator state, same population and rate: the same indices. The old
+    canary draw spent an extra coin on fixed-size rounds: a different code path."""
+    from dpfl_app.privacy import audit
+    from dpfl_app.strategy.sampling import SlotSampler
+
+    real = SlotSampler(50, 7, sampling)
+    for seed in range(20):
+        slots = real.sample_slots(np.random.default_rng(seed))
+        canaries = audit.sample_canaries(np.random.default_rng(seed), 50, 7 / 50, sampling)
+        assert slots == canaries.tolist()
+
+
+def test_a_withheld_secure_sum_withholds_the_canaries_too():
+    """Secure aggregation never sums a cohort of one: that round releases noise only,
+    and the canaries, which join the secure sum, must not appear in it either."""
+    from flwr.serverapp.strategy import FedAvg
+
+    from dpfl_app.strategy.secure_aggregation import SecureDPFedAvgAdaptive
+
+    split = mechanism.split_noise(0.0, 1)
+    ledger_model = AccountingModel("fixed", 0.0, 10, 1, 1e-5)
+    from dpfl_app.privacy.accounting import PrivacyLedger
+
+    strategy = SecureDPFedAvgAdaptive(
+        FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1,
+               fraction_evaluate=0.0),
+        split, 1, PrivacyLedger(ledger_model), np.random.default_rng(0),
+        sampling_rng=np.random.default_rng(1), sampling="fixed",
+        canaries=CanaryAudit(10, seed=3, sampling="fixed", rate=1.0))  # all join each round
+    zero = {"w": np.zeros(DIM, dtype=np.float32)}
+    sent = strategy.configure_train(1, records(zero), ConfigRecord(), FakeGrid(10))
+    assert sent == []  # a cohort of one: no protocol, no sum
+    arrays, _ = strategy.aggregate_train(1, [])
+    assert not np.any(arrays["w"].numpy())  # no noise (z = 0) and no canary
+
+
+def test_the_audit_reads_the_released_count_too():
+    """The count channel: each canary's coins against the released centred count.
+
+    Canaries only, rate 0.5, 60 rounds, no count noise (the fault "the count is
+    not noised"). An inserted canary adds 1/2 to its signed sum each round it is
+    sampled: about 60 * 0.5 / 2 = 15 on average; an unseen one adds nothing. The
+    other canaries' coins make each sum's std about sqrt(60 * 100 * 0.5) / 2 = 27,
+    so the means of 200 statistics each are within 3 * 27 / sqrt(200) = 5.7 of 15 and 0.
+    """
+    k, rate, rounds = 200, 0.5, 60
+    canaries = CanaryAudit(k, seed=11, sampling="poisson", rate=rate)
+    rng = np.random.default_rng(0)
+    zero = [np.zeros(50)]
+    for _ in range(rounds):
+        models, bits = canaries.join([], [], zero, 1.0, rng)
+        centred = sum(b - 0.5 for b in bits)
+        canaries.observe(zero, zero, centred)
+    block = canaries.summary(1e-5, 1.0, 10_000)["count_channel"]
+    assert block["inserted_fit"]["mean"] == pytest.approx(15, abs=5.7)
+    assert block["unseen_fit"]["mean"] == pytest.approx(0, abs=5.7)
+    assert block["epsilon"] > 0 and "count" in block["statistic"]

@@ -82,3 +82,39 @@ def test_a_simulated_run_accounts_for_the_deployment_and_says_it_is_not_private(
     assert "N = 100000" in report and "m = 1000" in report  # the guarantee's model
     logged = " ".join(r.getMessage() for r in caplog.records)
     assert logged.count("SIMULATION, not itself private") >= 2  # at the start and the end
+
+
+def test_clients_are_told_the_real_runs_epsilon_not_the_simulated_one():
+    """A real cohort of 5 of 10 simulating 1,000 of 100,000 (z = 1, 100 rounds): each
+    real client gets noise multiplier z * 5/1000. The old announcement said 0.72."""
+    from dpfl_app import client_policy
+    from dpfl_app.server_app import build_strategy
+
+    cfg = validate(default_run_config(**{"clients": 5, "noise": 1.0, "rounds": 100,
+                                         **SIMULATED}))
+    announced = build_strategy(cfg, 10, 1.0).announcement
+    assert (announced["dp-population"], announced["dp-clients"]) == (10, 5)
+    assert announced["dp-noise"] == pytest.approx(1.0 * 5 / 1000)
+    real = client_policy.announced_epsilon(announced)
+    assert real == pytest.approx(epsilon_after(
+        AccountingModel("poisson", 0.005, 10, 5, 1e-5), 100, "pld"), rel=1e-9)
+    assert real > 1e5  # about 2e6; the simulated deployment's is below 1
+    assert client_policy.refusal(announced, {"max-epsilon": 10.0}) is not None
+
+
+def test_every_simulated_epsilon_is_labelled_as_simulated(tmp_path, caplog):
+    caplog.set_level("INFO")
+    cfg = default_run_config(**{"output-dir": str(tmp_path), "rounds": 1, "noise": 1.0,
+                                **SIMULATED})
+    run_server(cfg)
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    results = json.loads((run_dir / "results.json").read_text())
+    final = results["final"]
+    assert final["epsilon_is"].startswith("SIMULATED")
+    assert results["accounting"]["epsilon_is"].startswith("SIMULATED")
+    assert final["epsilon_this_run"] == pytest.approx(epsilon_after(
+        AccountingModel("poisson", 1.0 * 6 / 1000, 10, 6, 1e-5), 1, "pld"), rel=1e-9)
+    lines = [r.getMessage() for r in caplog.records]
+    (round_line,) = [line for line in lines if line.startswith("round 1/1")]
+    assert "SIMULATED deployment's epsilon so far" in round_line
+    assert "SIMULATED deployment's epsilon" in lines[-1] and "this run's own" in lines[-1]

@@ -97,6 +97,11 @@ def test_a_dropout_at_any_stage_leaves_the_survivors_sum(tmp_path, stage, caplog
     assert protocol["masked_inputs"] == (10 if stage == "query.secagg_unmask" else 8)
     assert protocol["dropouts"] == diag["num_rejected"] == 2
     assert _protocol_lines(caplog) == []  # counts and node ids stay operator-only
+    # A withheld sum is a release: the round is charged with the largest (m = 10 clients).
+    assert results["accounting"]["withheld_inputs"] == 10
+    assert results["accounting"]["round_event"]["event"]["noise_multiplier"] == pytest.approx(
+        results["config"]["noise"] / 10)
+    assert "epsilon_if_no_dropout" in results["final"]
 
 
 def test_fewer_survivors_than_threshold_release_noise_only(tmp_path, caplog):

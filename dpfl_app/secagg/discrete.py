@@ -1,0 +1,140 @@
+"""Distributed DP's integer encoding: a client's update as integers modulo 2**b, and back.
+
+Client (`encode`), after Kairouz, Liu & Steinke (ICML 2021) and Agarwal,
+Kairouz & Liu (NeurIPS 2021):
+1. clip the flat update to C (again: the sensitivity must not depend on the mod);
+2. rotate it (`rotation.rotate`, public per-round seed) and scale by gamma;
+3. round each coordinate stochastically, and redo it until ||q||_2 <= B
+   (conditional randomized rounding); after MAX_TRIES, round towards zero,
+   which never increases the norm. So ||q||_2 <= B *always*, checked in exact
+   integer arithmetic; B comes from the accountant (`privacy.distributed`);
+4. append the centred norm bit c = 2 b - 1 (in {-1, +1});
+5. add the client's Skellam noise share (drawn by the caller from the CSPRNG:
+   `privacy.skellam.noise_share`; this folder imports nothing of ours);
+6. reduce modulo 2**b.
+
+The masks must live in the same ring: each client sends (residue + mask) mod 2**b
+with masks reduced mod 2**b, and the server sums mod 2**b. Summing b-bit
+residues in a wider ring would show the server the carries, which depend on
+the individual inputs.
+
+Server (`decode`): the centred lift of the unmasked sum to [-2^(b-1), 2^(b-1)),
+divided by gamma, rotated back and trimmed: the noised sum of the clipped
+updates, and the noised sum of (b_i - 1/2). The server adds no noise and never
+holds an un-noised aggregate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from dpfl_app.secagg import rotation
+
+MAX_TRIES = 100  # expected tries 1/(1 - beta) ~ 2.5 at beta = e^-0.5; beta^100 ~ 2e-22
+
+
+def _fits(q: np.ndarray, norm_bound: float) -> bool:
+    """||q||_2 <= bound, decided exactly: the integer sum of squares against floor(bound^2)."""
+    limit = math.floor(norm_bound * norm_bound)
+    peak = int(np.max(np.abs(q))) if q.size else 0
+    if peak * peak * q.size < 2**62:  # int64 cannot overflow
+        return int(np.dot(q, q)) <= limit
+    return sum(int(v) * int(v) for v in q.tolist()) <= limit
+
+
+def conditional_round(y: np.ndarray, norm_bound: float, rng: np.random.Generator) -> np.ndarray:
+    """Integers q with |q_j - y_j| < 1, E q ~ y, and ||q||_2 <= norm_bound always.
+
+    Requires ||y|| <= norm_bound (else even rounding towards zero may not fit).
+    """
+    y = np.asarray(y, dtype=np.float64)
+    if float(np.linalg.norm(y)) > norm_bound:
+        raise ValueError(f"cannot round a vector of norm {np.linalg.norm(y)} under {norm_bound}")
+    floor = np.floor(y)
+    frac = y - floor
+    for _ in range(MAX_TRIES):
+        q = (floor + (rng.random(y.size) < frac)).astype(np.int64)
+        if _fits(q, norm_bound):
+            return q
+    q = np.trunc(y).astype(np.int64)  # |trunc(y_j)| <= |y_j|: the norm cannot grow
+    if not _fits(q, norm_bound):  # only if ||y|| > bound by less than float error
+        raise ValueError(f"cannot round a vector of norm {np.linalg.norm(y)} under {norm_bound}")
+    return q
+
+
+def _check_bits(bits: int) -> None:
+    if not 2 <= bits <= 62:
+        raise ValueError(f"bits must be in [2, 62], got {bits!r}")
+
+
+def to_residues(values: np.ndarray, bits: int) -> np.ndarray:
+    """Signed integers -> their residues modulo 2**bits, as uint64 in [0, 2**bits)."""
+    _check_bits(bits)
+    return (np.asarray(values, dtype=np.int64) & np.int64(2**bits - 1)).astype(np.uint64)
+
+
+def modular_sum(vectors, bits: int) -> np.ndarray:
+    """Sum of residue vectors modulo 2**bits (what the unmasked secure sum is)."""
+    _check_bits(bits)
+    total = np.zeros_like(np.asarray(vectors[0], dtype=np.uint64))
+    for v in vectors:
+        total = (total + np.asarray(v, dtype=np.uint64)) & np.uint64(2**bits - 1)
+    return total
+
+
+def centred(residues: np.ndarray, bits: int) -> np.ndarray:
+    """The centred lift: a residue mod 2**bits -> the integer in [-2^(bits-1), 2^(bits-1))."""
+    _check_bits(bits)
+    r = np.asarray(residues, dtype=np.uint64).astype(np.int64)
+    return np.where(r >= 2 ** (bits - 1), r - 2**bits, r)
+
+
+class Encoding(NamedTuple):
+    """What clients and server agree on for a round (from `privacy.distributed`'s params)."""
+
+    clip: float
+    scale: float
+    norm_bound: float  # B, the bound conditional rounding keeps ||q|| under
+    bits: int
+    seed: bytes  # the round's public rotation seed
+    round_number: int
+
+
+def integer_update(delta: np.ndarray, enc: Encoding, rng: np.random.Generator) -> np.ndarray:
+    """Steps 1-3: clip to C, rotate, scale by gamma, round under B (int64, length d')."""
+    x = np.asarray(delta, dtype=np.float64).ravel()
+    norm = float(np.linalg.norm(x))
+    if norm > enc.clip:
+        x = x * (enc.clip / norm)
+    y = enc.scale * rotation.rotate(x, enc.seed, enc.round_number)
+    norm_y = float(np.linalg.norm(y))
+    if norm_y > enc.scale * enc.clip:  # floating point error of the rotation, at most ~1e-15
+        y = y * (enc.scale * enc.clip / norm_y)
+    return conditional_round(y, enc.norm_bound, rng)
+
+
+def encode(delta: np.ndarray, unclipped: int, enc: Encoding, rng: np.random.Generator,
+           update_noise: np.ndarray, count_noise: int) -> np.ndarray:
+    """A client's residues mod 2**b: rounded rotated update + noise, then c = 2b - 1 + noise.
+
+    `rng` drives only the rounding; the noise arrives already drawn (CSPRNG).
+    """
+    if unclipped not in (0, 1):
+        raise ValueError(f"norm bit must be 0 or 1, got {unclipped!r}")
+    q = integer_update(delta, enc, rng)
+    noise = np.asarray(update_noise, dtype=np.int64)
+    if noise.shape != q.shape:
+        raise ValueError(f"the noise share has {noise.size} coordinates, the update {q.size}")
+    signed = np.concatenate([q + noise, [2 * unclipped - 1 + int(count_noise)]])
+    return to_residues(signed, enc.bits)
+
+
+def decode(total: np.ndarray, enc: Encoding, dim: int) -> tuple[np.ndarray, float]:
+    """The unmasked sum mod 2**b -> (noised sum of clipped deltas, noised sum of (b_i - 1/2))."""
+    signed = centred(total, enc.bits)
+    deltas = rotation.unrotate(signed[:-1].astype(np.float64) / enc.scale, enc.seed,
+                               enc.round_number, dim)
+    return deltas, float(signed[-1]) / 2
