@@ -15,7 +15,10 @@ standard deviation); once, the run config; at the end (MLflow) results.json,
 privacy.md and accuracy.png. Never the operator diagnostics (exact cohort
 sizes, reply counts, rejections): they are not covered by the guarantee.
 Non-finite values (epsilon = inf without noise) are left out, since neither
-backend stores them faithfully; the config says why.
+backend stores them faithfully; the config says why. No timings either: a
+round's wall time grows with the clients that trained, so every value is
+stamped with the time the run's tracking started (and an MLflow run ends at
+the time it started), never with when a round finished.
 
 Each backend is an optional extra (`pip install "dpfl-app[tensorboard]"`,
 `"dpfl-app[mlflow]"`), checked before training starts. A tracker that fails
@@ -106,15 +109,17 @@ class TensorBoardTracker(Tracker):
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        self.stamp = time.time()  # every event's wall time: no round timings
 
     def log_config(self, cfg: dict) -> None:
         rows = "\n".join(f"| {key} | {json.dumps(value)} |" for key, value in cfg.items())
-        self.writer.add_text("run_config", "| key | value |\n|---|---|\n" + rows)
+        self.writer.add_text("run_config", "| key | value |\n|---|---|\n" + rows,
+                             walltime=self.stamp)
         self.writer.flush()
 
     def log_round(self, record: dict) -> None:
         for key, value in round_metrics(record).items():
-            self.writer.add_scalar(key, value, global_step=record["round"])
+            self.writer.add_scalar(key, value, global_step=record["round"], walltime=self.stamp)
         self.writer.flush()
 
     def finish(self, succeeded: bool, files: list[Path]) -> None:
@@ -134,10 +139,12 @@ class MlflowTracker(Tracker):
         console.configure(cfg)  # mlflow resets its loggers on import
         self.uri = cfg["tracking-uri"] or default_mlflow_uri(cfg["output-dir"])
         self.client = MlflowClient(self.uri)
+        self.stamp = int(time.time() * 1000)  # every timestamp of the run: no round timings
         state = Path(run_dir) / STATE_FILE
         self.resumed = resumed and state.exists()
         if self.resumed:
             self.run_id = json.loads(state.read_text())["mlflow_run_id"]
+            self.stamp = self.client.get_run(self.run_id).info.start_time
             self.client.update_run(self.run_id, status="RUNNING")
             return
         experiment = self.client.get_experiment_by_name(EXPERIMENT)
@@ -147,8 +154,8 @@ class MlflowTracker(Tracker):
             experiment_id = self.client.create_experiment(EXPERIMENT, artifact_location=artifacts)
         else:
             experiment_id = experiment.experiment_id
-        run = self.client.create_run(experiment_id, run_name=Path(run_dir).name,
-                                     tags={"run_folder": str(run_dir)})
+        run = self.client.create_run(experiment_id, start_time=self.stamp,
+                                     run_name=Path(run_dir).name, tags={"run_folder": str(run_dir)})
         self.run_id = run.info.run_id
         state.write_text(json.dumps({"mlflow_run_id": self.run_id, "tracking_uri": self.uri}))
 
@@ -164,16 +171,17 @@ class MlflowTracker(Tracker):
     def log_round(self, record: dict) -> None:
         from mlflow.entities import Metric
 
-        stamp = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[
-            Metric(key, value, stamp, record["round"])
+            Metric(key, value, self.stamp, record["round"])
             for key, value in round_metrics(record).items()])
 
     def finish(self, succeeded: bool, files: list[Path]) -> None:
         for path in files:
             if Path(path).exists():
                 self.client.log_artifact(self.run_id, str(path))
-        self.client.set_terminated(self.run_id, "FINISHED" if succeeded else "FAILED")
+        end = self.client.get_run(self.run_id).info.start_time  # no duration either
+        self.client.set_terminated(self.run_id, "FINISHED" if succeeded else "FAILED",
+                                   end_time=end)
 
 
 def open_tracker(cfg: dict, run_dir: Path, resumed: bool = False) -> Tracker:

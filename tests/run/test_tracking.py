@@ -92,6 +92,8 @@ def test_tensorboard_holds_every_round_of_results_json_and_the_config(tmp_path):
     for key, by_round in expected.items():
         logged = {e.step: e.value for e in events.Scalars(key)}
         assert logged == pytest.approx(by_round, rel=1e-6), key  # float32 in event files
+    # no round timings (a round's time grows with its cohort): one wall time for all
+    assert len({e.wall_time for key in expected for e in events.Scalars(key)}) == 1
     (config,) = events.Tensors("run_config/text_summary")
     text = config.tensor_proto.string_val[0].decode()
     assert "| noise | 0.3 |" in text and '| model | "digits-linear" |' in text
@@ -119,9 +121,12 @@ def test_mlflow_continues_its_run_after_a_resume_and_holds_only_shared_values(tm
     assert set(run.data.metrics) == set(expected) <= set(ROUND_COLUMNS)
     # deterministic-noise: epsilon is inf (left out); the secret-noise figure is there
     assert "epsilon" not in expected and "epsilon_if_noise_secret" in expected
+    stamps = {run.info.start_time, run.info.end_time}
     for key, by_round in expected.items():
-        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
-        assert history == pytest.approx(by_round, rel=1e-12), key
+        history = client.get_metric_history(run.info.run_id, key)
+        assert {m.step: m.value for m in history} == pytest.approx(by_round, rel=1e-12), key
+        stamps |= {m.timestamp for m in history}
+    assert len(stamps) == 1  # no round timings and no duration, even across the resume
     assert run.data.params["noise"] == "0.3" and run.data.params["model"] == "digits-linear"
     assert run.data.params["resume-from"] == ""  # the first part's config, never rewritten
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
