@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from dpfl_app.config import validate
-from dpfl_app.errors import ConfigError
+from dpfl_app.client.errors import ConfigError
 from dpfl_app.run import console, outcome, tracking
 from dpfl_app.strategy.large_deployment import deployment  # light: no torch
 
@@ -66,7 +66,7 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
 
     from dpfl_app.privacy import mechanism
     from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger
-    from dpfl_app import client_policy
+    from dpfl_app.client import policy as client_policy
     from dpfl_app.privacy.randomness import server_generators
     from dpfl_app.strategy.dp_fedavg import DPFedAvgAdaptive
     from dpfl_app.strategy.secure_aggregation import SecureDPFedAvgAdaptive

@@ -19,7 +19,7 @@ is logged by the app *before* its last line (`run.outcome.report_failure`).
 The run-config key `verbose=true` brings every Flower line back (the
 ServerApp and each ClientApp process read it from their run config). The
 filter never touches records that carry a private count: those are dropped
-elsewhere, always (`client_mods.DropPerClientModLine`).
+elsewhere, always (`client.mods.DropPerClientModLine`).
 """
 
 from __future__ import annotations

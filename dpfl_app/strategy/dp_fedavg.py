@@ -142,7 +142,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self.server_lr = server_lr
         self.server_optimizer = server_optimizer  # None: the plain server-lr step
         # The mechanism announced in every train message, for the clients' privacy
-        # policy (dpfl_app.client_policy); set by the ServerApp.
+        # policy (dpfl_app.client.policy); set by the ServerApp.
         self.announcement: dict = {}
         self.canaries = canaries  # the privacy audit's canary clients, or None
         self.round_offset = 0  # rounds already run before a resume

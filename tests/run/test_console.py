@@ -14,7 +14,7 @@ import logging
 import flwr.supercore.exit.exit as flower_exit
 import pytest
 
-from dpfl_app.errors import DataUnavailable
+from dpfl_app.client.errors import DataUnavailable
 from dpfl_app.run import console, outcome
 from tests.inprocess import default_run_config, run_server
 
@@ -166,7 +166,7 @@ def test_verbose_is_read_from_the_run_config(value, verbose):
 
 
 def test_the_per_client_clipping_line_stays_dropped_with_verbose(flwr_records):
-    from dpfl_app import client_mods  # noqa: F401  (installs its filter)
+    from dpfl_app.client import mods  # noqa: F401  (installs its filter)
 
     console.configure({"verbose": True})
     logging.getLogger("flwr").info("adaptiveclipping_mod: ndarrays are clipped by value")
