@@ -54,7 +54,7 @@ def test_a_default_run_prints_our_lines_without_flowers_repetitions(tmp_path):
     assert "evaluate" not in {m.metadata.message_type for m in grid.sent}  # still skipped
     assert any(ln.startswith("config: digits data") and "clip norm C_0=1.3" in ln
                for ln in lines)
-    assert any(ln.startswith("round 1/1 (") for ln in lines)
+    assert any(ln.startswith("round 1/1: test accuracy") for ln in lines)
     assert lines[-1].startswith("run SUCCEEDED")
     # the privacy report's verdict is printed; the rest is named, in privacy.md
     assert any(ln.startswith("**Guarantee:**") for ln in lines)
