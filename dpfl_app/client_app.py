@@ -1,15 +1,15 @@
 """dpfl_app ClientApp: local training, clipped by Flower's `adaptiveclipping_mod`.
 
-The mod (through `client_mods.zero_safe_adaptiveclipping_mod`, which lets an
+The mod (through `client.mods.zero_safe_adaptiveclipping_mod`, which lets an
 all-zero update through instead of dividing by its norm) is attached to
 `train` only: on evaluate messages (which carry no clip norm) it would fail.
 It clips w_local - w_global to the round's clip norm C_t and adds the
 `norm_bit` metric; the server adds the noise.
 
 With `secure-aggregation=true` the server drives SecAgg+ stages instead
-(`dpfl_app.secagg_client`): `train.secagg` runs the same training inside the
+(`dpfl_app.client.secagg`): `train.secagg` runs the same training inside the
 same clipping mod, then masks. Every train message first passes the node's
-privacy policy (`dpfl_app.client_policy`). Torch, the model and the data are
+privacy policy (`dpfl_app.client.policy`). Torch, the model and the data are
 imported only where training or evaluation needs them, so that the
 secure-aggregation stages start fast in a fresh process.
 """
@@ -19,9 +19,10 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from dpfl_app import secagg_client
-from dpfl_app.secagg_client import masking_mod, policy_mod
-from dpfl_app.client_mods import zero_safe_adaptiveclipping_mod
+from dpfl_app.client import secagg as secagg_client
+from dpfl_app.client.secagg import masking_mod, policy_mod
+from dpfl_app.client.mods import zero_safe_adaptiveclipping_mod
+from dpfl_app.run import console
 
 app = ClientApp()
 
@@ -31,6 +32,7 @@ def _model_and_data(msg: Message, context: Context):
     from dpfl_app.data.node_data import client_data  # pylint: disable=import-outside-toplevel
     from dpfl_app.task import build_model  # pylint: disable=import-outside-toplevel
 
+    console.configure(context.run_config)  # this process's Flower lines: verbose=true or not
     settings = client_settings(context)
     net = build_model(settings.model, settings.num_classes)
     net.load_state_dict(msg.content["arrays"].to_torch_state_dict())

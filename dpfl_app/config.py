@@ -19,7 +19,7 @@ from dpfl_app.data.datasets import CLIENT_VAL_FRACTION, DATASETS, PARTITIONINGS,
 from dpfl_app.privacy import SAMPLING_MODES
 from dpfl_app.data.registry import is_hub_id
 from dpfl_app.data.settings import ClientSettings, node_source
-from dpfl_app.errors import ConfigError
+from dpfl_app.client.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ NODE_DATA = ("partitions", "local")
 MODEL_NAMES = ("digits-linear", "digits-mlp", "digits-cnn", "mnist-cnn", "lenet")
 # strategy/server_optimizer.py's optimizers, here for the same reason (a test checks).
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
+# run/tracking.py's experiment trackers (a test checks).
+TRACKERS = ("none", "tensorboard", "mlflow")
 # Who adds the update noise: the server after the (secure) sum, or the clients, as
 # Skellam shares under secure aggregation (distributed DP: privacy/distributed.py).
 NOISE_AT = ("server", "clients")
@@ -98,6 +100,9 @@ KEYS: dict[str, Key] = {
     "node-wait-timeout": POSITIVE,
     "output-dir": Key(str, lambda v: v != "", "a non-empty path"),
     "resume-from": Key(str),
+    "tracking": _choice(TRACKERS),
+    "tracking-uri": Key(str),  # mlflow only; "" = a SQLite file in output-dir
+    "verbose": Key(bool),
 }
 
 

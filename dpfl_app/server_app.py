@@ -17,8 +17,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from dpfl_app.config import validate
-from dpfl_app.errors import ConfigError
-from dpfl_app.run import outcome
+from dpfl_app.client.errors import ConfigError
+from dpfl_app.run import console, outcome, tracking
 from dpfl_app.strategy.large_deployment import deployment  # light: no torch
 
 if TYPE_CHECKING:
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from dpfl_app.strategy.dp_fedavg import DPFedAvgAdaptive
 
 app = ServerApp()
+# The run folder's files that a tracker attaches at the end (all DP-covered).
+SHAREABLE = ("results.json", "privacy.md", "accuracy.png")
 
 
 def choose_noise(cfg: dict, population: int) -> float:
@@ -64,7 +66,7 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
 
     from dpfl_app.privacy import mechanism
     from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger
-    from dpfl_app import client_policy
+    from dpfl_app.client import policy as client_policy
     from dpfl_app.privacy.randomness import server_generators
     from dpfl_app.strategy.dp_fedavg import DPFedAvgAdaptive
     from dpfl_app.strategy.secure_aggregation import SecureDPFedAvgAdaptive
@@ -83,13 +85,12 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
         withheld_inputs(cfg, big.population, big.clients_per_round)),
         noise_secret=generators.secret)
     # FedAvg addresses every online node; the strategy keeps the sampled slots.
-    fedavg = FedAvg(
-        fraction_train=1.0,
-        min_train_nodes=1,
-        min_available_nodes=1,
-        fraction_evaluate=1.0 if cfg["client-eval"] else 0.0,
-        min_evaluate_nodes=1,
-    )
+    fedavg = FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1,
+                    fraction_evaluate=1.0, min_evaluate_nodes=1)
+    if not cfg["client-eval"]:
+        # What FedAvg(fraction_evaluate=0.0) sets, without its warning "Federated
+        # evaluation will be skipped" in every run (100 times in a sweep).
+        fedavg.fraction_evaluate, fedavg.min_evaluate_nodes = 0.0, 0
     if cfg["deterministic-noise"]:
         log(WARNING, "deterministic-noise=true: the DP noise is reproducible from seed=%d, "
             "so there is NO privacy guarantee: epsilon is reported as inf. Fine for "
@@ -315,6 +316,7 @@ def main(grid: Grid, context: Context) -> None:
 
     The last log line says whether the run succeeded and where its outputs are.
     """
+    console.configure(context.run_config)  # Flower's repeated lines: only with verbose=true
     folder: dict = {"path": None, "resumed": False}
     outcome.keep_timings_out_of_the_log()
     try:
@@ -322,13 +324,17 @@ def main(grid: Grid, context: Context) -> None:
     except Exception as err:
         from dpfl_app.strategy.dp_fedavg import NotEnoughNodes  # not before validating
 
-        outcome.report_failure(err, folder["path"], folder["resumed"], (NotEnoughNodes,))
+        if "tracker" in folder:
+            folder["tracker"].finish(False, [])
+        outcome.report_failure(err, folder["path"], folder["resumed"], (NotEnoughNodes,),
+                               run_id=context.run_id)
         raise
 
 
 def train(grid: Grid, context: Context, folder: dict) -> None:
     """The run; `folder` learns the run folder as soon as there is one."""
     cfg = validate(dict(context.run_config))  # before any heavy import: fails in seconds
+    tracking.require(cfg)  # the tracker's package, also before training
     import torch
     from flwr.app import ArrayRecord, ConfigRecord
 
@@ -357,10 +363,12 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
     model_name, _ = model_spec(cfg)
     log(INFO, "config: %s data (%s partitions, %s model), %d rounds, N=%d SuperNodes, "
         "m=%d per round (%s sampling) | noise z=%.4g (update z_delta=%.4g, count sigma_b=%.3g),"
-        " delta=%g, accountant=%s | server-lr=%g, lr=%g, local-epochs=%d, batch-size=%d",
+        " delta=%g, accountant=%s | clip norm C_0=%g, target quantile %g, clip-lr %g | "
+        "server-lr=%g, lr=%g, local-epochs=%d, batch-size=%d",
         cfg["dataset"], cfg["partitioning"], model_name, cfg["rounds"], num_nodes,
         cfg["clients"], cfg["sampling"], noise, strategy.split.update_noise_multiplier,
         strategy.split.count_stddev, cfg["target-delta"], strategy.ledger.headline.upper(),
+        cfg["initial-clip"], cfg["target-quantile"], cfg["clip-lr"],
         cfg["server-lr"], cfg["lr"], cfg["local-epochs"], cfg["batch-size"])
     log(INFO, "%s", assumption)
 
@@ -378,10 +386,12 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
         outputs.DIAGNOSTICS_FILE)
     strategy.on_round_charged = lambda: checkpoint.save_ledger(run_dir,
                                                                strategy.ledger.state_dict())
+    folder["tracker"] = tracking.open_tracker(cfg, run_dir, resumed=bool(state))
+    folder["tracker"].log_config({**cfg, "model": model_name})  # as results.json records it
     recorder = RunRecorder(cfg, run_dir, strategy, accounting_extra,
                            initial=state["initial"] if state else None,
                            real_model=real_model(strategy.ledger.model, simulation)
-                           if simulation.simulated else None)
+                           if simulation.simulated else None, tracker=folder["tracker"])
     try:
         strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_model),
                        num_rounds=cfg["rounds"] - strategy.round_offset,
@@ -397,9 +407,10 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
                             simulation=simulation.summary() if simulation.simulated else None,
                             float_residual=recorder.float_residual())
     outputs.write_atomic(run_dir / "privacy.md", report.encode())
-    for line in report.splitlines():
+    for line in console.report_lines(report, run_dir / "privacy.md", cfg["verbose"]):
         log(INFO, "%s", line)
+    folder["tracker"].finish(True, [run_dir / name for name in SHAREABLE])
     final = recorder.results()["final"]
     outcome.report_success(final["stop_reason"], final["rounds_completed"],
                            final["test_accuracy"], final["epsilon"], cfg["target-delta"], run_dir,
-                           final.get("epsilon_this_run"))
+                           final.get("epsilon_this_run"), run_id=context.run_id)

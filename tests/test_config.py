@@ -52,6 +52,9 @@ BAD_VALUES = {
     "node-wait-timeout": (-5.0, "> 0"),
     "output-dir": ("", "non-empty"),
     "resume-from": (7.5, "str"),
+    "tracking": ("wandb", "none, tensorboard, mlflow"),
+    "tracking-uri": (5, "str"),
+    "verbose": ("loud", "bool"),
 }
 
 

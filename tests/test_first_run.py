@@ -20,7 +20,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from dpfl_app.errors import ConfigError
+from dpfl_app.client.errors import ConfigError
 from dpfl_app.run import outcome
 from dpfl_app.tools.federation import FederationError, LocalFederation, alive
 from tests.fresh_python import run_python
@@ -56,7 +56,7 @@ def test_validating_a_run_config_imports_no_torch():
     res = run_python("""
         import sys, tomllib
         from dpfl_app.config import validate
-        from dpfl_app.errors import ConfigError
+        from dpfl_app.client.errors import ConfigError
         cfg = tomllib.load(open("pyproject.toml", "rb"))["tool"]["flwr"]["app"]["config"]
         validate(cfg)
         try:
@@ -203,7 +203,7 @@ def test_successful_run_ends_with_success_and_its_folder(tmp_path):
         logging.getLogger("flwr").removeHandler(handler)
     (run_dir,) = out.iterdir()
     assert lines[-1].startswith("run SUCCEEDED (completed all rounds): 2 rounds")
-    assert lines[-1].endswith(f"outputs in {run_dir}")
+    assert lines[-1].endswith(f"; `flwr ls` status finished:completed (run 1); outputs in {run_dir}")
     rounds = [ln for ln in lines if ln.startswith("round ") and not ln.startswith("round 0")]
     assert len(rounds) == 2
     for line in rounds:  # round, accuracy, epsilon so far, clip norm; no counts, no times

@@ -1,8 +1,12 @@
 """The package's folders keep their import rules (docs/development.md, "Project layout").
 
+- the top holds only what `flwr run` loads (client_app, server_app, task), as in
+  Flower's quickstart, plus the run-config table (config);
 - privacy/ imports nothing of ours but itself (and no Flower);
-- data/ imports only itself and `dpfl_app.errors`;
-- secagg/ (the secure-aggregation protocol) imports only itself and `dpfl_app.errors`;
+- data/ imports only itself and `dpfl_app.client.errors`;
+- secagg/ (the secure-aggregation protocol) imports only itself and `dpfl_app.client.errors`;
+- client/ (the ClientApp's mods, policy and secure-aggregation stages) never imports
+  strategy/, run/ or tools/; its errors module imports nothing of ours;
 - strategy/ and run/ never import tools/; strategy/ never imports run/;
 - nothing outside tools/ imports tools/.
 Checked on the import graph read from the source, including imports inside functions.
@@ -49,6 +53,11 @@ def folder(module: str) -> str:
 
 
 GRAPH = import_graph()
+ERRORS = "dpfl_app.client.errors"  # the error types every layer raises: a leaf
+
+
+def _errors(dep: str) -> bool:
+    return dep == ERRORS or dep.startswith(ERRORS + ".")
 
 
 def _violations(source_folder: str, allowed) -> list[str]:
@@ -57,7 +66,7 @@ def _violations(source_folder: str, allowed) -> list[str]:
 
 
 def test_graph_sees_the_package():
-    assert {"privacy", "data", "strategy", "run", "tools"} <= {folder(m) for m in GRAPH}
+    assert {"privacy", "data", "strategy", "run", "tools", "client"} <= {folder(m) for m in GRAPH}
     assert "dpfl_app.strategy.dp_fedavg" in GRAPH["dpfl_app.run.recorder"]
 
 
@@ -66,16 +75,25 @@ def test_privacy_imports_nothing_of_ours():
 
 
 def test_data_imports_only_data_and_errors():
-    assert _violations("data", lambda dep: folder(dep) in ("data", "errors")) == []
+    assert _violations("data", lambda dep: folder(dep) == "data" or _errors(dep)) == []
 
 
 def test_secagg_imports_only_itself_and_errors():
-    assert _violations("secagg", lambda dep: folder(dep) in ("secagg", "errors")) == []
+    assert _violations("secagg", lambda dep: folder(dep) == "secagg" or _errors(dep)) == []
+
+
+def test_the_errors_module_imports_nothing_of_ours():
+    assert GRAPH[ERRORS] == set()
+
+
+def test_the_top_is_as_thin_as_flowers_quickstart():
+    top = {path.stem for path in PACKAGE.glob("*.py")}
+    assert top == {"__init__", "client_app", "server_app", "task", "config"}
 
 
 @pytest.mark.parametrize("source,forbidden", [
     ("strategy", {"run", "tools"}), ("run", {"tools"}), ("privacy", {"strategy", "run", "tools"}),
-    ("data", {"strategy", "run", "tools"}),
+    ("data", {"strategy", "run", "tools"}), ("client", {"strategy", "run", "tools"}),
 ])
 def test_no_import_runs_up(source, forbidden):
     assert _violations(source, lambda dep: folder(dep) not in forbidden) == []

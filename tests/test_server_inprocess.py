@@ -115,6 +115,7 @@ def test_deterministic_noise_reports_no_guarantee_everywhere(tmp_path, caplog):
     run_dir, results = _results(tmp_path)
     model = AccountingModel("poisson", 0.3, 10, 6, 1e-5)
     assert results["config"]["seed"] is not None
+    assert results["config"]["model"] == "digits-linear"  # the model it trained, not "auto"
     assert results["final"]["epsilon"] == results["final"]["epsilon_rdp"] == "inf"
     assert results["final"]["epsilon_if_noise_secret"] == pytest.approx(
         epsilon_after(model, 2, "pld"), rel=1e-9)

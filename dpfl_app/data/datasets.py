@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from dpfl_app.data.memory_cache import PARTITIONS
+from dpfl_app.client.errors import DataUnavailable
 from dpfl_app.data.registry import (  # noqa: F401  (DATASETS, DatasetSpec: re-export)
     COLOUR, DATASETS, GREY, GREY_MODES, DatasetSpec, get_spec,
 )
@@ -229,12 +230,12 @@ def _partitioned(name: str, data_dir: str, image_column: str, label_column: str,
         if not offline:  # e.g. a misspelt Hub id: `datasets` says it best
             raise
         if data_dir:
-            raise RuntimeError(
+            raise DataUnavailable(
                 f"data-dir={data_dir!r} holds no readable copy of {spec.hub_id}: expected "
                 "the folder `hf download --local-dir` writes (parquet files named "
                 "train-*/test-*), or a Hugging Face cache that holds it"
             ) from err
-        raise RuntimeError(_offline_help(name, spec)) from err
+        raise DataUnavailable(_offline_help(name, spec)) from err
 
 
 @PARTITIONS.cached  # bounded by bytes (memory_cache.py), not by a count of partitions

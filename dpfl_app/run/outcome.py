@@ -7,9 +7,15 @@ where the outputs are. A failed run that never finished a round, and never
 charged one, leaves no run folder behind: an empty folder would look like a
 result. A run that charged a release keeps its ledger.json, and says so.
 
-Bad input (a run-config value, too few SuperNodes) is the user's to fix, not a
-bug: its message is the whole story, so Flower's traceback for it is dropped
-from the log (`BriefErrors`). Every other error keeps its traceback.
+Bad input (a run-config value, too few SuperNodes, a dataset this machine
+cannot read) is the user's to fix, not a bug: its message is the whole story,
+so no traceback is shown for it (`BriefErrors`, for `verbose=true`). Any other
+error's traceback is logged just before the last line. After that line,
+Flower's own repetition of the failure is dropped (`run.console`); the
+exception still reaches Flower, so `flwr ls` shows the run as failed.
+
+Both last lines end with the status `flwr ls` gives the run, whose STATUS
+column shows only "finished…" at 80 columns.
 """
 
 from __future__ import annotations
@@ -22,7 +28,11 @@ from pathlib import Path
 
 from flwr.supercore import log
 
-from dpfl_app.errors import ConfigError
+from dpfl_app.client.errors import ConfigError, DataUnavailable
+from dpfl_app.run import console
+
+# The user's to fix, and their message says how: shown without a traceback.
+INPUT_ERRORS = (ConfigError, DataUnavailable)
 
 
 class BriefErrors(logging.Filter):
@@ -46,7 +56,7 @@ def keep_input_errors_brief(kinds: tuple[type[BaseException], ...]) -> None:
         if isinstance(existing, BriefErrors):
             existing.kinds = tuple({*existing.kinds, *kinds})
             return
-    logger.addFilter(BriefErrors((ConfigError, *kinds)))
+    logger.addFilter(BriefErrors((*INPUT_ERRORS, *kinds)))
 
 
 class NoTimings(logging.Filter):
@@ -98,11 +108,18 @@ def discard_unfinished(run_dir: Path | None) -> bool:
 
 
 def report_failure(err: BaseException, run_dir: Path | None, resumed: bool,
-                   input_errors: tuple[type[BaseException], ...] = ()) -> None:
-    """Log the run's last line for a failure, after cleaning up a run folder with nothing in it."""
+                   input_errors: tuple[type[BaseException], ...] = (),
+                   run_id: int | None = None) -> None:
+    """Log the run's last line for a failure, after cleaning up a run folder with nothing in it.
+
+    An unexpected error's traceback comes first (with `verbose=true`, Flower's comes after).
+    """
     keep_input_errors_brief(input_errors)
-    reason = str(err) if isinstance(err, (ConfigError, *input_errors)) else (
-        f"{type(err).__name__}: {err}")
+    quiet = console.quiet_filter()
+    brief = isinstance(err, (*INPUT_ERRORS, *input_errors))
+    if not brief and not quiet.verbose:
+        log(ERROR, "the run stopped on an unexpected error:", exc_info=err)
+    reason = str(err) if brief else f"{type(err).__name__}: {err}"
     if resumed or not discard_unfinished(run_dir):
         where = (f"outputs up to the last finished round are in {run_dir}; continue with "
                  f"--run-config \"resume-from='{run_dir}'\"")
@@ -112,11 +129,19 @@ def report_failure(err: BaseException, run_dir: Path | None, resumed: bool,
                      f"yet, so the run cannot resume; a new run starts a new ledger)")
     else:
         where = "no outputs were kept"
-    log(ERROR, "run FAILED: %s. %s", reason.rstrip("."), where)
+    quiet.failure_reported = True
+    log(ERROR, "run FAILED: %s. %s; %s", reason.rstrip("."),
+        flower_status("finished:failed", run_id), where)
+
+
+def flower_status(status: str, run_id: int | None) -> str:
+    """The status `flwr ls` shows for this run, which its STATUS column cuts to "finished…"."""
+    return f"`flwr ls` status {status}" + (f" (run {run_id})" if run_id is not None else "")
 
 
 def report_success(stop_reason: str, rounds: int, accuracy: float | None, epsilon: float,
-                   delta: float, run_dir: Path, epsilon_this_run: float | None = None) -> None:
+                   delta: float, run_dir: Path, epsilon_this_run: float | None = None,
+                   run_id: int | None = None) -> None:
     """The run's last line when it succeeded.
 
     `epsilon_this_run`: a simulated deployment's run gives both figures, each labelled.
@@ -126,5 +151,6 @@ def report_success(stop_reason: str, rounds: int, accuracy: float | None, epsilo
     if epsilon_this_run is not None:
         eps = (f"SIMULATED deployment's epsilon {epsilon:.3f} (this run's own: "
                f"{epsilon_this_run:.4g})")
-    log(INFO, "run SUCCEEDED (%s): %d rounds, test accuracy %s, %s at delta %g; "
-        "outputs in %s", stop_reason, rounds, acc, eps, delta, run_dir)
+    log(INFO, "run SUCCEEDED (%s): %d rounds, test accuracy %s, %s at delta %g; %s; "
+        "outputs in %s", stop_reason, rounds, acc, eps, delta,
+        flower_status("finished:completed", run_id), run_dir)

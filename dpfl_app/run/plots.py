@@ -73,20 +73,28 @@ def plot_run_accuracy(rounds: list[dict], path, initial: dict | None = None) -> 
     Returns the series drawn (`run_series`), so tests check data, not pixels.
     """
     series = run_series(rounds, initial)
+    _save(run_accuracy_figure(series), path)
+    return series
+
+
+def run_accuracy_figure(series: dict) -> Figure:
+    """accuracy.png: both curves, and one legend that names them (two axes, two colours)."""
     fig, ax = _canvas()
-    ax.plot(series["round"], series["test_accuracy"], "o-", color="tab:blue")
+    curves = ax.plot(series["round"], series["test_accuracy"], "o-", color="tab:blue",
+                     label="test accuracy (left axis)")
     ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title="Server-side test accuracy")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.tick_params(axis="y", labelcolor="tab:blue")
     twin = ax.twinx()
     if all(np.isfinite(series["epsilon"])):
-        twin.plot(series["round"], series["epsilon"], "s--", color="tab:red")
+        curves += twin.plot(series["round"], series["epsilon"], "s--", color="tab:red",
+                            label="epsilon so far (right axis)")
         twin.set_ylabel("epsilon", color="tab:red")
     else:  # noise 0 or deterministic-noise: no privacy guarantee, nothing finite to draw
         twin.set_ylabel("epsilon = inf (no guarantee)", color="tab:red")
     twin.tick_params(axis="y", labelcolor="tab:red")
-    _save(fig, path)
-    return series
+    ax.legend(handles=curves, loc="center right", fontsize="small")
+    return fig
 
 
 def plot_sweep_rounds(curves: dict[str, dict], path) -> dict:
@@ -112,13 +120,23 @@ def plot_frontier(points: list[dict], reference: float | None, path) -> dict:
     non-private (noise 0) accuracy, drawn as a horizontal line since its
     epsilon is infinite.
     """
+    _save(frontier_figure(points, reference), path)
+    return {"points": points, "reference": reference}
+
+
+def frontier_figure(points: list[dict], reference: float | None) -> Figure:
+    """accuracy_vs_epsilon.png; each point's `z=` label stays inside the figure."""
     fig, ax = _canvas()
     if points:
         ax.errorbar([p["epsilon"] for p in points], [p["mean"] for p in points],
                     yerr=[p["std"] for p in points], fmt="o-", capsize=3, label="DP-FedAvg")
+        rightmost = max(p["epsilon"] for p in points)
         for p in points:
+            # The largest epsilon sits at the right edge: its label goes to the left.
+            right = p["epsilon"] == rightmost and len(points) > 1
             ax.annotate(f"z={p['noise']:g}", (p["epsilon"], p["mean"]),
-                        textcoords="offset points", xytext=(4, -12), fontsize="small")
+                        textcoords="offset points", xytext=(-4 if right else 4, -12),
+                        ha="right" if right else "left", fontsize="small")
         ax.set_xscale("log")  # epsilon spans orders of magnitude across noise levels
         ax.minorticks_off()  # label each point's epsilon instead of powers of ten
         ax.set_xticks([p["epsilon"] for p in points], [f"{p['epsilon']:.3g}" for p in points])
@@ -128,5 +146,4 @@ def plot_frontier(points: list[dict], reference: float | None, path) -> dict:
            title="Privacy-utility frontier")
     if points or reference is not None:
         ax.legend(fontsize="small", loc="lower right")
-    _save(fig, path)
-    return {"points": points, "reference": reference}
+    return fig

@@ -24,6 +24,7 @@ from dpfl_app.config import data_source, model_spec
 from dpfl_app.data.datasets import load_test_data, loader
 from dpfl_app.privacy.record import accounting_record
 from dpfl_app.run.plots import plot_run_accuracy
+from dpfl_app.run.tracking import Tracker
 from dpfl_app.strategy.dp_fedavg import DPFedAvgAdaptive
 from dpfl_app.task import build_model, test
 
@@ -38,11 +39,12 @@ class RunRecorder:
 
     def __init__(self, cfg: dict, run_dir: Path, strategy: DPFedAvgAdaptive,
                  accounting_extra: dict, initial: dict | None = None,
-                 real_model=None) -> None:
+                 real_model=None, tracker: Tracker | None = None) -> None:
         self.cfg, self.run_dir, self.strategy = cfg, run_dir, strategy
         # A simulated deployment's run: the AccountingModel of its real clients. Every
         # epsilon the ledger gives is then the simulated deployment's, and says so.
         self.real_model = real_model
+        self.tracker = tracker or Tracker()  # DP-covered values only (run/tracking.py)
         self.accounting_extra = accounting_extra  # fixed for the run; the rest is per round
         test_set = load_test_data(cfg["dataset"], cfg["seed"], **data_source(cfg))
         self.test_loader = loader(test_set, 512, False)
@@ -70,6 +72,7 @@ class RunRecorder:
             log(INFO, "%s", self.round_line(rec))
             self.write(final=False)
             self.save_checkpoint()
+            self.tracker.log_round(rec)
         self._round_started = time.monotonic()
         return MetricRecord({"test_loss": loss, "test_accuracy": accuracy})
 
@@ -151,7 +154,9 @@ class RunRecorder:
         accounting["float_residual"] = self.float_residual()
         if self.real_model is not None:  # every epsilon in this file is the simulated one
             accounting["epsilon_is"] = final["epsilon_is"]
-        results = {"config": self.cfg, "accounting": accounting, "initial": self.initial,
+        # The model actually trained, not "auto" (the dataset's default)
+        config = {**self.cfg, "model": model_spec(self.cfg)[0]}
+        results = {"config": config, "accounting": accounting, "initial": self.initial,
                    "rounds": self.strategy.records, "final": final}
         if self.audit is not None:
             results["audit"] = self.audit

@@ -67,6 +67,11 @@ if TYPE_CHECKING:  # torch.optim: imported only when a run builds one
     from dpfl_app.strategy.server_optimizer import ServerOptimizer
 
 
+# The `extra` attribute that marks our lines of Flower's start banner: the
+# console filter (run/console.py, which strategy/ may not import) keys on it.
+BANNER = "flower_banner"
+
+
 class BudgetExhausted(Exception):
     """The next round would take epsilon over `max-epsilon`."""
 
@@ -137,7 +142,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self.server_lr = server_lr
         self.server_optimizer = server_optimizer  # None: the plain server-lr step
         # The mechanism announced in every train message, for the clients' privacy
-        # policy (dpfl_app.client_policy); set by the ServerApp.
+        # policy (dpfl_app.client.policy); set by the ServerApp.
         self.announcement: dict = {}
         self.canaries = canaries  # the privacy audit's canary clients, or None
         self.round_offset = 0  # rounds already run before a resume
@@ -160,17 +165,20 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
 
         Flower's wrapper prints z_delta unrounded and its FedAvg's "Weighted by:
         'num-examples'"; our mean is unweighted, with the fixed denominator m.
+        Shown with Flower's banner, i.e. only with `verbose=true` (run/console.py);
+        the ServerApp's config line says the same by default.
         """
-        log(INFO, "\t├──> DP-FedAvg with adaptive clipping (Andrew et al. 2021):")
+        banner = {"extra": {BANNER: True}}
+        log(INFO, "\t├──> DP-FedAvg with adaptive clipping (Andrew et al. 2021):", **banner)
         log(INFO, "\t│\t├── noise multiplier z=%.4g (update z_delta=%.4g, clipped count "
             "sigma_b=%.4g)", self.split.noise_multiplier, self.split.update_noise_multiplier,
-            self.split.count_stddev)
+            self.split.count_stddev, **banner)
         log(INFO, "\t│\t├── initial clip norm %.4g, target unclipped quantile %.4g, "
             "clip learning rate %.4g", self._round_clip, self.target_quantile,
-            self.clip_norm_lr)
+            self.clip_norm_lr, **banner)
         log(INFO, "\t│\t└── %s sampling of m=%d of N=%d clients; unweighted mean of the "
             "clipped updates divided by m (not weighted by num-examples)", self.sampling,
-            self.num_sampled_clients, self.population)
+            self.num_sampled_clients, self.population, **banner)
 
     # --- sampling -----------------------------------------------------------
     def configure_train(

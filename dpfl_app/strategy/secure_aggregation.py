@@ -55,8 +55,8 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
         """Send `query.<stage>` to each index; the valid replies by index (others: dropouts)."""
         assert self._grid is not None and self._round is not None
         group = str(self._round.round_id)
-        messages = [self._grid.create_message(RecordDict({RECORD: ConfigRecord(request)}),
-                                              f"query.{stage}", self._nodes[index], group)
+        messages = [Message(RecordDict({RECORD: ConfigRecord(request)}), self._nodes[index],
+                            f"query.{stage}", group_id=group)
                     for index, request in requests.items()]
         by_node = {node: index for index, node in self._nodes.items()}
         answers = {}
@@ -111,8 +111,8 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
             own = ConfigRecord({**msg.content["config"], ROUND: rnd.round_id,
                                 SRC: shares["src"], CIPHERTEXTS: shares["ciphertexts"]})
             content = RecordDict({"arrays": msg.content["arrays"], "config": own})
-            train.append(grid.create_message(content, "train.secagg", msg.metadata.dst_node_id,
-                                             str(rnd.round_id)))
+            train.append(Message(content, msg.metadata.dst_node_id, "train.secagg",
+                                 group_id=str(rnd.round_id)))
         self._lost |= set(self._nodes) - set(rnd.shared)
         return train
 

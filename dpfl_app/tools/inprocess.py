@@ -50,9 +50,6 @@ class InProcessGrid:
         return Context(run_id=1, node_id=node_id, node_config=node_config,
                        state=self.states[node_id], run_config=self.run_config)
 
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id, message_type, group_id=group_id)
-
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
         self.sent.extend(messages)

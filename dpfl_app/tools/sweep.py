@@ -1,4 +1,4 @@
-"""Privacy-utility sweep: one real Flower simulation per noise level and repeat.
+"""Privacy-utility sweep: one run per noise level (or target epsilon) and repeat.
 
     dpfl sweep --noise 0,0.5,0.75,1.0 --repeats 3 --run-config "rounds=5"
 
@@ -190,8 +190,10 @@ def parse_noise(text: str) -> list[float]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="dpfl sweep", formatter_class=HelpFormatter,
-        description="Run the app once per noise multiplier and repeat (a real `flwr run` "
-                    "each), then tabulate and plot final accuracy against epsilon.",
+        description="Run the app once per noise multiplier (or target epsilon) and repeat, "
+                    "then tabulate and plot final accuracy against epsilon. Each run is a real "
+                    "`flwr run` on a private local SuperLink (--engine flwr, the default) or, "
+                    "in seconds, the study engine in this process (--engine inprocess).",
         epilog="Negative noise values need '=': --noise=-1,0.5 (the app rejects them).",
     )
     levels = parser.add_mutually_exclusive_group(required=True)

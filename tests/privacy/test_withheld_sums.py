@@ -16,7 +16,7 @@ import dp_accounting as dpa
 import pytest
 from dp_accounting.pld import PLDAccountant
 
-from dpfl_app import client_policy
+from dpfl_app.client import policy as client_policy
 from dpfl_app.config import validate
 from dpfl_app.privacy.accounting import AccountingModel, epsilon_after, withheld_sum_bound
 from dpfl_app.server_app import build_strategy

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dpfl_app.config import validate
-from dpfl_app.errors import ConfigError
+from dpfl_app.client.errors import ConfigError
 from dpfl_app.privacy import mechanism
 from dpfl_app.run.outputs import read_diagnostics
 from dpfl_app.privacy.accounting import AccountingModel, epsilon_after
@@ -87,7 +87,7 @@ def test_a_simulated_run_accounts_for_the_deployment_and_says_it_is_not_private(
 def test_clients_are_told_the_real_runs_epsilon_not_the_simulated_one():
     """A real cohort of 5 of 10 simulating 1,000 of 100,000 (z = 1, 100 rounds): each
     real client gets noise multiplier z * 5/1000. The old announcement said 0.72."""
-    from dpfl_app import client_policy
+    from dpfl_app.client import policy as client_policy
     from dpfl_app.server_app import build_strategy
 
     cfg = validate(default_run_config(**{"clients": 5, "noise": 1.0, "rounds": 100,

@@ -59,3 +59,9 @@ def test_help_shows_prog_and_every_default(name, capsys, monkeypatch):
 def test_every_command_module_has_main():
     for module, _ in cli.COMMANDS.values():
         assert callable(importlib.import_module(module).main), module
+
+
+def test_sweep_help_names_both_engines(capsys):
+    flat = " ".join(_help(capsys, "sweep").split())
+    assert "--engine flwr" in flat and "--engine inprocess" in flat
+    assert "(a real `flwr run` each)" not in flat

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpfl_app import client_policy
+from dpfl_app.client import policy as client_policy
 from dpfl_app.privacy.accounting import AccountingModel, epsilon_after
 
 MODEL = AccountingModel("poisson", 1.0, 100, 10, 1e-5)

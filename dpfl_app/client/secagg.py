@@ -27,7 +27,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
-from dpfl_app import client_policy
+from dpfl_app.client import policy as client_policy
 from dpfl_app.secagg import CIPHERTEXTS, RECORD, ROUND, SRC, client, quantize
 
 STATE_KEY = "secagg"  # this node's protocol state in context.state

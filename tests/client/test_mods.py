@@ -10,7 +10,7 @@ from flwr.clientapp.mod import adaptiveclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from dpfl_app.client_app import app as client_app
-from dpfl_app.client_mods import zero_safe_adaptiveclipping_mod
+from dpfl_app.client.mods import zero_safe_adaptiveclipping_mod
 from dpfl_app.config import model_spec, validate
 from dpfl_app.task import build_model
 from tests.inprocess import default_run_config
