@@ -46,6 +46,9 @@ NODE_DATA = ("partitions", "local")
 MODEL_NAMES = ("digits-linear", "digits-mlp", "digits-cnn", "mnist-cnn", "lenet")
 # strategy/server_optimizer.py's optimizers, here for the same reason (a test checks).
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
+# dp-fedavg: amplification by the server's sampling; dp-ftrl: correlated noise and a
+# participation bound the clients enforce (strategy/dp_ftrl.py).
+MECHANISMS = ("dp-fedavg", "dp-ftrl")
 
 KEYS: dict[str, Key] = {
     "noise": NON_NEGATIVE,
@@ -90,6 +93,9 @@ KEYS: dict[str, Key] = {
     # two fitted Gaussians need at least two canaries of each kind
     "audit-canaries": Key(int, lambda v: v == 0 or v >= 2, "0 (off) or an integer >= 2"),
     "client-eval": Key(bool),
+    "mechanism": _choice(MECHANISMS),
+    "min-separation": Key(int, lambda v: v >= 1, "an integer >= 1 (rounds between two "
+                          "participations of the same client, dp-ftrl)"),
     "round-timeout": POSITIVE,
     "node-wait-timeout": POSITIVE,
     "output-dir": Key(str, lambda v: v != "", "a non-empty path"),
@@ -155,7 +161,34 @@ def validate(run_config: dict[str, Any]) -> dict[str, Any]:
             f"{clean['population']}; allowed: 1..population (or population=0)"
         )
     _check_simulation(clean)
+    _check_mechanism(clean)
     return clean
+
+
+# Keys that dp-ftrl does not support, and why, in the one line a user sees.
+FTRL_EXCLUDES = {
+    "secure-aggregation": "secure aggregation is not implemented for dp-ftrl; set "
+                          "secure-aggregation=false or mechanism='dp-fedavg'",
+    "resume-from": "a dp-ftrl run cannot be resumed: its correlated noise buffer is secret "
+                   "and never saved; start a new run",
+    "audit-canaries": "the privacy audit samples canaries like dp-fedavg's clients; use "
+                      "mechanism='dp-fedavg' or audit-canaries=0",
+    "simulate-population": "simulating a larger deployment is dp-fedavg only; set "
+                           "simulate-population=0",
+}
+
+
+def _check_mechanism(cfg: dict[str, Any]) -> None:
+    """dp-ftrl's exclusions, and min-separation only where it means something."""
+    if cfg["mechanism"] == "dp-fedavg":
+        if cfg["min-separation"] != 1:
+            raise ConfigError(
+                f"run-config key 'min-separation' = {cfg['min-separation']} applies only to "
+                "mechanism='dp-ftrl'; leave it at 1 with dp-fedavg (or set mechanism='dp-ftrl')")
+        return
+    for key, why in FTRL_EXCLUDES.items():
+        if cfg[key] not in (False, 0, ""):
+            raise ConfigError(f"run-config key {key!r} = {cfg[key]!r} with mechanism='dp-ftrl': {why}")
 
 
 def _check_simulation(cfg: dict[str, Any]) -> None:

@@ -18,7 +18,9 @@ Together they are one Gaussian mechanism with
     mu_t^2 = sens_t^2 / z_delta^2 + k_t / (4 sigma_b^2),
 i.e. `GaussianDpEvent(1 / mu_t)` under add-or-remove-one adjacency (one client's
 every contribution), and epsilon is computed for that single event with
-dp_accounting (PLD, the headline, tight for one Gaussian; RDP as the cross-check).
+dp_accounting: the analytic Gaussian mechanism's exact epsilon (Balle & Wang 2018,
+through dp_accounting's GaussianPrivacyLoss) is the headline; its PLD and RDP
+accountants are cross-checks.
 The noise multiplier z of the run is defined by mu_T = sens_T / z; the split
 (`split_noise`) chooses z_delta and sigma_b so that it holds exactly, as
 Andrew et al. (2021, Theorem 1) do for one round. With b = 1 and p = 1 band
@@ -35,7 +37,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import dp_accounting
-from dp_accounting.pld import PLDAccountant
+from dp_accounting.pld import PLDAccountant, privacy_loss_mechanism
 from dp_accounting.rdp import RdpAccountant
 
 from dpfl_app.privacy import matrix_factorization as mf
@@ -43,8 +45,8 @@ from dpfl_app.privacy.accountants import RDP_ORDERS, quiet_absl
 from dpfl_app.privacy.calibration import _next_up, round_up
 from dpfl_app.privacy.mechanism import NoiseSplit, split_noise as split_one_round
 
-MECHANISMS = ("dp-fedavg", "dp-ftrl")
-PLD_DISCRETIZATION = 1e-4  # dp_accounting's default; one Gaussian event, so it is cheap
+PLD_DISCRETIZATION = 1e-4  # the PLD cross-check's finest value discretisation
+ACCOUNTANTS = ("exact", "pld", "rdp")
 
 
 @dataclass(frozen=True)
@@ -143,37 +145,62 @@ def run_sensitivity(rounds: int, min_separation: int, momentum: float = 0.0) -> 
     return mf.sensitivity(mf.banded_sqrt(rounds, bands, momentum), rounds, min_separation)
 
 
+def _exact_delta(noise_multiplier: float, epsilon: float) -> float:
+    """delta(epsilon) of one Gaussian mechanism, sensitivity 1 (Balle & Wang 2018), from
+    dp_accounting's GaussianPrivacyLoss: exact, both adjacency directions alike."""
+    loss = privacy_loss_mechanism.GaussianPrivacyLoss(noise_multiplier, sensitivity=1.0)
+    return float(loss.get_delta_for_epsilon(epsilon))
+
+
+def _exact_epsilon(noise_multiplier: float, delta: float) -> float:
+    """The smallest epsilon (to 1e-10 relative, rounded up) with delta(epsilon) <= delta."""
+    lo, hi = 0.0, 1.0
+    while _exact_delta(noise_multiplier, hi) > delta:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1e-10 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if _exact_delta(noise_multiplier, mid) <= delta else (mid, hi)
+    return hi
+
+
 @functools.lru_cache(maxsize=4096)
-def gaussian_epsilon(noise_multiplier: float, delta: float, accountant: str = "pld") -> float:
-    """Epsilon of one Gaussian mechanism with this multiplier (sensitivity 1), at delta."""
+def gaussian_epsilon(noise_multiplier: float, delta: float, accountant: str = "exact") -> float:
+    """Epsilon of one Gaussian mechanism with this multiplier (sensitivity 1), at delta.
+
+    "exact": the analytic Gaussian mechanism's epsilon (the headline); "pld":
+    dp_accounting's PLD accountant (discretisation max(1e-4, eps / 2000), a
+    pessimistic approximation); "rdp": its RDP accountant (a looser bound).
+    """
     if noise_multiplier == 0:
         return math.inf
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    if accountant == "exact":
+        return _exact_epsilon(noise_multiplier, delta)
     event = dp_accounting.GaussianDpEvent(noise_multiplier)
     with quiet_absl():
         if accountant == "pld":
-            acc = PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+            interval = max(PLD_DISCRETIZATION, _exact_epsilon(noise_multiplier, delta) / 2000)
+            acc = PLDAccountant(value_discretization_interval=interval)
         else:
             acc = RdpAccountant(list(RDP_ORDERS))
         return float(acc.compose(event).get_epsilon(delta))
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sensitivity: float) -> float:
-    """Smallest z (4 significant digits, rounded up) with epsilon(Gaussian(z / sens)) <= target."""
+    """Smallest z (4 significant digits, rounded up) with epsilon(Gaussian(z / sens)) <= target.
+
+    Bisection on the multiplier s of the single Gaussian: delta(target) falls as s grows.
+    """
     if not 0 < target_epsilon < math.inf:
         raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
-    make_event = lambda s: dp_accounting.GaussianDpEvent(s)  # noqa: E731
-    fresh = lambda: PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)  # noqa: E731
-    # A bracket by doubling: PLD at a tiny multiplier (epsilon in the thousands) is huge.
-    lo, hi = 0.5, 1.0
-    while gaussian_epsilon(hi, delta) > target_epsilon:
+    lo, hi = 0.0, 1.0
+    while _exact_delta(hi, target_epsilon) > delta:
         lo, hi = hi, 2 * hi
-    while lo > 0.05 and gaussian_epsilon(lo, delta) <= target_epsilon:
-        lo, hi = lo / 2, lo
-    with quiet_absl():
-        s = dp_accounting.calibrate_dp_mechanism(
-            fresh, make_event, target_epsilon, delta,
-            dp_accounting.ExplicitBracketInterval(lo, hi))
-    z = round_up(s * sensitivity)
+    while hi - lo > 1e-9 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if _exact_delta(mid, target_epsilon) <= delta else (mid, hi)
+    z = round_up(hi * sensitivity)
     while gaussian_epsilon(z / sensitivity, delta) > target_epsilon:
         z = _next_up(z)
     return z
@@ -187,7 +214,7 @@ class FtrlLedger:
     ceil(t / b) participations); at t = T it is the run's single Gaussian.
     """
 
-    headline = "pld"
+    headline = "exact"
 
     def __init__(self, model: FtrlModel, *, noise_secret: bool = True):
         self.model = model
@@ -217,7 +244,8 @@ class FtrlLedger:
         return eps if self.noise_secret or self._rounds == 0 else math.inf
 
     def epsilons(self) -> dict:
-        out = {"rdp": self.epsilon("rdp"), "pld": self.epsilon("pld"), "headline": self.headline}
+        out = {"exact": self.epsilon(), "rdp": self.epsilon("rdp"), "pld": self.epsilon("pld"),
+               "headline": self.headline}
         if not self.noise_secret:
             out["if_noise_secret"] = self.epsilon_if_secret()
         return out
@@ -255,9 +283,12 @@ class FtrlLedger:
                            "coefficients[l]^2)"),
             "composition": "none: one Gaussian mechanism over the rounds so far",
             "neighboring_relation": "ADD_OR_REMOVE_ONE",
-            "pld_value_discretization_interval": PLD_DISCRETIZATION,
+            "epsilon_rule": ("exact: the smallest epsilon with dp_accounting's "
+                             "GaussianPrivacyLoss(event.noise_multiplier, sensitivity=1)"
+                             ".get_delta_for_epsilon(epsilon) <= delta (the analytic Gaussian "
+                             "mechanism, Balle & Wang 2018), by bisection to 1e-10"),
+            "pld_value_discretization_interval": "max(1e-4, epsilon / 2000)",
             "rdp_orders": list(RDP_ORDERS),
-            "epsilon_rule": "pld",
             "epsilon": self.epsilon(),
             "epsilon_rdp": self.epsilon("rdp"),
             "epsilon_pld": self.epsilon("pld"),
@@ -269,3 +300,16 @@ def no_amplification_epsilon(noise_multiplier: float, rounds: int, delta: float)
     if noise_multiplier == 0:
         return math.inf
     return gaussian_epsilon(noise_multiplier / math.sqrt(rounds), delta)
+
+
+def announced_epsilon(config: dict) -> float:
+    """Epsilon after the announced T rounds, recomputed by a client from a dp-ftrl train
+    message's announcement (dp-noise, dp-rounds, dp-min-separation, dp-bands,
+    dp-momentum, dp-delta). z is the combined multiplier, so mu_T = sens_T / z."""
+    rounds, b = int(config["dp-rounds"]), int(config["dp-min-separation"])
+    bands, momentum = int(config["dp-bands"]), float(config["dp-momentum"])
+    z = float(config["dp-noise"])
+    if z == 0:
+        return math.inf
+    sens = mf.sensitivity(mf.banded_sqrt(rounds, bands, momentum), rounds, b)
+    return gaussian_epsilon(z / sens, float(config["dp-delta"]))

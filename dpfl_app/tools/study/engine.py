@@ -29,7 +29,6 @@ import torch
 from dpfl_app.config import client_settings, data_source, model_spec, validate
 from dpfl_app.data.datasets import Tensors, load_test_data, loader
 from dpfl_app.data.node_data import client_data
-from dpfl_app.privacy import mechanism
 from dpfl_app.server_app import build_strategy, choose_noise
 from dpfl_app.task import build_model, test
 from dpfl_app.tools.study.vectorised import VECTORISED_MODELS, CohortTrainer
@@ -128,7 +127,7 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round) -
     start = time.perf_counter()
     noise = choose_noise(cfg, population)
     strategy = build_strategy(cfg, population, noise)  # split, ledger, RNG: the ServerApp's
-    rng, ledger, m = strategy.rng, strategy.ledger, cfg["clients"]
+    ledger, m = strategy.ledger, cfg["clients"]
     sampling_rng, sampler = strategy.sampling_rng, strategy.sampler  # cohorts, as the strategy
     torch.manual_seed(cfg["seed"])  # the ServerApp's initial model
     net = build_model(*model_spec(cfg))
@@ -157,9 +156,10 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round) -
                                   cfg["batch-size"], cfg["lr"], cfg["seed"] + 1000 * server_round)
             models, bits = mod_clip(flatten(local, stacked=True), global_flat, clip)
         trained = time.perf_counter()
-        (new_model,), unclipped_fraction, clip = mechanism.dp_fedavg_step(
+        # dp_fedavg_step with the strategy's split and RNG (dp-ftrl: its correlated noise)
+        (new_model,), unclipped_fraction, clip = strategy.mechanism_step(
             [global_flat.numpy()], [[row] for row in models], bits, clip, m,
-            strategy.split, rng, server_lr=cfg["server-lr"],
+            server_lr=cfg["server-lr"],
             target_quantile=cfg["target-quantile"], clip_lr=cfg["clip-lr"])
         state = unflatten(new_model, state)
         stepped = time.perf_counter()
