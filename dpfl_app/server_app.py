@@ -30,7 +30,7 @@ app = ServerApp()
 
 def choose_noise(cfg: dict, population: int) -> float:
     """`noise`, or the z calibrated to meet `target-epsilon` in `rounds` rounds."""
-    if cfg["mechanism"] == "dp-ftrl":  # no population, no sampling: one Gaussian over the run
+    if cfg.get("mechanism") == "dp-ftrl":  # no population, no sampling: one Gaussian over the run
         from dpfl_app.strategy.dp_ftrl import choose_ftrl_noise
         return choose_ftrl_noise(cfg)
     if cfg["target-epsilon"] <= 0:

@@ -152,15 +152,21 @@ def _exact_delta(noise_multiplier: float, epsilon: float) -> float:
     return float(loss.get_delta_for_epsilon(epsilon))
 
 
+def _smallest(ok, relative: float = 1e-10) -> float:
+    """The smallest x > 0 with ok(x), for ok monotone (false, then true), to `relative`,
+    from above: doubling finds a bracket, bisection narrows it."""
+    lo, hi = 0.0, 1.0
+    while not ok(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > relative * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi
+
+
 def _exact_epsilon(noise_multiplier: float, delta: float) -> float:
     """The smallest epsilon (to 1e-10 relative, rounded up) with delta(epsilon) <= delta."""
-    lo, hi = 0.0, 1.0
-    while _exact_delta(noise_multiplier, hi) > delta:
-        lo, hi = hi, 2 * hi
-    while hi - lo > 1e-10 * hi:
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if _exact_delta(noise_multiplier, mid) <= delta else (mid, hi)
-    return hi
+    return _smallest(lambda eps: _exact_delta(noise_multiplier, eps) <= delta)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -194,13 +200,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sensitivity: float) -> 
     """
     if not 0 < target_epsilon < math.inf:
         raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
-    lo, hi = 0.0, 1.0
-    while _exact_delta(hi, target_epsilon) > delta:
-        lo, hi = hi, 2 * hi
-    while hi - lo > 1e-9 * hi:
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if _exact_delta(mid, target_epsilon) <= delta else (mid, hi)
-    z = round_up(hi * sensitivity)
+    multiplier = _smallest(lambda s: _exact_delta(s, target_epsilon) <= delta, 1e-9)
+    z = round_up(multiplier * sensitivity)
     while gaussian_epsilon(z / sensitivity, delta) > target_epsilon:
         z = _next_up(z)
     return z

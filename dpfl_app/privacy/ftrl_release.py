@@ -18,7 +18,8 @@ every operation is DP-FedAvg's, bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -26,15 +27,15 @@ from dpfl_app.privacy import mechanism
 from dpfl_app.privacy.matrix_factorization import CorrelatedNoise
 
 
-def noised_mean(clipped_deltas: Sequence[Sequence[np.ndarray]], like: Sequence[np.ndarray],
-                clip_norm: float, clients_per_round: float, update_noise_multiplier: float,
-                noise: CorrelatedNoise, rng: np.random.Generator) -> list[np.ndarray]:
-    """(sum of clipped deltas + z_delta C_t (C^-1 z)_t) / m, on the release grid."""
+def noised_sum(clipped_deltas: Sequence[Sequence[np.ndarray]], like: Sequence[np.ndarray],
+               clip_norm: float, clients_per_round: float, update_noise_multiplier: float,
+               noise: CorrelatedNoise, rng: np.random.Generator) -> list[np.ndarray]:
+    """sum of clipped deltas + z_delta C_t (C^-1 z)_t, on the release grid, in float64."""
     std = update_noise_multiplier * clip_norm
     shaped = noise.next(like, rng) if std > 0 else None
     # The grid from the smallest marginal std of the shaped noise (1/c_0 in units of std).
     grid_std = std * noise.marginal_stddev()
-    mean = []
+    sums = []
     for layer, ref in enumerate(like):
         total = np.zeros(ref.shape, dtype=np.float64)
         for delta in clipped_deltas:
@@ -42,8 +43,8 @@ def noised_mean(clipped_deltas: Sequence[Sequence[np.ndarray]], like: Sequence[n
         if std > 0:
             grid = mechanism.release_grid(grid_std, clients_per_round * clip_norm)
             total = np.rint((total + std * shaped[layer]) / grid) * grid
-        mean.append((total / clients_per_round).astype(ref.dtype, copy=False))
-    return mean
+        sums.append(total)
+    return sums
 
 
 def ftrl_release(
@@ -56,24 +57,20 @@ def ftrl_release(
     split: mechanism.NoiseSplit,
     noise: CorrelatedNoise,
     rng: np.random.Generator,
-    *,
-    server_lr: float,
-    target_quantile: float,
-    clip_lr: float,
-    step: Callable[[Sequence[np.ndarray], list[np.ndarray]], list[np.ndarray]] | None = None,
+    **post_processing,
 ) -> tuple[list[np.ndarray], float, float]:
-    """(new model, noisy unclipped fraction, next clip norm), as dp_fedavg_release returns."""
-    mean = noised_mean(clipped_deltas, global_model, clip_norm, clients_per_round,
+    """(new model, noisy unclipped fraction, next clip norm), as dp_fedavg_release returns.
+
+    The correlated noise is added here; the rest (division by m, the step of
+    `post_processing`: server_lr, target_quantile, clip_lr, step, and the noised
+    count) is `mechanism.dp_fedavg_release` given the noised sum, with no update noise.
+    """
+    total = noised_sum(clipped_deltas, global_model, clip_norm, clients_per_round,
                        split.update_noise_multiplier, noise, rng)
-    if step is not None:
-        new_model = step(global_model, mean)
-    else:
-        new_model = [np.asarray(g + server_lr * u, dtype=g.dtype)
-                     for g, u in zip(global_model, mean)]
-    fraction = mechanism.noisy_unclipped_fraction_of_count(
-        unclipped_count, num_contributors, clients_per_round, split.count_stddev, rng)
-    return new_model, fraction, mechanism.next_clip_norm(clip_norm, fraction, target_quantile,
-                                                         clip_lr)
+    already_noised = dataclasses.replace(split, update_noise_multiplier=0.0)
+    return mechanism.dp_fedavg_release(global_model, [total], unclipped_count,
+                                       num_contributors, clip_norm, clients_per_round,
+                                       already_noised, rng, **post_processing)
 
 
 def ftrl_step(global_model, client_models, unclipped_bits, clip_norm, clients_per_round,
