@@ -114,3 +114,21 @@ def test_engine_matches_the_flower_path_under_dp_ftrl(tmp_path):
         assert ours["clip_norm"] == pytest.approx(theirs["clip_norm"], rel=1e-4)
         assert ours["epsilon"] == theirs["epsilon_if_noise_secret"]
         assert abs(ours["test_accuracy"] - theirs["test_accuracy"]) * 360 <= 1 + 1e-9
+
+
+def test_momentum_workload_is_what_the_servers_momentum_optimizer_does():
+    """The factorization of server-optimizer=momentum is for the server's real trajectory:
+    the model's response to one unit update is the workload's first column."""
+    from dpfl_app.privacy.matrix_factorization import workload_coefficients
+    from dpfl_app.strategy.dp_ftrl import workload_momentum
+    from dpfl_app.strategy.server_optimizer import ServerOptimizer
+
+    cfg = default_run_config(**{"server-optimizer": "momentum", "server-momentum": 0.9})
+    beta = workload_momentum(cfg)
+    optimizer = ServerOptimizer("momentum", [np.zeros(1, np.float32)], lr=1.0, momentum=beta)
+    model, trajectory = [np.zeros(1, np.float32)], []
+    for t in range(12):
+        model = optimizer.step(model, [np.full(1, 1.0 if t == 0 else 0.0, np.float32)])
+        trajectory.append(float(model[0][0]))
+    assert trajectory == pytest.approx(workload_coefficients(12, beta), rel=1e-6)
+    assert workload_momentum(default_run_config(**{"server-optimizer": "adam"})) == 0.0
