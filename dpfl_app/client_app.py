@@ -9,7 +9,8 @@ It clips w_local - w_global to the round's clip norm C_t and adds the
 With `secure-aggregation=true` the server drives SecAgg+ stages instead
 (`dpfl_app.client.secagg`): `train.secagg` runs the same training inside the
 same clipping mod, then masks. Every train message first passes the node's
-privacy policy (`dpfl_app.client.policy`). Torch, the model and the data are
+privacy policy (`dpfl_app.client.policy`) and, under dp-ftrl, the node's own
+participation record (`dpfl_app.client.participation`). Torch, the model and the data are
 imported only where training or evaluation needs them, so that the
 secure-aggregation stages start fast in a fresh process.
 """
@@ -22,6 +23,7 @@ from flwr.clientapp import ClientApp
 from dpfl_app.client import secagg as secagg_client
 from dpfl_app.client.secagg import masking_mod, policy_mod
 from dpfl_app.client.mods import zero_safe_adaptiveclipping_mod
+from dpfl_app.client.participation import min_separation_mod
 from dpfl_app.run import console
 
 app = ClientApp()
@@ -40,7 +42,7 @@ def _model_and_data(msg: Message, context: Context):
     return settings, net, train_set, val_set
 
 
-@app.train(mods=[policy_mod, zero_safe_adaptiveclipping_mod])
+@app.train(mods=[policy_mod, min_separation_mod, zero_safe_adaptiveclipping_mod])
 def train_fn(msg: Message, context: Context) -> Message:
     """Train the global model on this client's data and reply with the new weights."""
     from dpfl_app.data.datasets import loader  # pylint: disable=import-outside-toplevel

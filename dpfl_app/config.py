@@ -51,6 +51,9 @@ TRACKERS = ("none", "tensorboard", "mlflow")
 # Who adds the update noise: the server after the (secure) sum, or the clients, as
 # Skellam shares under secure aggregation (distributed DP: privacy/distributed.py).
 NOISE_AT = ("server", "clients")
+# dp-fedavg: amplification by the server's sampling; dp-ftrl: correlated noise and a
+# participation bound the clients enforce (strategy/dp_ftrl.py).
+MECHANISMS = ("dp-fedavg", "dp-ftrl")
 
 KEYS: dict[str, Key] = {
     "noise": NON_NEGATIVE,
@@ -96,6 +99,9 @@ KEYS: dict[str, Key] = {
     # two fitted Gaussians need at least two canaries of each kind
     "audit-canaries": Key(int, lambda v: v == 0 or v >= 2, "0 (off) or an integer >= 2"),
     "client-eval": Key(bool),
+    "mechanism": _choice(MECHANISMS),
+    "min-separation": Key(int, lambda v: v >= 1, "an integer >= 1 (rounds between two "
+                          "participations of the same client, dp-ftrl)"),
     "round-timeout": POSITIVE,
     "node-wait-timeout": POSITIVE,
     "output-dir": Key(str, lambda v: v != "", "a non-empty path"),
@@ -165,6 +171,7 @@ def validate(run_config: dict[str, Any]) -> dict[str, Any]:
         )
     _check_simulation(clean)
     _check_noise_at(clean)
+    _check_mechanism(clean)
     return clean
 
 
@@ -181,6 +188,32 @@ def _check_noise_at(cfg: dict[str, Any]) -> None:
     # than run with server-side noise under a name that promises client-side noise.
     raise ConfigError("noise-at=clients is not available yet: the secure-aggregation protocol "
                       "does not add the clients' noise shares; use noise-at=server")
+
+
+# Keys that dp-ftrl does not support, and why, in the one line a user sees.
+FTRL_EXCLUDES = {
+    "secure-aggregation": "secure aggregation is not implemented for dp-ftrl; set "
+                          "secure-aggregation=false or mechanism='dp-fedavg'",
+    "resume-from": "a dp-ftrl run cannot be resumed: its correlated noise buffer is secret "
+                   "and never saved; start a new run",
+    "audit-canaries": "the privacy audit samples canaries like dp-fedavg's clients; use "
+                      "mechanism='dp-fedavg' or audit-canaries=0",
+    "simulate-population": "simulating a larger deployment is dp-fedavg only; set "
+                           "simulate-population=0",
+}
+
+
+def _check_mechanism(cfg: dict[str, Any]) -> None:
+    """dp-ftrl's exclusions, and min-separation only where it means something."""
+    if cfg["mechanism"] == "dp-fedavg":
+        if cfg["min-separation"] != 1:
+            raise ConfigError(
+                f"run-config key 'min-separation' = {cfg['min-separation']} applies only to "
+                "mechanism='dp-ftrl'; leave it at 1 with dp-fedavg (or set mechanism='dp-ftrl')")
+        return
+    for key, why in FTRL_EXCLUDES.items():
+        if cfg[key] not in (False, 0, ""):
+            raise ConfigError(f"run-config key {key!r} = {cfg[key]!r} with mechanism='dp-ftrl': {why}")
 
 
 def _check_simulation(cfg: dict[str, Any]) -> None:

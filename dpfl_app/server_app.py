@@ -33,6 +33,9 @@ SHAREABLE = ("results.json", "privacy.md", "accuracy.png")
 
 def choose_noise(cfg: dict, population: int) -> float:
     """`noise`, or the z calibrated to meet `target-epsilon` in `rounds` rounds."""
+    if cfg.get("mechanism") == "dp-ftrl":  # no population, no sampling: one Gaussian over the run
+        from dpfl_app.strategy.dp_ftrl import choose_ftrl_noise
+        return choose_ftrl_noise(cfg)
     if cfg["target-epsilon"] <= 0:
         return cfg["noise"]
     from dpfl_app.privacy.accounting import AccountingModel, headline_accountant
@@ -71,19 +74,7 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
     from dpfl_app.strategy.dp_fedavg import DPFedAvgAdaptive
     from dpfl_app.strategy.secure_aggregation import SecureDPFedAvgAdaptive
 
-    stddev = cfg["clipped-count-stddev"]
-    big = deployment(cfg, population)  # the run's own, or a simulated larger one
-    split = mechanism.split_noise(noise, big.clients_per_round,
-                                  None if stddev == "auto" else float(stddev))
-    if split.raised:
-        log(WARNING, "clipped-count-stddev raised from m/20=%.3f to %.3f so that noise z=%.4g"
-            " < 2*sigma_b; update noise multiplier z_delta=%.4f", split.default_count_stddev,
-            split.count_stddev, noise, split.update_noise_multiplier)
     generators = server_generators(cfg["seed"] if cfg["deterministic-noise"] else None)
-    ledger = PrivacyLedger(AccountingModel(
-        cfg["sampling"], noise, big.population, big.clients_per_round, cfg["target-delta"],
-        withheld_inputs(cfg, big.population, big.clients_per_round)),
-        noise_secret=generators.secret)
     # FedAvg addresses every online node; the strategy keeps the sampled slots.
     fedavg = FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1,
                     fraction_evaluate=1.0, min_evaluate_nodes=1)
@@ -95,6 +86,21 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
         log(WARNING, "deterministic-noise=true: the DP noise is reproducible from seed=%d, "
             "so there is NO privacy guarantee: epsilon is reported as inf. Fine for "
             "experiments; never deploy with it.", cfg["seed"])
+    if cfg["mechanism"] == "dp-ftrl":
+        from dpfl_app.strategy.dp_ftrl import build_ftrl_strategy
+        return build_ftrl_strategy(cfg, noise, fedavg, generators, server_optimizer(cfg))
+    stddev = cfg["clipped-count-stddev"]
+    big = deployment(cfg, population)  # the run's own, or a simulated larger one
+    split = mechanism.split_noise(noise, big.clients_per_round,
+                                  None if stddev == "auto" else float(stddev))
+    if split.raised:
+        log(WARNING, "clipped-count-stddev raised from m/20=%.3f to %.3f so that noise z=%.4g"
+            " < 2*sigma_b; update noise multiplier z_delta=%.4f", split.default_count_stddev,
+            split.count_stddev, noise, split.update_noise_multiplier)
+    ledger = PrivacyLedger(AccountingModel(
+        cfg["sampling"], noise, big.population, big.clients_per_round, cfg["target-delta"],
+        withheld_inputs(cfg, big.population, big.clients_per_round)),
+        noise_secret=generators.secret)
     canaries = audit_canaries(cfg, population)
     secure = {"neighbours": cfg["secagg-neighbours"], "stage_timeout": cfg["round-timeout"]}
     cls = SecureDPFedAvgAdaptive if cfg["secure-aggregation"] else DPFedAvgAdaptive
@@ -353,20 +359,28 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
         log(WARNING, "%s", simulation.summary())
     noise = state["noise"] if state else choose_noise(cfg, num_nodes)
     strategy = build_strategy(cfg, num_nodes, noise)
-    assumption = population_assumption(cfg, num_nodes, is_simulation(grid))
-    if not cfg["population"] and not is_simulation(grid) and not state:
-        log(WARNING, "population=0 in a deployment: N = %d, the SuperNodes connected now, is "
-            "published un-noised and NOT covered by the guarantee; set `population`", num_nodes)
+    ftrl = cfg["mechanism"] == "dp-ftrl"
+    if ftrl:
+        from dpfl_app.strategy.dp_ftrl import epsilon_summary, participation_assumption
+        assumption = participation_assumption(strategy.ledger.model, online)
+        log(INFO, "%s", epsilon_summary(strategy.ledger.model))
+    else:
+        assumption = population_assumption(cfg, num_nodes, is_simulation(grid))
+        if not cfg["population"] and not is_simulation(grid) and not state:
+            log(WARNING, "population=0 in a deployment: N = %d, the SuperNodes connected now, "
+                "is published un-noised and NOT covered by the guarantee; set `population`",
+                num_nodes)
     accounting_extra = {"update_noise_multiplier": strategy.split.update_noise_multiplier,
                         "clipped_count_stddev": strategy.split.count_stddev,
                         "population_source": assumption}
     model_name, _ = model_spec(cfg)
     log(INFO, "config: %s data (%s partitions, %s model), %d rounds, N=%d SuperNodes, "
-        "m=%d per round (%s sampling) | noise z=%.4g (update z_delta=%.4g, count sigma_b=%.3g),"
+        "m=%d per round (%s) | noise z=%.4g (update z_delta=%.4g, count sigma_b=%.3g),"
         " delta=%g, accountant=%s | clip norm C_0=%g, target quantile %g, clip-lr %g | "
         "server-lr=%g, lr=%g, local-epochs=%d, batch-size=%d",
         cfg["dataset"], cfg["partitioning"], model_name, cfg["rounds"], num_nodes,
-        cfg["clients"], cfg["sampling"], noise, strategy.split.update_noise_multiplier,
+        cfg["clients"], (f"dp-ftrl, min-separation {cfg['min-separation']}" if ftrl
+                         else f"{cfg['sampling']} sampling"), noise, strategy.split.update_noise_multiplier,
         strategy.split.count_stddev, cfg["target-delta"], strategy.ledger.headline.upper(),
         cfg["initial-clip"], cfg["target-quantile"], cfg["clip-lr"],
         cfg["server-lr"], cfg["lr"], cfg["local-epochs"], cfg["batch-size"])
@@ -401,11 +415,15 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
         recorder.stop_reason = f"privacy budget: {stop}"
         log(WARNING, "training stopped early: %s", recorder.stop_reason)
     recorder.write()
-    report = privacy_report(strategy.ledger, len(strategy.records), recorder.stop_reason,
-                            audit=recorder.audit, secure_aggregation=cfg["secure-aggregation"],
-                            assumptions=[assumption],
-                            simulation=simulation.summary() if simulation.simulated else None,
-                            float_residual=recorder.float_residual())
+    if ftrl:
+        from dpfl_app.privacy.ftrl_report import ftrl_privacy_report
+        report = ftrl_privacy_report(strategy.ledger, len(strategy.records), recorder.stop_reason)
+    else:
+        report = privacy_report(strategy.ledger, len(strategy.records), recorder.stop_reason,
+                                audit=recorder.audit, secure_aggregation=cfg["secure-aggregation"],
+                                assumptions=[assumption],
+                                simulation=simulation.summary() if simulation.simulated else None,
+                                float_residual=recorder.float_residual())
     outputs.write_atomic(run_dir / "privacy.md", report.encode())
     for line in console.report_lines(report, run_dir / "privacy.md", cfg["verbose"]):
         log(INFO, "%s", line)

@@ -55,6 +55,8 @@ BAD_VALUES = {
     "tracking": ("wandb", "none, tensorboard, mlflow"),
     "tracking-uri": (5, "str"),
     "verbose": ("loud", "bool"),
+    "mechanism": ("dp-sgd", "dp-fedavg, dp-ftrl"),
+    "min-separation": (0, "an integer >= 1"),
 }
 
 
@@ -108,3 +110,23 @@ def test_too_few_supernodes_fails_after_a_bounded_wait():
     with pytest.raises(NotEnoughNodes, match=r"only 3 SuperNode\(s\).*clients=6.*Start more"):
         wait_for_nodes(FakeGrid(3), needed=6, timeout=1.0)
     assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("secure-aggregation", True, "secure aggregation is not implemented for dp-ftrl"),
+    ("resume-from", "outputs/run1", "cannot be resumed"),
+    ("audit-canaries", 4, "audit-canaries=0"),
+    ("simulate-population", 1000, "simulate-population=0"),
+])
+def test_dp_ftrl_refuses_what_it_does_not_support_in_one_line(key, value, fragment):
+    extra = {"simulate-clients": 10} if key == "simulate-population" else {}
+    with pytest.raises(ConfigError) as err:
+        validate(default_run_config(mechanism="dp-ftrl", **{key: value}, **extra))
+    message = str(err.value)
+    assert "\n" not in message and repr(key) in message and fragment in message, message
+
+
+def test_min_separation_is_refused_where_it_would_mean_nothing():
+    with pytest.raises(ConfigError, match="applies only to mechanism='dp-ftrl'"):
+        validate(default_run_config(**{"min-separation": 3}))
+    validate(default_run_config(**{"mechanism": "dp-ftrl", "min-separation": 3}))

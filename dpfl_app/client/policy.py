@@ -51,6 +51,9 @@ def announced_epsilon(config: dict[str, Any]) -> float:
     """
     if _flag(config.get("dp-deterministic-noise", False)):
         return math.inf
+    if config.get("dp-mechanism") == "dp-ftrl":  # no sampling: one Gaussian over the run
+        from dpfl_app.privacy.ftrl_accounting import announced_epsilon as ftrl_epsilon
+        return ftrl_epsilon(config)
     # Imported here: dp-accounting (and scipy) load only on nodes that set max-epsilon.
     from dpfl_app.privacy.accounting import (  # pylint: disable=import-outside-toplevel
         AccountingModel, epsilon_after, headline_accountant, withheld_sum_bound)

@@ -44,6 +44,8 @@ def pld_discretization(ledger: PrivacyLedger) -> float | None:
 
 def accounting_record(ledger: PrivacyLedger) -> dict:
     """Everything needed to recompute the ledger's epsilon with dp_accounting."""
+    if hasattr(ledger, "accounting_record"):  # dp-ftrl's ledger writes its own
+        return ledger.accounting_record()
     model = ledger.model
     poisson = model.sampling == "poisson"
     return {

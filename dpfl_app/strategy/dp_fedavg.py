@@ -229,13 +229,8 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
                 extra, bits = [], []
             deltas = deltas + clipped_deltas(extra, global_nd, clip)
             unclipped, count = unclipped + sum(bits), count + len(bits)
-        new_model, unclipped_fraction, self.clipping_norm = mechanism.dp_fedavg_release(
-            global_nd, deltas, unclipped, count,
-            clip, m, self.split, self.rng, server_lr=self.server_lr,
-            target_quantile=self.target_quantile, clip_lr=self.clip_norm_lr,
-            step=self.server_optimizer.step if self.server_optimizer else None,
-            noise_scale=self.noise_scale,
-        )
+        new_model, unclipped_fraction, self.clipping_norm = self.release(
+            global_nd, deltas, unclipped, count, clip, m)
         if self.canaries is not None:
             self.canaries.observe(global_nd, new_model, (unclipped_fraction - 0.5) * m)
         new_arrays = ArrayRecord({k: Array(v) for k, v in zip(reference, new_model)})
@@ -268,6 +263,24 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         # No MetricRecord: Flower would list these server-side values under
         # "ClientApp-side Train Metrics". The recorder logs and saves them.
         return new_arrays, None
+
+    def release(self, global_nd: list[np.ndarray], deltas: list, unclipped: int, count: int,
+                clip: float, m: int) -> tuple[list[np.ndarray], float, float]:
+        """The round's noised release and model step (dp-ftrl overrides the noise)."""
+        return mechanism.dp_fedavg_release(
+            global_nd, deltas, unclipped, count,
+            clip, m, self.split, self.rng, server_lr=self.server_lr,
+            target_quantile=self.target_quantile, clip_lr=self.clip_norm_lr,
+            step=self.server_optimizer.step if self.server_optimizer else None,
+            noise_scale=self.noise_scale,
+        )
+
+    def mechanism_step(self, global_model, client_models, unclipped_bits, clip: float, m: int,
+                       **release):
+        """`mechanism.dp_fedavg_step` with this strategy's split and noise RNG (the study
+        engine's server step; dp-ftrl overrides it with correlated noise)."""
+        return mechanism.dp_fedavg_step(global_model, client_models, unclipped_bits, clip, m,
+                                        self.split, self.rng, **release)
 
     def clipped_sum(self, replies: list[Message], reference: dict[str, np.ndarray],
                     clip: float) -> ClippedSum:

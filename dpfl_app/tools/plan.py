@@ -32,6 +32,8 @@ Modes (which options you give decides the question):
                                               (the noise std on the averaged update,
                                               z·C/m = R·C, stays fixed)
   --noise Z --clients M [--target-epsilon E]  ε after T rounds (and whether E is met)
+  --mechanism dp-ftrl --min-separation B (--target-epsilon E | --noise Z)
+                                              DP-FTRL: z for E, or ε at z; no N needed
 
 Every mode also prints ε after 1, T/10, 2T/10, ..., T rounds (RDP, and PLD where it
 applies).
@@ -77,8 +79,8 @@ def _float_in(low: float, high: float, low_open: bool, name: str):
 def build_parser() -> argparse.ArgumentParser:
     plan = argparse.ArgumentParser(prog="dpfl plan", description=DESCRIPTION,
                                    formatter_class=HelpFormatter)
-    plan.add_argument("--population", "-N", type=_positive_int, required=True,
-                      help="N, total number of clients (privacy units)")
+    plan.add_argument("--population", "-N", type=_positive_int,
+                      help="N, total number of clients (privacy units); required for dp-fedavg")
     plan.add_argument("--rounds", "-T", type=_positive_int, required=True, help="T, training rounds")
     plan.add_argument("--delta", type=_float_in(0, 1, True, "--delta"), required=True,
                       help="target δ, in (0, 1); should be well below 1/N")
@@ -95,12 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="accountant used for calibration; default: the run's headline "
                            "accountant, pld for poisson (tighter) and rdp for fixed "
                            "(pld does not apply to fixed)")
+    plan.add_argument("--mechanism", choices=("dp-fedavg", "dp-ftrl"), default="dp-fedavg",
+                      help="dp-ftrl: correlated noise and min-separation, no N, no sampling")
+    plan.add_argument("--min-separation", type=_positive_int, default=1, metavar="B",
+                      help="dp-ftrl: fewest rounds between two participations of a client")
+    plan.add_argument("--momentum", type=_float_in(0, 1, False, "--momentum"), default=0.0,
+                      help="dp-ftrl: server momentum in the workload (0: plain SGD)")
     plan.add_argument("--json", action="store_true", help="print machine-readable JSON")
     return plan
 
 
 def _validate(parser: argparse.ArgumentParser, a: argparse.Namespace) -> str:
     """Return the mode name, or exit through parser.error."""
+    if a.mechanism == "dp-ftrl":
+        if a.noise is None and a.target_epsilon is None:
+            parser.error("--mechanism dp-ftrl needs --target-epsilon or --noise")
+        if a.noise_to_clients_ratio is not None:
+            parser.error("--noise-to-clients-ratio is dp-fedavg only")
+        return "ftrl"
+    if a.population is None:
+        parser.error("--population is required for --mechanism dp-fedavg")
     if a.accountant is None:  # the same default as the app's run: its headline epsilon
         a.accountant = headline_accountant(AccountingModel(a.sampling, 1.0, a.population, 1,
                                                            a.delta))
@@ -211,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     mode = _validate(parser, args)
+    if mode == "ftrl":
+        from dpfl_app.tools.plan_ftrl import plan_ftrl, render_ftrl
+        res = plan_ftrl(args)
+        print(json.dumps(res, indent=2, default=_num) if args.json else render_ftrl(res))
+        return 0
     res = plan(args, mode)
     if args.json:
         res["epsilon"] = {k: _num(v) for k, v in res["epsilon"].items()}

@@ -5,8 +5,8 @@ noise calibration (`choose_noise`) and strategy construction
 (`build_strategy`: the noise split, the `PrivacyLedger`, the seeded RNG), the
 strategy's cohort sampling (`strategy.sampling.SlotSampler`), the ClientApp's data
 (`node_data.client_data`) and loader seeds, the clip and norm bit of Flower's
-`adaptiveclipping_mod`, the server's clip and release (`mechanism.clipped_sum`,
-`dp_fedavg_release`: `dp_fedavg_step` on a matrix) and the
+`adaptiveclipping_mod`, the server's clip and release (the strategy's own
+`mechanism_step`: dp-fedavg's `dp_fedavg_step`, or dp-ftrl's correlated noise) and the
 server's test-set evaluation (`task.test`). What is left out is what Flower
 adds: messages, the SuperLink, actors. With `deterministic-noise=true` it
 draws from the RNG in the strategy's order, so it samples the same cohorts and
@@ -30,7 +30,6 @@ import torch
 from dpfl_app.config import client_settings, data_source, model_spec, validate
 from dpfl_app.data.datasets import Tensors, load_test_data, loader
 from dpfl_app.data.node_data import client_data
-from dpfl_app.privacy import mechanism
 from dpfl_app.privacy.accounting import epsilon_after, max_rounds_within
 from dpfl_app.server_app import build_strategy, choose_noise
 from dpfl_app.task import build_model, test
@@ -151,7 +150,7 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
     start = time.perf_counter()
     noise = choose_noise(cfg, population)
     strategy = build_strategy(cfg, population, noise)  # split, ledger, RNG: the ServerApp's
-    rng, ledger, m = strategy.rng, strategy.ledger, cfg["clients"]
+    ledger, m = strategy.ledger, cfg["clients"]
     sampling_rng, sampler = strategy.sampling_rng, strategy.sampler  # cohorts, as the strategy
     # Accounting happens once, here: epsilon depends on the configuration and the
     # number of rounds only, both known now (the accountant's cache keeps the value).
@@ -186,12 +185,10 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
                                   cfg["batch-size"], cfg["lr"], cfg["seed"] + 1000 * server_round)
             models, bits = mod_clip(flatten(local, stacked=True), global_flat, clip)
         trained = time.perf_counter()
-        # dp_fedavg_step with the server's clip of every delta done as one matrix
-        # operation: the release sees their sum, as under secure aggregation.
-        total = mechanism.clipped_sum(models - global_flat.numpy(), clip)
-        (new_model,), unclipped_fraction, clip = mechanism.dp_fedavg_release(
-            [global_flat.numpy()], [[total]], sum(bits), len(bits), clip, m,
-            strategy.split, rng, server_lr=cfg["server-lr"],
+        # dp_fedavg_step with the strategy's split and RNG (dp-ftrl: its correlated noise)
+        (new_model,), unclipped_fraction, clip = strategy.mechanism_step(
+            [global_flat.numpy()], [[row] for row in models], bits, clip, m,
+            server_lr=cfg["server-lr"],
             target_quantile=cfg["target-quantile"], clip_lr=cfg["clip-lr"])
         state = unflatten(new_model, state)
         stepped = time.perf_counter()
