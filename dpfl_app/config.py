@@ -94,6 +94,12 @@ KEYS: dict[str, Key] = {
     "node-wait-timeout": POSITIVE,
     "output-dir": Key(str, lambda v: v != "", "a non-empty path"),
     "resume-from": Key(str),
+    # Record-level DP-SGD inside each site (dpfl_app/dp_sgd.py); 0 noise = off.
+    "record-noise": NON_NEGATIVE,
+    "record-clip": POSITIVE,
+    "record-sampling-rate": Key(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "target-record-epsilon": NON_NEGATIVE,
+    "record-delta": Key(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
 }
 
 
@@ -156,6 +162,12 @@ def validate(run_config: dict[str, Any]) -> dict[str, Any]:
         )
     _check_simulation(clean)
     return clean
+
+
+def record_level_on(cfg: dict[str, Any]) -> bool:
+    """Whether each site runs DP-SGD: `record-noise` > 0 or `target-record-epsilon` > 0."""
+    return cfg["record-noise"] > 0 or cfg["target-record-epsilon"] > 0
+
 
 
 def _check_simulation(cfg: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from dpfl_app.config import validate
+from dpfl_app.config import record_level_on, validate
 from dpfl_app.errors import ConfigError
 from dpfl_app.run import outcome
 from dpfl_app.strategy.large_deployment import deployment  # light: no torch
@@ -45,6 +45,28 @@ def choose_noise(cfg: dict, population: int) -> float:
     log(INFO, "target-epsilon=%s: calibrated noise multiplier z=%.6g (replaces noise=%s)",
         cfg["target-epsilon"], z, cfg["noise"])
     return z
+
+
+def choose_record_model(cfg: dict):
+    """Each site's record-level DP-SGD (a RecordLevelModel), or None when it is off."""
+    from dpfl_app.site_ledger import planned_model
+
+    model = planned_model(cfg)
+    if model is None:
+        return None
+    from dpfl_app.privacy.record_level import record_epsilon
+
+    if cfg["target-record-epsilon"] > 0:
+        log(INFO, "target-record-epsilon=%s: calibrated record-noise sigma=%.6g (replaces "
+            "record-noise=%s); every site calibrates the same sigma itself",
+            cfg["target-record-epsilon"], model.noise_multiplier, cfg["record-noise"])
+    log(INFO, "record-level DP-SGD at every site: sigma=%.4g, record-clip=%g, Poisson rate "
+        "q=%g, %d steps per round; after %d rounds: record-level epsilon %.3f at delta %g for "
+        "any record at any site (PLD; RDP %.3f)", model.noise_multiplier, cfg["record-clip"],
+        model.sampling_rate, model.steps_per_round, cfg["rounds"],
+        record_epsilon(model, cfg["rounds"]), model.delta,
+        record_epsilon(model, cfg["rounds"], "rdp"))
+    return model
 
 
 def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive:
@@ -286,6 +308,7 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
     from flwr.app import ArrayRecord, ConfigRecord
 
     from dpfl_app.config import model_spec
+    from dpfl_app.privacy.record_report import record_level_lines, record_log_text
     from dpfl_app.privacy.report import privacy_report
     from dpfl_app.run import checkpoint, outputs
     from dpfl_app.run.recorder import RunRecorder
@@ -328,8 +351,9 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
         outputs.DIAGNOSTICS_FILE)
     strategy.on_round_charged = lambda: checkpoint.save_ledger(run_dir,
                                                                strategy.ledger.state_dict())
+    record_model = choose_record_model(cfg)
     recorder = RunRecorder(cfg, run_dir, strategy, accounting_extra,
-                           initial=state["initial"] if state else None)
+                           initial=state["initial"] if state else None, record_model=record_model)
     try:
         strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_model),
                        num_rounds=cfg["rounds"] - strategy.round_offset,
@@ -342,10 +366,15 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
     report = privacy_report(strategy.ledger, len(strategy.records), recorder.stop_reason,
                             audit=recorder.audit, secure_aggregation=cfg["secure-aggregation"],
                             assumptions=[assumption],
-                            simulation=simulation.summary() if simulation.simulated else None)
+                            simulation=simulation.summary() if simulation.simulated else None,
+                            record_level=record_level_lines(record_model, strategy.ledger.rounds,
+                                                            cfg["record-clip"])
+                            if record_level_on(cfg) else None)
     outputs.write_atomic(run_dir / "privacy.md", report.encode())
     for line in report.splitlines():
         log(INFO, "%s", line)
     final = recorder.results()["final"]
     outcome.report_success(final["stop_reason"], final["rounds_completed"],
-                           final["test_accuracy"], final["epsilon"], cfg["target-delta"], run_dir)
+                           final["test_accuracy"], final["epsilon"], cfg["target-delta"], run_dir,
+                           f", {record_log_text(record_model, strategy.ledger.rounds)}"
+                           if record_model else "")

@@ -75,8 +75,9 @@ def report_failure(err: BaseException, run_dir: Path | None, resumed: bool,
 
 
 def report_success(stop_reason: str, rounds: int, accuracy: float | None, epsilon: float,
-                   delta: float, run_dir: Path) -> None:
-    """The run's last line when it succeeded."""
+                   delta: float, run_dir: Path, record_level: str = "") -> None:
+    """The run's last line when it succeeded (`record_level`: its record-level epsilon, if any)."""
     acc = "n/a" if accuracy is None else f"{accuracy:.4f}"
-    log(INFO, "run SUCCEEDED (%s): %d rounds, test accuracy %s, epsilon %.3f at delta %g; "
-        "outputs in %s", stop_reason, rounds, acc, epsilon, delta, run_dir)
+    unit = "user-level " if record_level else ""
+    log(INFO, "run SUCCEEDED (%s): %d rounds, test accuracy %s, %sepsilon %.3f at delta %g%s; "
+        "outputs in %s", stop_reason, rounds, acc, unit, epsilon, delta, record_level, run_dir)

@@ -23,6 +23,8 @@ from dpfl_app.run import checkpoint, outputs
 from dpfl_app.config import data_source, model_spec
 from dpfl_app.data.datasets import load_test_data, loader
 from dpfl_app.privacy.record import accounting_record
+from dpfl_app.privacy.record_level import RecordLevelModel, record_accounting
+from dpfl_app.privacy.record_report import record_fields, record_log_text
 from dpfl_app.run.plots import plot_run_accuracy
 from dpfl_app.strategy.dp_fedavg import DPFedAvgAdaptive
 from dpfl_app.task import build_model, test
@@ -37,9 +39,13 @@ class RunRecorder:
     """Evaluates, logs and persists a run; `evaluate` is the strategy's evaluate_fn."""
 
     def __init__(self, cfg: dict, run_dir: Path, strategy: DPFedAvgAdaptive,
-                 accounting_extra: dict, initial: dict | None = None) -> None:
+                 accounting_extra: dict, initial: dict | None = None,
+                 record_model: RecordLevelModel | None = None) -> None:
         self.cfg, self.run_dir, self.strategy = cfg, run_dir, strategy
         self.accounting_extra = accounting_extra  # fixed for the run; the rest is per round
+        # Record-level DP-SGD at the sites: its epsilon for a site that trained every round
+        # charged so far (the ledger's rounds: a redone round was trained twice).
+        self.record_model = record_model
         test_set = load_test_data(cfg["dataset"], cfg["seed"], **data_source(cfg))
         self.test_loader = loader(test_set, 512, False)
         self.initial: dict = initial or {}
@@ -63,6 +69,8 @@ class RunRecorder:
         else:
             rec = self.strategy.records[-1]
             rec.update(test_loss=loss, test_accuracy=accuracy)
+            if self.record_model is not None:
+                rec.update(record_fields(self.record_model, self.strategy.ledger.rounds))
             log(INFO, "%s", self.round_line(rec))
             self.write(final=False)
             self.save_checkpoint()
@@ -79,9 +87,13 @@ class RunRecorder:
         left = self.cfg["rounds"] - rec["round"]
         steady = self._round_seconds[1:] or self._round_seconds  # round 1 pays the start-up
         eta = f", about {left * sum(steady) / len(steady):.0f} s left" if left else ""
+        record = self.record_model is not None
         return (f"round {rec['round']}/{self.cfg['rounds']} ({seconds:.1f} s{eta}): "
                 f"test accuracy {rec['test_accuracy']:.4f} (loss {rec['test_loss']:.3f}) | "
-                f"epsilon so far {rec['epsilon']:.3f} at delta {self.cfg['target-delta']:g} | "
+                f"{'user-level ' if record else ''}epsilon so far {rec['epsilon']:.3f} at "
+                f"delta {self.cfg['target-delta']:g} | "
+                + (f"{record_log_text(self.record_model, self.strategy.ledger.rounds)} | "
+                   if record else "") +
                 f"clip norm {rec['clip_norm']:.4f} -> {rec['next_clip_norm']:.4f}")
 
     def results(self) -> dict:
@@ -106,6 +118,12 @@ class RunRecorder:
                 and last["round"] == self.cfg["rounds"] else "in progress or interrupted"),
         }
         accounting = {**accounting_record(self.strategy.ledger), **self.accounting_extra}
+        if self.record_model is not None:
+            rounds = self.strategy.ledger.rounds
+            final.update(record_fields(self.record_model, rounds),
+                         record_delta=self.record_model.delta)
+            accounting["record_level"] = {**record_accounting(self.record_model, rounds),
+                                          "clip": self.cfg["record-clip"]}
         results = {"config": self.cfg, "accounting": accounting, "initial": self.initial,
                    "rounds": self.strategy.records, "final": final}
         if self.audit is not None:

@@ -30,7 +30,9 @@ from dpfl_app.config import client_settings, data_source, model_spec, validate
 from dpfl_app.data.datasets import Tensors, load_test_data, loader
 from dpfl_app.data.node_data import client_data
 from dpfl_app.privacy import mechanism
-from dpfl_app.server_app import build_strategy, choose_noise
+from dpfl_app.privacy.record_report import record_fields
+from dpfl_app.server_app import build_strategy, choose_noise, choose_record_model
+from dpfl_app.tools.study.record_dp import CohortDpSgd, record_level_training
 from dpfl_app.task import build_model, test
 from dpfl_app.tools.study.vectorised import VECTORISED_MODELS, CohortTrainer
 
@@ -135,6 +137,8 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round) -
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     trainer = CohortTrainer(build_model(*model_spec(cfg)),
                             vectorised=model_spec(cfg)[0] in VECTORISED_MODELS)
+    record_model = choose_record_model(cfg)  # None: record-level DP-SGD off
+    dp_trainer = CohortDpSgd(build_model(*model_spec(cfg))) if record_model else None
     data = population_data(run_config, population)
     sets = evaluation_sets(cfg, holdout)
     initial = evaluate(net, state, sets)
@@ -153,8 +157,13 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round) -
         global_flat = flatten(state)
         models, bits = np.zeros((0, global_flat.numel()), dtype=np.float32), []
         if cohort:
-            local = trainer.train(state, [data[p] for p in cohort], cfg["local-epochs"],
-                                  cfg["batch-size"], cfg["lr"], cfg["seed"] + 1000 * server_round)
+            if record_model is not None:  # each site's DP-SGD, seeded per site and round
+                local = record_level_training(dp_trainer, state, [data[p] for p in cohort],
+                                              cohort, cfg, record_model, server_round)
+            else:
+                local = trainer.train(state, [data[p] for p in cohort], cfg["local-epochs"],
+                                      cfg["batch-size"], cfg["lr"],
+                                      cfg["seed"] + 1000 * server_round)
             models, bits = mod_clip(flatten(local, stacked=True), global_flat, clip)
         trained = time.perf_counter()
         (new_model,), unclipped_fraction, clip = mechanism.dp_fedavg_step(
@@ -166,7 +175,8 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round) -
         ledger.compose_round()
         record = {"round": server_round, "clip_norm": round_clip, "next_clip_norm": clip,
                   "noisy_unclipped_fraction": unclipped_fraction,
-                  "epsilon": ledger.epsilon_if_secret()}
+                  "epsilon": ledger.epsilon_if_secret(),
+                  **(record_fields(record_model, ledger.rounds) if record_model else {})}
         accounted = time.perf_counter()
         record.update(evaluate(net, state, sets))
         end = time.perf_counter()
@@ -187,6 +197,7 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round) -
              "epsilon_meaning": "accounted for this configuration run with secret noise",
              "accountant": ledger.headline,
              "delta": cfg["target-delta"], "stop_reason": stop_reason,
+             **(record_fields(record_model, ledger.rounds) if record_model else {}),
              "wall_s": time.perf_counter() - start}
     if holdout == "validation":
         final["validation_accuracy"] = last["validation_accuracy"]
