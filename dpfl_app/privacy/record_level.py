@@ -116,6 +116,7 @@ def record_epsilon(model: RecordLevelModel, rounds: int, accountant: str = "pld"
         return float(accountant_.compose(model.event(int(rounds))).get_epsilon(model.delta))
 
 
+@functools.lru_cache(maxsize=256)
 def calibrate_record_noise(target_epsilon: float, delta: float, sampling_rate: float,
                            local_epochs: int, rounds: int) -> float:
     """Smallest sigma (4 significant digits, rounded up) with record epsilon <= target."""
