@@ -9,7 +9,9 @@ It clips w_local - w_global to the round's clip norm C_t and adds the
 With `secure-aggregation=true` the server drives SecAgg+ stages instead
 (`dpfl_app.secagg_client`): `train.secagg` runs the same training inside the
 same clipping mod, then masks. Every train message first passes the node's
-privacy policy (`dpfl_app.client_policy`). Torch, the model and the data are
+privacy policy (`dpfl_app.client_policy`). With record-level DP on (`record-noise` or
+`target-record-epsilon`), `site_ledger.record_budget_mod` checks and charges
+the site's own ledger, and training is DP-SGD (`dpfl_app.dp_sgd`). Torch, the model and the data are
 imported only where training or evaluation needs them, so that the
 secure-aggregation stages start fast in a fresh process.
 """
