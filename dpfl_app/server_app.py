@@ -16,7 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from dpfl_app.config import record_level_on, validate
+from dpfl_app.config import validate
 from dpfl_app.errors import ConfigError
 from dpfl_app.run import outcome
 from dpfl_app.strategy.large_deployment import deployment  # light: no torch
@@ -369,7 +369,7 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
                             simulation=simulation.summary() if simulation.simulated else None,
                             record_level=record_level_lines(record_model, strategy.ledger.rounds,
                                                             cfg["record-clip"])
-                            if record_level_on(cfg) else None)
+                            if record_model else None)
     outputs.write_atomic(run_dir / "privacy.md", report.encode())
     for line in report.splitlines():
         log(INFO, "%s", line)

@@ -11,13 +11,8 @@ def _fmt(epsilon: float) -> str:
     return "∞" if math.isinf(epsilon) else f"{epsilon:.4g}"
 
 
-def record_level_lines(model: RecordLevelModel | None, rounds: int, clip: float) -> list[str]:
-    """The record-level guarantee after `rounds` rounds, or why there is none."""
-    if model is None:
-        return ["**Record-level guarantee:** none of its own (record-level DP-SGD is off: "
-                "record-noise=0). The sites trained on their records without noise, so the "
-                "server sees updates that are not private at the record level. Turn it on with "
-                "`record-noise` or `target-record-epsilon` (see \"Which unit to choose\")."]
+def record_level_lines(model: RecordLevelModel, rounds: int, clip: float) -> list[str]:
+    """The record-level guarantee after `rounds` rounds of DP-SGD at every site."""
     eps, eps_rdp = record_epsilon(model, rounds), record_epsilon(model, rounds, "rdp")
     q, per_epoch = model.sampling_rate, steps_per_epoch(model.sampling_rate)
     lines = [

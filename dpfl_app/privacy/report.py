@@ -212,7 +212,7 @@ def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | No
         "a factor of e^ε. δ is the small probability that this bound fails, and it should be well "
         "below 1/N. Smaller is better. ε ≤ 1 is strong, and single digits are common in practice. "
         "Above about 20 the promise is empty.",
-        "", *threat_model(secure_aggregation), *(WHICH_UNIT if record_level else []),
+        "", *threat_model(secure_aggregation), *WHICH_UNIT,
         "## Not covered", "",
         "Client-side evaluation metrics (loss and accuracy computed on clients' private data) are "
         "not noised and are **not covered** by this guarantee. Treat them as non-private. Only the "
