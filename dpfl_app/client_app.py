@@ -10,7 +10,10 @@ With `secure-aggregation=true` the server drives SecAgg+ stages instead
 (`dpfl_app.client.secagg`): `train.secagg` runs the same training inside the
 same clipping mod, then masks. Every train message first passes the node's
 privacy policy (`dpfl_app.client.policy`) and, under dp-ftrl, the node's own
-participation record (`dpfl_app.client.participation`). Torch, the model and the data are
+participation record (`dpfl_app.client.participation`). With record-level DP on
+(`record-noise` or `target-record-epsilon`), `site_ledger.record_budget_mod` checks and
+charges the site's own ledger, and training is DP-SGD (`dpfl_app.client.dp_sgd`). Torch,
+the model and the data are
 imported only where training or evaluation needs them, so that the
 secure-aggregation stages start fast in a fresh process.
 """
@@ -25,6 +28,7 @@ from dpfl_app.client.secagg import masking_mod, policy_mod
 from dpfl_app.client.mods import zero_safe_adaptiveclipping_mod
 from dpfl_app.client.participation import min_separation_mod
 from dpfl_app.run import console
+from dpfl_app.client.site_ledger import record_budget_mod
 
 app = ClientApp()
 
@@ -42,13 +46,18 @@ def _model_and_data(msg: Message, context: Context):
     return settings, net, train_set, val_set
 
 
-@app.train(mods=[policy_mod, min_separation_mod, zero_safe_adaptiveclipping_mod])
+@app.train(mods=[policy_mod, min_separation_mod, record_budget_mod,
+                  zero_safe_adaptiveclipping_mod])
 def train_fn(msg: Message, context: Context) -> Message:
     """Train the global model on this client's data and reply with the new weights."""
     from dpfl_app.data.datasets import loader  # pylint: disable=import-outside-toplevel
     from dpfl_app.task import train  # pylint: disable=import-outside-toplevel
 
     settings, net, train_set, _ = _model_and_data(msg, context)
+    if record_dp_sgd(net, train_set, settings, context):
+        # Only the model, a function of noised sums: no loss or count of the site's records.
+        content = RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": MetricRecord()})
+        return Message(content=content, reply_to=msg)
     round_seed = settings.seed + 1000 * int(msg.content["config"].get("server-round", 0))
     train_loss = train(
         net, loader(train_set, settings.batch_size, shuffle=True, seed=round_seed),
@@ -60,10 +69,29 @@ def train_fn(msg: Message, context: Context) -> Message:
 
 
 # Secure aggregation: the same training, clipped by the same mod, then masked.
-app.train("secagg", mods=[policy_mod, masking_mod, zero_safe_adaptiveclipping_mod])(train_fn)
+app.train("secagg", mods=[policy_mod, record_budget_mod, masking_mod,
+                         zero_safe_adaptiveclipping_mod])(train_fn)
 app.query("secagg_setup")(secagg_client.setup)
 app.query("secagg_share_keys")(secagg_client.share_keys)
 app.query("secagg_unmask")(secagg_client.unmask)
+
+
+def record_dp_sgd(net, train_set, settings, context: Context) -> bool:
+    """Record-level DP-SGD (dpfl_app.client.dp_sgd) when the run asks for it; False when it does not."""
+    from dpfl_app.config import validate  # pylint: disable=import-outside-toplevel
+    from dpfl_app.client.site_ledger import applied_model  # pylint: disable=import-outside-toplevel
+
+    cfg = validate(dict(context.run_config))
+    model = applied_model(cfg, context)  # what record_budget_mod charged
+    if model is None:
+        return False
+    from dpfl_app.client.dp_sgd import DpSgdSettings, train_dp_sgd  # pylint: disable=import-outside-toplevel
+    from dpfl_app.privacy.randomness import secure_generator  # pylint: disable=import-outside-toplevel
+
+    train_dp_sgd(net, train_set, DpSgdSettings(
+        model.noise_multiplier, cfg["record-clip"], model.sampling_rate, settings.local_epochs,
+        settings.lr, settings.batch_size), secure_generator())
+    return True
 
 
 @app.evaluate()

@@ -109,6 +109,12 @@ KEYS: dict[str, Key] = {
     "tracking": _choice(TRACKERS),
     "tracking-uri": Key(str),  # mlflow only; "" = a SQLite file in output-dir
     "verbose": Key(bool),
+    # Record-level DP-SGD inside each site (dpfl_app/client/dp_sgd.py); 0 noise = off.
+    "record-noise": NON_NEGATIVE,
+    "record-clip": POSITIVE,
+    "record-sampling-rate": Key(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "target-record-epsilon": NON_NEGATIVE,
+    "record-delta": Key(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
 }
 
 
@@ -214,6 +220,11 @@ def _check_mechanism(cfg: dict[str, Any]) -> None:
     for key, why in FTRL_EXCLUDES.items():
         if cfg[key] not in (False, 0, ""):
             raise ConfigError(f"run-config key {key!r} = {cfg[key]!r} with mechanism='dp-ftrl': {why}")
+
+def record_level_on(cfg: dict[str, Any]) -> bool:
+    """Whether each site runs DP-SGD: `record-noise` > 0 or `target-record-epsilon` > 0."""
+    return cfg["record-noise"] > 0 or cfg["target-record-epsilon"] > 0
+
 
 
 def _check_simulation(cfg: dict[str, Any]) -> None:

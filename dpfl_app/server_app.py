@@ -63,6 +63,28 @@ def withheld_inputs(cfg: dict, population: int, clients: int) -> int:
     return withheld_sum_bound(cfg["sampling"], population, clients)
 
 
+def choose_record_model(cfg: dict):
+    """Each site's record-level DP-SGD (a RecordLevelModel), or None when it is off."""
+    from dpfl_app.client.site_ledger import planned_model
+
+    model = planned_model(cfg)
+    if model is None:
+        return None
+    from dpfl_app.privacy.record_level import record_epsilon
+
+    if cfg["target-record-epsilon"] > 0:
+        log(INFO, "target-record-epsilon=%s: calibrated record-noise sigma=%.6g (replaces "
+            "record-noise=%s); every site calibrates the same sigma itself",
+            cfg["target-record-epsilon"], model.noise_multiplier, cfg["record-noise"])
+    log(INFO, "record-level DP-SGD at every site: sigma=%.4g, record-clip=%g, Poisson rate "
+        "q=%g, %d steps per round; after %d rounds: record-level epsilon %.3f at delta %g for "
+        "any record at any site (PLD; RDP %.3f)", model.noise_multiplier, cfg["record-clip"],
+        model.sampling_rate, model.steps_per_round, cfg["rounds"],
+        record_epsilon(model, cfg["rounds"]), model.delta,
+        record_epsilon(model, cfg["rounds"], "rdp"))
+    return model
+
+
 def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive:
     """FedAvg (sampling, evaluation) inside our DP wrapper (clipping, noise, accounting)."""
     from flwr.serverapp.strategy import FedAvg
@@ -345,6 +367,7 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
     from flwr.app import ArrayRecord, ConfigRecord
 
     from dpfl_app.config import model_spec
+    from dpfl_app.privacy.record_report import record_level_lines, record_log_text
     from dpfl_app.privacy.report import privacy_report
     from dpfl_app.run import checkpoint, outputs
     from dpfl_app.run.recorder import RunRecorder
@@ -400,12 +423,14 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
         outputs.DIAGNOSTICS_FILE)
     strategy.on_round_charged = lambda: checkpoint.save_ledger(run_dir,
                                                                strategy.ledger.state_dict())
+    record_model = choose_record_model(cfg)
     folder["tracker"] = tracking.open_tracker(cfg, run_dir, resumed=bool(state))
     folder["tracker"].log_config({**cfg, "model": model_name})  # as results.json records it
     recorder = RunRecorder(cfg, run_dir, strategy, accounting_extra,
                            initial=state["initial"] if state else None,
                            real_model=real_model(strategy.ledger.model, simulation)
-                           if simulation.simulated else None, tracker=folder["tracker"])
+                           if simulation.simulated else None, tracker=folder["tracker"],
+                           record_model=record_model)
     try:
         strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_model),
                        num_rounds=cfg["rounds"] - strategy.round_offset,
@@ -423,7 +448,10 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
                                 audit=recorder.audit, secure_aggregation=cfg["secure-aggregation"],
                                 assumptions=[assumption],
                                 simulation=simulation.summary() if simulation.simulated else None,
-                                float_residual=recorder.float_residual())
+                                float_residual=recorder.float_residual(),
+                                record_level=record_level_lines(
+                                    record_model, strategy.ledger.rounds, cfg["record-clip"])
+                                if record_model else None)
     outputs.write_atomic(run_dir / "privacy.md", report.encode())
     for line in console.report_lines(report, run_dir / "privacy.md", cfg["verbose"]):
         log(INFO, "%s", line)
@@ -431,4 +459,6 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
     final = recorder.results()["final"]
     outcome.report_success(final["stop_reason"], final["rounds_completed"],
                            final["test_accuracy"], final["epsilon"], cfg["target-delta"], run_dir,
-                           final.get("epsilon_this_run"), run_id=context.run_id)
+                           final.get("epsilon_this_run"), run_id=context.run_id,
+                           record_level=f", {record_log_text(record_model, strategy.ledger.rounds)}"
+                           if record_model else "")

@@ -57,7 +57,19 @@ BAD_VALUES = {
     "verbose": ("loud", "bool"),
     "mechanism": ("dp-sgd", "dp-fedavg, dp-ftrl"),
     "min-separation": (0, "an integer >= 1"),
+    "record-noise": (-0.5, ">= 0"),
+    "record-clip": (0.0, "> 0"),
+    "record-sampling-rate": (1.5, "(0, 1]"),
+    "target-record-epsilon": (-2.0, ">= 0"),
+    "record-delta": (0.0, "(0, 1)"),
 }
+
+
+@pytest.mark.parametrize("key,bad", [("record-sampling-rate", 0.0), ("record-clip", -1.0),
+                                     ("record-delta", 1.0)])
+def test_record_level_bounds_are_checked_at_both_ends(key, bad):
+    with pytest.raises(ConfigError, match=repr(key)):
+        validate(default_run_config(**{key: bad}))
 
 
 def test_the_table_covers_every_key():

@@ -349,7 +349,7 @@ def test_user_facing_text_cites_only_public_sources(path):
 # The recipes' connection carries its SuperNode count (the recipes need 1,437),
 # which flwr 1.42 can only read from `options.`; the connections a first run
 # and a deployment use carry none, so their runs print no deprecation warning.
-SIZED_CONNECTIONS = {"digits-1437"}
+SIZED_CONNECTIONS = {"digits-1437", "digits-10"}  # the recipes: one command each
 
 
 def test_deprecated_connection_options_are_gone():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from .accounting import AccountingModel, PrivacyLedger
+from .record_report import WHICH_UNIT
 from .calibration import calibrate_clients, calibrate_noise, max_clients_within, round_up
 from .threat_model import threat_model
 
@@ -176,12 +177,15 @@ def audit_section(audit: dict) -> list[str]:
 def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | None = None,
                    audit: dict | None = None, secure_aggregation: bool = False,
                    assumptions: list[str] = (), simulation: str | None = None,
-                   float_residual: dict | None = None) -> str:
+                   float_residual: dict | None = None,
+                   record_level: list[str] | None = None) -> str:
     """Markdown privacy report for the rounds composed in `ledger`, with the audit if any.
 
     `assumptions` are sentences the guarantee rests on (e.g. how N was chosen).
     `simulation`: the sentence that says this run only simulated the noise of
     the deployment `ledger` accounts for; it then opens the report.
+    `record_level`: the record-level guarantee's lines (record_report.py), shown
+    beside the user-level one when the run asked for record-level DP-SGD.
     """
     model, rounds, acc = ledger.model, ledger.rounds, ledger.headline
     eps = ledger.epsilon()
@@ -208,13 +212,21 @@ def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | No
                      f"{fmt_eps(eps_all[other])}.)")
     if float_residual is not None and ledger.noise_secret and rounds > 0:
         lines += ["", float_line(float_residual)]
+    if record_level:
+        lines += ["", *record_level]
     if assumptions:
         lines += ["", "**Assumptions:** " + " ".join(assumptions)]
     lines += ["", f"**Strength:** {cat}."]
-    if model.noise_multiplier == 0:
+    if model.noise_multiplier == 0 and record_level:
+        lines += ["", "**The server added no noise (noise multiplier z = 0): there is no "
+                      "user-level guarantee (ε = ∞).** The record-level guarantee above stands."]
+    elif model.noise_multiplier == 0:
         lines += ["", "**No DP noise was added (noise multiplier z = 0). There is no differential "
                       "privacy guarantee at all: ε = ∞.**"]
-    if eps > 20:
+    if eps > 20 and record_level:
+        lines += ["", f"At the user level, ε = {fmt_eps(eps)} says nothing useful: an attacker "
+                      f"could in principle tell whether a given client took part."]
+    elif eps > 20:
         lines += ["", f"**This model should NOT be considered private.** With ε = {fmt_eps(eps)} "
                       f"the guarantee says nothing useful: an attacker could in principle tell "
                       f"whether a given client took part, and learn about that client's data.",
@@ -252,7 +264,8 @@ def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | No
         "a factor of e^ε. δ is the small probability that this bound fails, and it should be well "
         "below 1/N. Smaller is better. ε ≤ 1 is strong, and single digits are common in practice. "
         "Above about 20 the promise is empty.",
-        "", *threat_model(secure_aggregation), "## Not covered", "",
+        "", *threat_model(secure_aggregation), *WHICH_UNIT,
+        "## Not covered", "",
         "Client-side evaluation metrics (loss and accuracy computed on clients' private data) are "
         "not noised and are **not covered** by this guarantee. Treat them as non-private. Only the "
         "noised model update and the noised clipped-count are covered; exact participation "

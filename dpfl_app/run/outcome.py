@@ -141,16 +141,18 @@ def flower_status(status: str, run_id: int | None) -> str:
 
 def report_success(stop_reason: str, rounds: int, accuracy: float | None, epsilon: float,
                    delta: float, run_dir: Path, epsilon_this_run: float | None = None,
-                   run_id: int | None = None) -> None:
+                   run_id: int | None = None, record_level: str = "") -> None:
     """The run's last line when it succeeded.
 
     `epsilon_this_run`: a simulated deployment's run gives both figures, each labelled.
+    `record_level`: its record-level epsilon, if any (the user-level one is then labelled).
     """
     acc = "n/a" if accuracy is None else f"{accuracy:.4f}"
-    eps = f"epsilon {epsilon:.3f}"
+    unit = "user-level " if record_level else ""
+    eps = f"{unit}epsilon {epsilon:.3f}"
     if epsilon_this_run is not None:
-        eps = (f"SIMULATED deployment's epsilon {epsilon:.3f} (this run's own: "
+        eps = (f"SIMULATED deployment's {unit}epsilon {epsilon:.3f} (this run's own: "
                f"{epsilon_this_run:.4g})")
-    log(INFO, "run SUCCEEDED (%s): %d rounds, test accuracy %s, %s at delta %g; %s; "
-        "outputs in %s", stop_reason, rounds, acc, eps, delta,
+    log(INFO, "run SUCCEEDED (%s): %d rounds, test accuracy %s, %s at delta %g%s; %s; "
+        "outputs in %s", stop_reason, rounds, acc, eps, delta, record_level,
         flower_status("finished:completed", run_id), run_dir)

@@ -26,6 +26,7 @@ ROUND_COLUMNS = (
     "clip_norm", "next_clip_norm", "noise_std", "noisy_unclipped_fraction",
     "epsilon_if_noise_secret",  # deterministic-noise runs only (their epsilon is inf)
     "rounds_accounted",
+    "record_epsilon", "record_epsilon_rdp",  # record-level DP-SGD runs only (unit: one record)
 )
 # Exact cohort sizes, reply counts and rejected replies with node ids: not
 # covered by the DP guarantee (with Poisson sampling the cohort size itself

@@ -23,6 +23,8 @@ from dpfl_app.run import checkpoint, outputs
 from dpfl_app.config import data_source, model_spec
 from dpfl_app.data.datasets import load_test_data, loader
 from dpfl_app.privacy.record import accounting_record
+from dpfl_app.privacy.record_level import RecordLevelModel, record_accounting
+from dpfl_app.privacy.record_report import record_fields, record_log_text
 from dpfl_app.run.plots import plot_run_accuracy
 from dpfl_app.run.tracking import Tracker
 from dpfl_app.strategy.dp_fedavg import DPFedAvgAdaptive
@@ -39,13 +41,17 @@ class RunRecorder:
 
     def __init__(self, cfg: dict, run_dir: Path, strategy: DPFedAvgAdaptive,
                  accounting_extra: dict, initial: dict | None = None,
-                 real_model=None, tracker: Tracker | None = None) -> None:
+                 real_model=None, tracker: Tracker | None = None,
+                 record_model: RecordLevelModel | None = None) -> None:
         self.cfg, self.run_dir, self.strategy = cfg, run_dir, strategy
         # A simulated deployment's run: the AccountingModel of its real clients. Every
         # epsilon the ledger gives is then the simulated deployment's, and says so.
         self.real_model = real_model
         self.tracker = tracker or Tracker()  # DP-covered values only (run/tracking.py)
         self.accounting_extra = accounting_extra  # fixed for the run; the rest is per round
+        # Record-level DP-SGD at the sites: its epsilon for a site that trained every round
+        # charged so far (the ledger's rounds: a redone round was trained twice).
+        self.record_model = record_model
         test_set = load_test_data(cfg["dataset"], cfg["seed"], **data_source(cfg))
         self.test_loader = loader(test_set, 512, False)
         self.initial: dict = initial or {}
@@ -69,6 +75,8 @@ class RunRecorder:
         else:
             rec = self.strategy.records[-1]
             rec.update(test_loss=loss, test_accuracy=accuracy)
+            if self.record_model is not None:
+                rec.update(record_fields(self.record_model, self.strategy.ledger.rounds))
             log(INFO, "%s", self.round_line(rec))
             self.write(final=False)
             self.save_checkpoint()
@@ -92,10 +100,13 @@ class RunRecorder:
             self.strategy.diagnostics[-1].update(
                 seconds=round(seconds, 3), seconds_left_estimate=round(
                     left * sum(steady) / len(steady), 1))
+        record = self.record_model is not None
         return (f"round {rec['round']}/{self.cfg['rounds']}: "
                 f"test accuracy {rec['test_accuracy']:.4f} (loss {rec['test_loss']:.3f}) | "
-                f"{self.epsilon_label()} so far {rec['epsilon']:.3f} at delta "
+                f"{'user-level ' if record else ''}{self.epsilon_label()} so far {rec['epsilon']:.3f} at delta "
                 f"{self.cfg['target-delta']:g} | "
+                + (f"{record_log_text(self.record_model, self.strategy.ledger.rounds)} | "
+                   if record else "") +
                 f"clip norm {rec['clip_norm']:.4f} -> {rec['next_clip_norm']:.4f}")
 
     def float_residual(self) -> dict | None:
@@ -151,6 +162,12 @@ class RunRecorder:
                 and last["round"] == self.cfg["rounds"] else "in progress or interrupted"),
         }
         accounting = {**accounting_record(self.strategy.ledger), **self.accounting_extra}
+        if self.record_model is not None:
+            rounds = self.strategy.ledger.rounds
+            final.update(record_fields(self.record_model, rounds),
+                         record_delta=self.record_model.delta)
+            accounting["record_level"] = {**record_accounting(self.record_model, rounds),
+                                          "clip": self.cfg["record-clip"]}
         accounting["float_residual"] = self.float_residual()
         if self.real_model is not None:  # every epsilon in this file is the simulated one
             accounting["epsilon_is"] = final["epsilon_is"]

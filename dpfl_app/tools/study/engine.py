@@ -31,7 +31,9 @@ from dpfl_app.config import client_settings, data_source, model_spec, validate
 from dpfl_app.data.datasets import Tensors, load_test_data, loader
 from dpfl_app.data.node_data import client_data
 from dpfl_app.privacy.accounting import epsilon_after, max_rounds_within
-from dpfl_app.server_app import build_strategy, choose_noise
+from dpfl_app.privacy.record_report import record_fields
+from dpfl_app.server_app import build_strategy, choose_noise, choose_record_model
+from dpfl_app.tools.study.record_dp import CohortDpSgd, record_level_training
 from dpfl_app.task import build_model, test
 from dpfl_app.tools.study.vectorised import VECTORISED_MODELS, CohortTrainer
 
@@ -161,6 +163,8 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     trainer = CohortTrainer(build_model(*model_spec(cfg)),
                             vectorised=model_spec(cfg)[0] in VECTORISED_MODELS)
+    record_model = choose_record_model(cfg)  # None: record-level DP-SGD off
+    dp_trainer = CohortDpSgd(build_model(*model_spec(cfg))) if record_model else None
     data = population_data(run_config, population)
     trainer.warm_up(data[0])
     sets = evaluation_sets(cfg, holdout)
@@ -181,8 +185,13 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
         global_flat = flatten(state)
         models, bits = np.zeros((0, global_flat.numel()), dtype=np.float32), []
         if cohort:
-            local = trainer.train(state, [data[p] for p in cohort], cfg["local-epochs"],
-                                  cfg["batch-size"], cfg["lr"], cfg["seed"] + 1000 * server_round)
+            if record_model is not None:  # each site's DP-SGD, seeded per site and round
+                local = record_level_training(dp_trainer, state, [data[p] for p in cohort],
+                                              cohort, cfg, record_model, server_round)
+            else:
+                local = trainer.train(state, [data[p] for p in cohort], cfg["local-epochs"],
+                                      cfg["batch-size"], cfg["lr"],
+                                      cfg["seed"] + 1000 * server_round)
             models, bits = mod_clip(flatten(local, stacked=True), global_flat, clip)
         trained = time.perf_counter()
         # dp_fedavg_step with the strategy's split and RNG (dp-ftrl: its correlated noise)
@@ -198,6 +207,8 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
         reported = server_round == planned or (report_every and server_round % report_every == 0)
         if reported:
             record["epsilon"] = ledger.epsilon_if_secret()
+            if record_model:
+                record.update(record_fields(record_model, ledger.rounds))
         accounted = time.perf_counter()
         if reported:
             record.update(evaluate(net, state, sets))
@@ -220,6 +231,7 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
              "epsilon_meaning": "accounted for this configuration run with secret noise",
              "accountant": ledger.headline,
              "delta": cfg["target-delta"], "stop_reason": stop_reason,
+             **(record_fields(record_model, ledger.rounds) if record_model else {}),
              # Set-up (calibration, accounting, data, model, warm-up, the initial
              # evaluation), then the rounds with their reported evaluations.
              "setup_s": loop_start - start, "loop_s": loop_end - loop_start,
