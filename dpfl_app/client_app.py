@@ -9,7 +9,8 @@ It clips w_local - w_global to the round's clip norm C_t and adds the
 With `secure-aggregation=true` the server drives SecAgg+ stages instead
 (`dpfl_app.secagg_client`): `train.secagg` runs the same training inside the
 same clipping mod, then masks. Every train message first passes the node's
-privacy policy (`dpfl_app.client_policy`). Torch, the model and the data are
+privacy policy (`dpfl_app.client_policy`); a node that requires secure
+aggregation refuses the plain `train` message whatever the server announces. Torch, the model and the data are
 imported only where training or evaluation needs them, so that the
 secure-aggregation stages start fast in a fresh process.
 """
@@ -20,7 +21,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from dpfl_app import secagg_client
-from dpfl_app.secagg_client import masking_mod, policy_mod
+from dpfl_app.secagg_client import masking_mod, plain_policy_mod, policy_mod
 from dpfl_app.client_mods import zero_safe_adaptiveclipping_mod
 
 app = ClientApp()
@@ -38,7 +39,7 @@ def _model_and_data(msg: Message, context: Context):
     return settings, net, train_set, val_set
 
 
-@app.train(mods=[policy_mod, zero_safe_adaptiveclipping_mod])
+@app.train(mods=[plain_policy_mod, zero_safe_adaptiveclipping_mod])
 def train_fn(msg: Message, context: Context) -> Message:
     """Train the global model on this client's data and reply with the new weights."""
     from dpfl_app.data.datasets import loader  # pylint: disable=import-outside-toplevel
@@ -59,6 +60,7 @@ def train_fn(msg: Message, context: Context) -> Message:
 app.train("secagg", mods=[policy_mod, masking_mod, zero_safe_adaptiveclipping_mod])(train_fn)
 app.query("secagg_setup")(secagg_client.setup)
 app.query("secagg_share_keys")(secagg_client.share_keys)
+app.query("secagg_consistency")(secagg_client.consistency)
 app.query("secagg_unmask")(secagg_client.unmask)
 
 

@@ -19,12 +19,25 @@ SECURE = [
     "- **Mode: secure aggregation with central DP (secure-aggregation=true).** SecAgg+ "
     "(Bell et al. 2020) masks each client's quantized clipped update and clipping bit. The "
     "server learns the *sum* over the clients that survive the round, un-noised, and no single "
-    "update: against an honest-but-curious server, with clients dropping out at any stage, no "
-    "client's update or bit is revealed on its own (a client never hands over both kinds of "
-    "share of another, and each neighbourhood's threshold is a majority). A round with fewer "
-    "survivors than the threshold releases noise only. The server still sees the un-noised "
-    "sum of the cohort, so ε does not protect the cohort's *aggregate* from the server; "
-    "distributed noise (each client adding a share of discrete noise) would remove that.",
+    "update: with clients dropping out at any stage, no client's update or bit is revealed on "
+    "its own (a client never hands over both kinds of share of another, and each "
+    "neighbourhood's threshold is a majority). A round with fewer survivors than the clients' "
+    "floors releases noise only. The server still sees the un-noised sum of the cohort, so ε "
+    "does not protect the cohort's *aggregate* from the server; distributed noise (each client "
+    "adding a share of discrete noise) would remove that.",
+    "- **Against a server that lies** (shows clients different survivor sets, substitutes "
+    "public keys, sends tiny neighbourhoods or repeated requests): each client signs its round "
+    "keys and the survivor set it is shown with a long-term identity key, checks its "
+    "neighbours' signatures before it uses their keys or sends any share, and enforces floors "
+    "on its neighbourhood, threshold and survivors, one setup and one unmasking per round "
+    "(Bonawitz et al. 2017, actively secure variant). This holds only when the clients verify "
+    "each other's identity keys against a list pinned by the federation's members "
+    "(node-config secagg-pinned-keys); with keys relayed by the server (simulation's default) "
+    "it holds against an honest-but-curious server only.",
+    "- **What a client learns** in this mode: its neighbours' indices, the exact size of its "
+    "neighbourhood (with the complete graph, the exact cohort size) and the survivor set of "
+    "the round, i.e. who dropped out. These are exact participation counts that reach every "
+    "sampled client; they are not covered by ε.",
     "- Everyone else sees only the noised releases, covered by ε as in the central mode: "
     "the noise, the fixed denominator m and the accounting are the same.",
     "- Masking also hides a malicious client's input from the server's reply screening: a "
