@@ -12,9 +12,9 @@ Why not Flower's `shamir`: it works in GF(2**128) in pure Python through
 PyCryptodome (about 0.3 ms per field multiplication) and starts a thread pool
 per call; rebuilding one secret at t = 33 took 151-206 ms. Here products of
 two field elements fit in int64 (< 2**62), a share is one numpy row, and the
-Lagrange coefficients at 0 are computed once per set of x coordinates
-(`lagrange_at_zero`, cached) and applied to every secret shared over that set
-in one matrix product.
+Lagrange coefficients at 0 are computed once per distinct set of x
+coordinates (`lagrange_at_zero`; the modular inverses by Fermat, vectorised
+over all sets at once) and applied to every secret in one array product.
 
 x coordinates are the holders' protocol indices (1..n), never 0, so shares of
 different secrets held by the same clients share one coefficient vector.
@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import os
 import struct
-from functools import lru_cache
-
 import numpy as np
 
 PRIME = 2**31 - 1
@@ -78,6 +76,10 @@ def create_shares(secret: bytes, threshold: int, xs: list[int]) -> list[bytes]:
             for xi, v in zip(xs, values)]
 
 
+def _share_dtype(num_limbs: int) -> np.dtype:
+    return np.dtype([("x", ">u4"), ("length", "u1"), ("limbs", "<u4", (num_limbs,))])
+
+
 def parse_share(share: bytes) -> tuple[int, int, np.ndarray]:
     """(x, secret length, limbs) of one share."""
     x, length = _HEADER.unpack_from(share)
@@ -87,40 +89,60 @@ def parse_share(share: bytes) -> tuple[int, int, np.ndarray]:
     return x, length, limbs
 
 
-@lru_cache(maxsize=4096)
-def lagrange_at_zero(xs: tuple[int, ...]) -> np.ndarray:
-    """lambda_j = prod_{m != j} x_m / (x_m - x_j) mod p: f(0) = sum_j lambda_j f(x_j)."""
-    coefficients = []
-    for j, xj in enumerate(xs):
-        numerator, denominator = 1, 1
-        for m, xm in enumerate(xs):
-            if m != j:
-                numerator = numerator * xm % PRIME
-                denominator = denominator * (xm - xj) % PRIME
-        coefficients.append(numerator * pow(denominator, -1, PRIME) % PRIME)
-    result = np.asarray(coefficients, dtype=np.int64)
-    result.flags.writeable = False
+def _power(base: np.ndarray, exponent: int) -> np.ndarray:
+    """base**exponent mod p, elementwise (square and multiply; products < 2**62)."""
+    result = np.ones_like(base)
+    while exponent:
+        if exponent & 1:
+            result = result * base % PRIME
+        base = base * base % PRIME
+        exponent >>= 1
     return result
 
 
+def _lagrange_rows(xs: np.ndarray) -> np.ndarray:
+    """For each row of x coordinates (rows, t): lambda_j = prod_{m!=j} x_m / (x_m - x_j)."""
+    numerator, denominator = np.ones_like(xs), np.ones_like(xs)
+    columns = np.arange(xs.shape[1])
+    for m in range(xs.shape[1]):
+        xm, other = xs[:, m:m + 1], columns != m
+        numerator = np.where(other, numerator * xm % PRIME, numerator)
+        denominator = np.where(other, denominator * ((xm - xs) % PRIME) % PRIME, denominator)
+    return numerator * _power(denominator, PRIME - 2) % PRIME  # Fermat: d**(p-2) = 1/d
+
+
+def lagrange_at_zero(xs: np.ndarray) -> np.ndarray:
+    """The coefficients at 0 for each row of x coordinates, computed once per distinct set."""
+    unique, back = np.unique(xs, axis=0, return_inverse=True)
+    return _lagrange_rows(unique)[back.reshape(-1)]
+
+
 def combine_many(share_sets: list[list[bytes]]) -> list[bytes]:
-    """Each secret from its shares (exactly t of them, distinct x); one product per x set."""
-    parsed = [[parse_share(s) for s in shares] for shares in share_sets]
-    secrets: list[bytes | None] = [None] * len(parsed)
-    groups: dict[tuple[tuple[int, ...], int], list[int]] = {}
-    for i, shares in enumerate(parsed):
-        xs = tuple(x for x, _, _ in shares)
-        lengths = {length for _, length, _ in shares}
-        if len(set(xs)) != len(xs) or len(lengths) != 1:
-            raise ValueError("shares must have distinct x and one secret length")
-        groups.setdefault((xs, lengths.pop()), []).append(i)
-    for (xs, length), members in groups.items():
+    """Each secret from its shares (exactly t of them, distinct x), all in a few array ops."""
+    secrets: list[bytes | None] = [None] * len(share_sets)
+    groups: dict[tuple[int, int], list[int]] = {}  # (t, share length) -> secrets
+    for i, shares in enumerate(share_sets):
+        if not shares or len({len(s) for s in shares}) != 1:
+            raise ValueError("shares of one secret must be equally long")
+        groups.setdefault((len(shares), len(shares[0])), []).append(i)
+    for (t, size), members in groups.items():
+        num_limbs = (size - _HEADER.size) // 4
+        if size != _HEADER.size + 4 * num_limbs:
+            raise ValueError("malformed share")
+        table = np.frombuffer(b"".join(b"".join(share_sets[i]) for i in members),
+                              dtype=_share_dtype(num_limbs)).reshape(len(members), t)
+        xs, lengths = table["x"].astype(np.int64), table["length"]
+        limbs = table["limbs"].astype(np.int64)
+        ordered = np.sort(xs, axis=1)
+        if (np.any(xs <= 0) or np.any(xs >= PRIME) or np.any(limbs >= PRIME)
+                or np.any(np.diff(ordered, axis=1) == 0) or np.any(lengths != lengths[:, :1])
+                or np.any(-(-lengths.astype(np.int64) // LIMB_BYTES) != num_limbs)):
+            raise ValueError("malformed shares: x not distinct or out of range, or mixed lengths")
         weights = lagrange_at_zero(xs)
-        stacked = np.stack([np.stack([limbs for _, _, limbs in parsed[i]]) for i in members])
-        # Each product < 2**62; reduced before the sum over t, so the sum stays < t * 2**31.
-        limbs = ((stacked * weights[None, :, None]) % PRIME).sum(axis=1) % PRIME
-        for i, row in zip(members, limbs):
-            secrets[i] = _unlimbs(row, length)
+        # Each product < 2**62, reduced before the sum over t: the sum stays < t * 2**31.
+        rebuilt = ((limbs * weights[:, :, None]) % PRIME).sum(axis=1) % PRIME
+        for i, row, length in zip(members, rebuilt, lengths[:, 0]):
+            secrets[i] = _unlimbs(row, int(length))
     return secrets  # type: ignore[return-value]
 
 

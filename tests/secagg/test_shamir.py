@@ -37,13 +37,32 @@ def test_any_t_shares_rebuild_the_secret(seed):
         assert shamir.combine(rng.sample(shares, t)) == secret
 
 
-def test_many_secrets_over_one_holder_set_use_one_product():
+def test_lagrange_coefficients_are_computed_once_per_holder_set(monkeypatch):
     secrets = [os.urandom(32) for _ in range(50)]
     xs = list(range(1, 12))
-    share_sets = [shamir.create_shares(s, 6, xs)[2:8] for s in secrets]
-    shamir.lagrange_at_zero.cache_clear()
+    share_sets = [shamir.create_shares(s, 6, xs)[2:8] for s in secrets[:30]]
+    share_sets += [shamir.create_shares(s, 6, xs)[:6] for s in secrets[30:]]
+    computed = []
+    original = shamir._lagrange_rows  # pylint: disable=protected-access
+
+    def spy(rows):
+        computed.append(len(rows))
+        return original(rows)
+
+    monkeypatch.setattr(shamir, "_lagrange_rows", spy)
     assert shamir.combine_many(share_sets) == secrets
-    assert shamir.lagrange_at_zero.cache_info().misses == 1
+    assert computed == [2]  # two holder sets, 50 secrets
+
+
+def test_the_coefficients_match_exact_integer_lagrange():
+    xs = np.array([[3, 7, 11, 2000, 9]], dtype=np.int64)
+    (weights,) = shamir.lagrange_at_zero(xs)
+    for j, xj in enumerate(xs[0]):
+        expected = 1
+        for m, xm in enumerate(xs[0]):
+            if m != j:
+                expected = expected * int(xm) * pow(int(xm) - int(xj), -1, P) % P
+        assert int(weights[j]) == expected
 
 
 @pytest.mark.parametrize("seed", range(6))
