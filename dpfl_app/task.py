@@ -20,7 +20,7 @@ class DigitsLinear(nn.Module):
 
     The default for digits: at the default's z = 0.3 and m = 6 the noise on the
     mean update has norm about z*C/m*sqrt(d), so a quarter of the MLP's weights
-    halves the noise against the (clipped) signal (README, Results).
+    halves the noise against the (clipped) signal (docs/results.md).
     """
 
     def __init__(self, num_classes: int = 10) -> None:

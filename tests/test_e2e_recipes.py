@@ -1,4 +1,4 @@
-"""Each recipe reproduces, through the real `flwr run`, the accuracy the README states for it.
+"""Each recipe reproduces, through the real `flwr run`, the accuracy docs/recipes.md states for it.
 
 `flwr run . <federation> --run-config recipes/<file>` on a private local
 SuperLink (its own FLWR_HOME and ports), with the recipe's own federation from

@@ -61,7 +61,7 @@ def test_the_default_run_is_useful_and_says_it_is_not_private(federation, tmp_pa
     more in 98 of 100). The tail is heavier than a normal one (small Poisson
     cohorts), so the bound is 0.80, below the lowest of those 100 runs rather
     than three standard deviations (0.853): the test fails on a regression, not
-    on an unlucky draw of the noise (README, Results).
+    on an unlucky draw of the noise (docs/results.md).
     """
     out = tmp_path / "out"
     run_id = federation.submit(f"output-dir='{out}'")

@@ -28,6 +28,8 @@ from tests.fresh_python import run_python
 PROJECT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((PROJECT / "pyproject.toml").read_text())
 README = (PROJECT / "README.md").read_text()
+# The documentation site (mkdocs.yml): the README is its landing page.
+DOCS = {p.name: p.read_text() for p in sorted((PROJECT / "docs").glob("*.md"))}
 PYTHONS = [f"3.{minor}" for minor in range(6, 20)]
 
 
@@ -155,8 +157,11 @@ def test_flower_lists_files_under_the_app_that_gitignore_excludes(tmp_path):
     assert ".venv/lib/torch.py" in collect_files(tmp_path)
 
 
-def test_readme_installs_the_environment_outside_the_project():
-    for block in README.split("## Quick start", 1)[1].split("\n## ", 1)[0].split("```")[1::2]:
+def test_readme_and_docs_install_every_environment_outside_the_project():
+    quick = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"python3? -m venv ~", quick)
+    texts = [README, (PROJECT / "deploy" / "README.md").read_text(), *DOCS.values()]
+    for block in (block for text in texts for block in text.split("```")[1::2]):
         for venv in re.findall(r"python3? -m venv (\S+)", block):
             assert venv.startswith(("~", "/", "$")), venv
 
@@ -304,7 +309,7 @@ def test_bench_status_thread_never_calls_flwr_after_the_watch(tmp_path):
 def test_readme_per_round_table_lists_the_rounds_csv_columns():
     from dpfl_app.run.outputs import ROUND_COLUMNS
 
-    table = README.split("Per-round record in `results.json`", 1)[1].split("\n\n", 2)[1]
+    table = DOCS["output.md"].split("Per-round record in `results.json`", 1)[1].split("\n\n", 2)[1]
     fields = set()
     for row in table.splitlines()[2:]:
         fields |= set(re.findall(r"`([a-z_]+)`", row.split("|")[1]))
@@ -316,18 +321,23 @@ def test_readme_main_command_is_plain_flwr_run_and_stops_nothing_by_name():
     commands = [ln.strip() for ln in quick.splitlines() if ln.strip().startswith("flwr run")]
     assert "flwr run . --stream" in commands, commands
     assert "FLWR_HOME" not in quick.split("```", 2)[1]  # not in the three commands
-    # stopping by name would stop other users' SuperLinks: the README never suggests it
-    assert "pkill -f flower" not in README and "killall" not in README
+    # stopping by name would stop other users' SuperLinks: no page ever suggests it; the
+    # Quick start says how to stop it by PID
+    assert "dpfl stop-superlink" in quick
+    for text in [README, (PROJECT / "deploy" / "README.md").read_text(), *DOCS.values()]:
+        assert "pkill -f flower" not in text and "killall" not in text
 
 
-def test_readme_troubleshooting_lists_every_run_config_key():
+def test_troubleshooting_lists_every_run_config_key():
     from dpfl_app.config import KEYS
 
-    paragraph = README.split("**`Invalid run configuration`**", 1)[1].split("\n\n", 1)[0]
+    paragraph = DOCS["troubleshooting.md"].split("## `Invalid run configuration`", 1)[1]
+    paragraph = paragraph.split("\n## ", 1)[0]
     assert set(re.findall(r"`([a-z-]+)`", paragraph)) >= set(KEYS)
 
 
-USER_FACING = ["README.md", "deploy/README.md", "pyproject.toml", ".flwr/config.toml",
+USER_FACING = ["README.md", "deploy/README.md", "pyproject.toml", ".flwr/config.toml", "mkdocs.yml",
+               *[f"docs/{name}" for name in DOCS], "docs/hooks/run_config.py",
                *[str(p.relative_to(PROJECT)) for p in (PROJECT / "dpfl_app").rglob("*.py")]]
 
 

@@ -1,4 +1,4 @@
-"""The package's folders keep their import rules (README, "Project layout").
+"""The package's folders keep their import rules (docs/development.md, "Project layout").
 
 - privacy/ imports nothing of ours but itself (and no Flower);
 - data/ imports only itself and `dpfl_app.errors`;

@@ -103,7 +103,7 @@ class AccountingModel:
         return NeighboringRelation.REPLACE_ONE
 
     def round_event(self) -> dp_accounting.DpEvent:
-        """One round: Poisson-sampled Gaussian, or sampled without replacement (README, Privacy)."""
+        """One round: Poisson-sampled Gaussian, or sampled without replacement (docs/privacy.md)."""
         gaussian = dp_accounting.GaussianDpEvent(self.event_noise_multiplier)
         if self.sampling == "poisson":
             return dp_accounting.PoissonSampledDpEvent(self.sampling_probability, gaussian)

@@ -1,6 +1,6 @@
 """Who sees what, in each mode: the "Threat model" section of privacy.md.
 
-Plain text, no Flower imports. The README's "Secure aggregation" section says
+Plain text, no Flower imports. docs/secure-aggregation.md says
 the same at more length.
 """
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 # Every per-round field of results.json except the nested client_eval_not_dp:
-# the README's per-round table lists the same (tests/test_first_run.py).
+# docs/output.md's per-round table lists the same (tests/test_first_run.py).
 ROUND_COLUMNS = (
     "round", "test_loss", "test_accuracy", "epsilon", "epsilon_rdp", "epsilon_pld",
     "clip_norm", "next_clip_norm", "noise_std", "noisy_unclipped_fraction",

@@ -3,7 +3,7 @@
 `DPFedAvgAdaptive` subclasses Flower's
 `DifferentialPrivacyClientSideAdaptiveClipping` and keeps its protocol (the
 `clipping_norm` config key, `adaptiveclipping_mod` on the clients, the
-`norm_bit` metric), but fixes what flwr 1.41 gets wrong (see the README, "What we fix in Flower"):
+`norm_bit` metric), but fixes what flwr 1.42 gets wrong (see docs/privacy.md, "What we fix in Flower"):
 
 1. the clip norm moves *toward* the target quantile (Flower's runs backwards);
 2. the noise is scaled with C_t, the norm the clients clipped with this round;

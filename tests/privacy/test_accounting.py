@@ -227,7 +227,7 @@ def test_calibrate_noise_is_smallest_meeting_target(sampling, accountant, n, m, 
 
 
 def test_calibrate_clients_for_noise_that_grows_with_the_cohort():
-    # the README's planning example (McMahan et al. 2018): N=50000, z = 0.005*m,
+    # a planning example (McMahan et al. 2018; docs/privacy.md's, with δ=1e-4): N=50000, z = 0.005*m,
     # delta=1e-4, target eps 2, 100 rounds, Poisson, RDP
     m = calibrate_clients(2, 1e-4, 100, 50000, noise_to_clients_ratio=0.005)
     assert m == 124

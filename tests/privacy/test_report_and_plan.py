@@ -65,6 +65,22 @@ def test_the_default_report_says_not_private(sampling, eps_text, model_words):
     assert "No DP noise" not in text
 
 
+def test_the_recipe_hint_gives_a_command_that_names_a_real_recipe_and_federation():
+    """The report's way out of "not private" is a command to copy, not a placeholder."""
+    import re
+    import tomllib
+
+    from dpfl_app.privacy.report import RECIPES_HINT
+
+    command = re.search(r"`(flwr run [^`]*)`", RECIPES_HINT).group(1)
+    assert "<" not in command, command
+    connection, recipe = re.fullmatch(r"flwr run \. (\S+) --run-config (\S+)", command).groups()
+    assert (ROOT / recipe).is_file(), recipe
+    connections = tomllib.loads((ROOT / ".flwr" / "config.toml").read_text())["superlink"]
+    assert connection in connections, connection
+    assert re.search(r"\d+-\d+ min", RECIPES_HINT)  # how long a recipe takes
+
+
 @pytest.mark.parametrize("z,eps_text,word,not_private", [
     (0.5, "ε=23.27", "no meaningful protection", True),  # just above 20
     (0.8, "ε=11.54", "weak", False),
@@ -88,7 +104,7 @@ def test_moderate_report_and_ratio_recommendation():
 
 
 def test_reachable_by_more_clients_at_same_noise_per_average():
-    # the README's planning ratio z/m = 0.005 (noise that grows with the cohort, McMahan et
+    # a planning ratio z/m = 0.005 (noise that grows with the cohort, McMahan et
     # al. 2018) with N = 50000, 100 rounds, but only m = 60: RDP eps 11.97
     model = AccountingModel("poisson", 0.3, 50000, 60, 1e-4)
     ledger = PrivacyLedger(model, headline="rdp")

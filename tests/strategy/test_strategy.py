@@ -1,8 +1,9 @@
-"""The fixes to Flower 1.41's adaptive-clipping wrapper (README, "What we fix in Flower
-1.41"), each also run against stock Flower (must fail there)."""
+"""The fixes to Flower's adaptive-clipping wrapper (docs/privacy.md, "What we fix in Flower
+1.42"), each also run against stock Flower, the installed version (must fail there)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 
 import numpy as np
@@ -13,10 +14,11 @@ from dpfl_app.privacy import mechanism
 from tests.fakes import FakeGrid, clipped_reply, error_reply, make_strategy, records, reply, run_round
 
 SHAPE = (50_000,)
+FLOWER = f"flower-{importlib.metadata.version('flwr')}"
 
 
 def flower_strategy(noise=0.0, m=4, **kw):
-    """Flower 1.41's own wrapper, configured like ours."""
+    """Flower's own wrapper, configured like ours."""
     fedavg = FedAvg(fraction_train=m / 10, min_train_nodes=m, min_available_nodes=1,
                     fraction_evaluate=0.0)
     return DifferentialPrivacyClientSideAdaptiveClipping(fedavg, noise, m, **kw)
@@ -28,8 +30,8 @@ def ours(noise=0.0, m=4, clipped_count_stddev=None, **kw):
 
 BOTH = [
     pytest.param(ours, id="dpfl_app"),
-    pytest.param(flower_strategy, id="flower-1.41",
-                 marks=pytest.mark.xfail(strict=True, reason="a defect of stock Flower 1.41 (README)")),
+    pytest.param(flower_strategy, id=FLOWER,
+                 marks=pytest.mark.xfail(strict=True, reason=f"a defect of stock {FLOWER} (docs/privacy.md)")),
 ]
 
 

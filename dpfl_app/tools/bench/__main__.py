@@ -102,7 +102,7 @@ def _fmt(value, digits: int = 2) -> str:
 
 
 def table(results: list[dict]) -> str:
-    """The markdown table of the README's Performance section."""
+    """The markdown table of docs/performance.md."""
     rows = ["| N | m | rounds | (a) in-process s/round | (b) app: first round s | "
             "(b) s/round | b/a | (c) DP off s/round | (b) total s | (b) peak RSS MiB | "
             "(b) warm cache: first round s | (s) secure aggregation s/round | s/b |",
