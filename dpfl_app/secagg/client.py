@@ -90,12 +90,20 @@ def _check_floors(request: dict, k: int, t: int) -> None:
     if not floors.min_threshold(k) <= t <= k:
         raise SecAggRefusal(f"threshold {t} must be a majority of the {k} neighbours "
                             "(otherwise the server could rebuild both secrets of a client)")
-    # With fixed-size sampling the cohort is at most m; a bigger one means m was understated
-    # (and with it the sampling rate and epsilon). A Poisson cohort is at most N.
-    most = m if request.get("dp-sampling") == "fixed" else int(request.get("dp-population", k + 1))
-    if k > most - 1:
-        raise SecAggRefusal(f"{k} neighbours, but the server announced "
-                            f"{'m' if most == m else 'N'}={most}: the cohort is understated")
+    # The cohort holds this client and its k neighbours. With fixed-size sampling it is at
+    # most m; a bigger one means m (and with it the sampling rate, and epsilon) was
+    # understated. A Poisson cohort is Binomial(N, m/N): above floors.poisson_cohort_bound(m)
+    # with probability below 1e-9.
+    if request.get("dp-sampling") == "fixed":
+        most = m
+    else:
+        most = floors.poisson_cohort_bound(m)
+        if "dp-population" in request:
+            most = min(most, int(request["dp-population"]))
+    if k + 1 > most:
+        raise SecAggRefusal(f"{k} neighbours, more than a cohort of the announced m={m} "
+                            f"({request.get('dp-sampling', 'poisson')} sampling) can hold: the "
+                            "cohort is understated")
 
 
 def setup(state: State, request: dict, identity: Identity) -> tuple[State, dict]:

@@ -23,6 +23,8 @@ cohort or survivor set below them gets noise only, never a partial sum.
 
 from __future__ import annotations
 
+import math
+
 MIN_NEIGHBOURS = 16
 
 
@@ -44,3 +46,14 @@ def min_cohort(announced_clients: int) -> int:
 def min_survivors(threshold: int) -> int:
     """The smallest survivor set whose sum is released: a client and t of its neighbours."""
     return threshold + 1
+
+
+def poisson_cohort_bound(announced_clients: int) -> int:
+    """A cohort size a Poisson cohort of mean m exceeds with probability below 1e-9.
+
+    Binomial(N, m/N) is at most as spread as Poisson(m) above its mean; Bernstein's
+    inequality gives P(n >= m + a) <= exp(-a**2 / (2(m + a/3))), and
+    a = 7 sqrt(m) + 15 makes that < 1e-9 for every m >= 1.
+    """
+    m = int(announced_clients)
+    return m + math.ceil(7 * math.sqrt(m) + 15)

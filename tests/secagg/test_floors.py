@@ -69,3 +69,16 @@ def test_a_cohort_bigger_than_the_announced_fixed_size_m_is_refused():
 def test_no_announced_cohort_is_refused():
     with pytest.raises(client.SecAggRefusal, match="did not announce dp-clients"):
         client.setup({}, {"round": 1, "index": 1, "neighbours": [2, 3], "threshold": 2}, ME)
+
+
+def test_a_poisson_cohort_far_above_the_announced_m_is_refused():
+    """Binomial(N, m/N) exceeds floors.poisson_cohort_bound(m) with probability < 1e-9."""
+    from scipy import stats
+
+    m = 6
+    bound = floors.poisson_cohort_bound(m)
+    assert stats.binom.sf(bound - 1, 10**6, m / 10**6) < 1e-9
+    with pytest.raises(client.SecAggRefusal, match="understated"):
+        _setup(list(range(2, bound + 2)), bound // 2 + 1, **{"dp-clients": m})
+    state, _ = _setup(list(range(2, bound + 1)), (bound - 1) // 2 + 1, **{"dp-clients": m})
+    assert len(state["neighbours"]) == bound - 1
