@@ -54,7 +54,8 @@ def machine() -> dict:
 
 
 def run_scale(population: int, clients: int, rounds: int, extra: str, work: Path,
-              skip_app: bool, warm: bool = False, secure: bool = False) -> dict:
+              skip_app: bool, warm: bool = False, secure: bool = False,
+              dp_off: bool = True) -> dict:
     """(a), (b), (c) for one scale, each on a fresh partition cache."""
     from dpfl_app.tools.bench import default_run_config
     from dpfl_app.tools.bench.limit import run_limit
@@ -73,7 +74,8 @@ def run_scale(population: int, clients: int, rounds: int, extra: str, work: Path
         runs = [("b", base, "b")]
         if secure:  # on against off, back to back, each on a cold cache of its own
             runs.append(("s", f"{base} secure-aggregation=true", "s"))
-        runs.append(("c", f"{base} {DP_OFF}", "c"))
+        if dp_off:
+            runs.append(("c", f"{base} {DP_OFF}", "c"))
         if warm:
             runs.append(("b_warm", base, "b"))
         for label, config, cache in runs:
@@ -137,6 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also rerun (b) on the partition cache its first run filled")
     parser.add_argument("--secure-aggregation", action="store_true",
                         help="also run (b) with secure-aggregation=true and report s/b")
+    parser.add_argument("--skip-dp-off", action="store_true",
+                        help="leave out (c), the run with DP off")
     parser.add_argument("--cold-start", action="store_true",
                         help="also time a fresh ClientApp process per message")
     return parser.parse_args(argv)
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                   + ("" if args.skip_app else ", then `flwr run .` with DP on and off")
                   + f", {args.rounds} rounds each ...", flush=True)
             result = run_scale(population, clients, args.rounds, args.run_config, Path(work),
-                               args.skip_app, args.warm_cache, args.secure_aggregation)
+                               args.skip_app, args.warm_cache, args.secure_aggregation,
+                               not args.skip_dp_off)
             report["scales"].append(result)
             print(f"N={population} m={clients}: {time.monotonic() - start:.0f} s", flush=True)
     if args.cold_start:
