@@ -44,6 +44,10 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
         super().__init__(*args, **kwargs)
         self.neighbours = neighbours
         self.stage_timeout = stage_timeout
+        # Withholding rules (dpfl_app.secagg.floors): a cohort below min_cohort, or fewer
+        # survivors than ServerRound.min_survivors, releases noise only. min_cohort follows
+        # the announced m, so configure_train sets it again from the announcement.
+        self.min_cohort = floors.min_cohort(self.num_sampled_clients)
         self._grid: Grid | None = None
         self._round: ServerRound | None = None
         self._nodes: dict[int, int] = {}  # secagg index -> node id
@@ -88,7 +92,8 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
         self._grid, self._lost, self._refusals = grid, set(), []
         self._nodes = {i + 1: msg.metadata.dst_node_id for i, msg in enumerate(cohort)}
         # The withholding rule for cohorts: below it every client would refuse its floor.
-        self.min_cohort = floors.min_cohort(int(config["dp-clients"]))
+        self.min_cohort = floors.min_cohort(int(config.get("dp-clients",
+                                                           self.num_sampled_clients)))
         if len(cohort) < self.min_cohort:  # noise only
             self._note(cohort=len(cohort), sum_released=False,
                        why=f"a cohort of fewer than {self.min_cohort} is below the clients' "
