@@ -44,7 +44,8 @@ class IdentityError(Exception):
 def _frame(*parts: bytes | int) -> bytes:
     out = [DOMAIN]
     for part in parts:
-        data = part if isinstance(part, bytes) else struct.pack(">q", part)
+        # 16 signed bytes: Flower's run ids are unsigned 64-bit (half of them >= 2**63).
+        data = part if isinstance(part, bytes) else int(part).to_bytes(16, "big", signed=True)
         out.append(struct.pack(">I", len(data)) + data)
     return b"".join(out)
 

@@ -82,3 +82,13 @@ def test_a_poisson_cohort_far_above_the_announced_m_is_refused():
         _setup(list(range(2, bound + 2)), bound // 2 + 1, **{"dp-clients": m})
     state, _ = _setup(list(range(2, bound + 1)), (bound - 1) // 2 + 1, **{"dp-clients": m})
     assert len(state["neighbours"]) == bound - 1
+
+
+def test_a_run_id_above_two_to_the_63_signs_and_verifies():
+    """Flower's run ids are unsigned 64-bit: every other run has one >= 2**63."""
+    from dpfl_app.secagg.identity import Identity, round_keys_message
+
+    message = round_keys_message(2**64 - 1, 1, 1, b"c", b"s")
+    assert Identity.valid(ME.public, ME.sign(message), message)
+    state, _ = _setup(list(range(2, 18)), 9, session=2**64 - 1)
+    assert state["session"] == 2**64 - 1
