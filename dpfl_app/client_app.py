@@ -9,7 +9,8 @@ It clips w_local - w_global to the round's clip norm C_t and adds the
 With `secure-aggregation=true` the server drives SecAgg+ stages instead
 (`dpfl_app.client.secagg`): `train.secagg` runs the same training inside the
 same clipping mod, then masks. Every train message first passes the node's
-privacy policy (`dpfl_app.client.policy`) and, under dp-ftrl, the node's own
+privacy policy (`dpfl_app.client.policy`: a node that requires secure aggregation
+refuses the plain `train` message whatever the server announces) and, under dp-ftrl, the node's own
 participation record (`dpfl_app.client.participation`). With record-level DP on
 (`record-noise` or `target-record-epsilon`), `site_ledger.record_budget_mod` checks and
 charges the site's own ledger, and training is DP-SGD (`dpfl_app.client.dp_sgd`). Torch,
@@ -24,7 +25,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from dpfl_app.client import secagg as secagg_client
-from dpfl_app.client.secagg import masking_mod, policy_mod
+from dpfl_app.client.secagg import masking_mod, plain_policy_mod, policy_mod
 from dpfl_app.client.mods import zero_safe_adaptiveclipping_mod
 from dpfl_app.client.participation import min_separation_mod
 from dpfl_app.run import console
@@ -46,7 +47,7 @@ def _model_and_data(msg: Message, context: Context):
     return settings, net, train_set, val_set
 
 
-@app.train(mods=[policy_mod, min_separation_mod, record_budget_mod,
+@app.train(mods=[plain_policy_mod, min_separation_mod, record_budget_mod,
                   zero_safe_adaptiveclipping_mod])
 def train_fn(msg: Message, context: Context) -> Message:
     """Train the global model on this client's data and reply with the new weights."""
@@ -73,6 +74,7 @@ app.train("secagg", mods=[policy_mod, record_budget_mod, masking_mod,
                          zero_safe_adaptiveclipping_mod])(train_fn)
 app.query("secagg_setup")(secagg_client.setup)
 app.query("secagg_share_keys")(secagg_client.share_keys)
+app.query("secagg_consistency")(secagg_client.consistency)
 app.query("secagg_unmask")(secagg_client.unmask)
 
 

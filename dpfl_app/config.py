@@ -176,6 +176,7 @@ def validate(run_config: dict[str, Any]) -> dict[str, Any]:
             f"{clean['population']}; allowed: 1..population (or population=0)"
         )
     _check_simulation(clean)
+    _check_secure_aggregation(clean)
     _check_noise_at(clean)
     _check_mechanism(clean)
     return clean
@@ -221,9 +222,32 @@ def _check_mechanism(cfg: dict[str, Any]) -> None:
         if cfg[key] not in (False, 0, ""):
             raise ConfigError(f"run-config key {key!r} = {cfg[key]!r} with mechanism='dp-ftrl': {why}")
 
+
 def record_level_on(cfg: dict[str, Any]) -> bool:
     """Whether each site runs DP-SGD: `record-noise` > 0 or `target-record-epsilon` > 0."""
     return cfg["record-noise"] > 0 or cfg["target-record-epsilon"] > 0
+
+
+
+def _check_secure_aggregation(cfg: dict[str, Any]) -> None:
+    """A cohort and neighbourhood the clients' floors accept (dpfl_app.secagg.floors)."""
+    from dpfl_app.secagg import floors  # pylint: disable=import-outside-toplevel
+
+    if not cfg["secure-aggregation"]:
+        return
+    announced = cfg["simulate-clients"] or cfg["clients"]  # the m the clients are told
+    if cfg["clients"] < floors.min_cohort(announced):
+        raise ConfigError(
+            f"secure-aggregation=true needs clients >= {floors.min_cohort(announced)} when "
+            f"m={announced} is announced: clients refuse fewer than "
+            f"{floors.neighbour_floor(announced)} neighbours; got clients={cfg['clients']}")
+    k = cfg["secagg-neighbours"]
+    if 0 < k < floors.neighbour_floor(announced):
+        raise ConfigError(
+            f"secagg-neighbours={k} is below the clients' floor "
+            f"{floors.neighbour_floor(announced)} for m={announced} (max(2, min("
+            f"{floors.MIN_NEIGHBOURS}, m // 2))); allowed: 0 (all others) or >= that floor")
+
 
 
 

@@ -96,3 +96,37 @@ def refusal(config: dict[str, Any], node_config: dict[str, Any]) -> str | None:
                     f"delta={config['dp-delta']}) gives epsilon={shown} > node-config "
                     f"max-epsilon={max_epsilon}")
     return None
+
+
+def has_policy(node_config: dict[str, Any]) -> bool:
+    return (float(node_config.get("max-epsilon", 0) or 0) > 0
+            or _flag(node_config.get("require-secure-aggregation", False)))
+
+
+def plain_train_refusal(node_config: dict[str, Any]) -> str | None:
+    """A node that requires secure aggregation never answers a plain train message.
+
+    Whatever the server announces: the plain reply carries the update (and the train
+    loss and example count) in the clear.
+    """
+    if _flag(node_config.get("require-secure-aggregation", False)):
+        return ("privacy policy: node-config require-secure-aggregation=true, and this is a "
+                "plain train message, whose reply would carry the update in the clear")
+    return None
+
+
+def round_refusal(config: dict[str, Any], last_round: int | None) -> str | None:
+    """A train request for a round this node already trained (a replay), or past the announced T.
+
+    A node sees the round number and can count its own participations; a second
+    request for one round, or a round past `dp-rounds`, spends privacy the
+    announced epsilon does not cover.
+    """
+    round_id = int(config.get("server-round", 0))
+    if last_round is not None and round_id <= last_round:
+        return (f"privacy policy: a second train request for round {round_id} (this node "
+                f"already trained round {last_round})")
+    if "dp-rounds" in config and round_id > int(config["dp-rounds"]):
+        return (f"privacy policy: round {round_id} is past the {config['dp-rounds']} rounds "
+                "the server announced")
+    return None

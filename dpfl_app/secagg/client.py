@@ -2,19 +2,36 @@
 
 Every stage takes the client's state (a dict of ints, bytes and lists of them,
 so that it fits a Flower `ConfigRecord` in `context.state`: in deployment each
-message may arrive in a fresh process) and the server's request, and returns
-the new state and the reply. Stages (Bell et al. 2020, Fig. 2; Bonawitz et
-al. 2017, Fig. 4):
+message may arrive in a fresh process), the server's request and the client's
+`identity.Identity`, and returns the new state and the reply. Stages (Bell et
+al. 2020, Fig. 2; Bonawitz et al. 2017, Fig. 4 and its actively secure variant):
 
-1. `setup`: take the round's index, neighbours and threshold; make two key
-   pairs (c: encryption, s: masking); reply with both public keys.
-2. `share_keys`: draw the self-mask seed b; Shamir-share b and the masking
-   secret key among the neighbours, each share pair encrypted (Fernet:
-   AES-CBC + HMAC) under the ECDH+HKDF key of the encryption key pairs.
+1. `setup`: check the round's index, neighbours and threshold against the
+   client's floors (`floors`) and the announced mechanism; make two X25519 key
+   pairs (c: share encryption, s: masking); reply with both public keys,
+   signed with the identity key. Once per round.
+2. `share_keys`: check every neighbour's signature on its keys; draw the
+   self-mask seed b; Shamir-share b and the masking secret key among the
+   neighbours (`shamir`), each share pair encrypted (Fernet: AES-CBC + HMAC)
+   under the X25519+HKDF key of the encryption key pairs.
 3. `masked_input`: decrypt the shares received; mask the encoded update with
    the self-mask and one pairwise mask per neighbour that shared keys.
-4. `unmask`: for each neighbour, the share of its self-mask seed (if it
-   survived) or of its secret key (if it dropped), never both, and only once.
+4. `consistency`: sign the survivor set U3 the server shows; at least this
+   client and t of its neighbours must be in it.
+5. `unmask`: check that at least t neighbours signed the *same* survivor set;
+   then, for each neighbour, the share of its self-mask seed (if it is in the
+   signed set) or of its masking key (if not), never both, and only once.
+
+Why the signatures close the attack of a server that shows clients different
+survivor sets: to unmask client X without X's own key, the server needs X's
+seed from t of X's neighbours (who see X as a survivor) and the masking key of
+a neighbour A that X masked with, from t of A's neighbours (who see A as
+dropped). X masks with at least t neighbours and at least t hold X's seed:
+with t > k/2 some A is in both groups. A released X's seed only after t of
+A's neighbours signed A's set; A's key needs t more of A's neighbours that
+signed another set. An honest client signs one set per round, so A would need
+2t > k neighbours. The argument needs every signature to come from a key the
+server cannot forge: `identity` says where those keys come from.
 
 A request that breaks the protocol raises `SecAggRefusal`; the handler turns
 it into an error reply, which the server counts as a dropout.
@@ -26,34 +43,20 @@ import os
 
 import numpy as np
 from cryptography.fernet import InvalidToken
-from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.common.secure_aggregation.crypto.shamir import create_shares
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
-    decrypt, encrypt, generate_shared_key)
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
 from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_concat, share_keys_plaintext_separate)
-from flwr.supercore.primitives.asymmetric import (
-    bytes_to_private_key, bytes_to_public_key, generate_key_pairs, private_key_to_bytes,
-    public_key_to_bytes)
 
-from dpfl_app.secagg import masks
+from dpfl_app.secagg import floors, masks, shamir
+from dpfl_app.secagg.identity import Identity, IdentityError, round_keys_message, \
+    survivors_message
 
 State = dict
-CURVE = ec.SECP384R1()
-SECRET_KEY_BYTES = 48  # a P-384 private scalar
 
 
 class SecAggRefusal(Exception):
     """The request breaks the protocol; an honest client does not answer it."""
-
-
-def secret_key_to_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
-    """The raw private scalar (48 bytes): what is Shamir-shared."""
-    return key.private_numbers().private_value.to_bytes(SECRET_KEY_BYTES, "big")
-
-
-def secret_key_from_bytes(raw: bytes) -> ec.EllipticCurvePrivateKey:
-    return ec.derive_private_key(int.from_bytes(raw, "big"), CURVE)
 
 
 def _expect(state: State, stage: str, round_id: int) -> None:
@@ -63,46 +66,108 @@ def _expect(state: State, stage: str, round_id: int) -> None:
                             f"expected stage {stage!r} to have run")
 
 
-def setup(request: dict) -> tuple[State, dict]:
-    """Stage 1: check the round's parameters and make this round's two key pairs."""
+def _check_round(state: State, request: dict) -> None:
+    """One setup per round, rounds only move forward, and never past the announced T."""
+    round_id = int(request["round"])
+    if state.get("round") is not None and round_id <= int(state["round"]):
+        raise SecAggRefusal(f"a second setup for round {round_id} (this node already set up "
+                            f"round {state['round']}): one setup per round")
+    rounds = request.get("dp-rounds")
+    if rounds is not None and round_id > int(rounds):
+        raise SecAggRefusal(f"round {round_id} is past the {rounds} rounds the server announced")
+
+
+def _check_floors(request: dict, k: int, t: int) -> None:
+    """The neighbourhood and threshold against the floors and the announced cohort."""
+    if "dp-clients" not in request:
+        raise SecAggRefusal("the server did not announce dp-clients, from which this client's "
+                            "floors follow")
+    m = int(request["dp-clients"])
+    if k < floors.neighbour_floor(m):
+        raise SecAggRefusal(f"{k} neighbours, fewer than the floor "
+                            f"{floors.neighbour_floor(m)} for the announced m={m} clients "
+                            "per round")
+    if not floors.min_threshold(k) <= t <= k:
+        raise SecAggRefusal(f"threshold {t} must be a majority of the {k} neighbours "
+                            "(otherwise the server could rebuild both secrets of a client)")
+    # The cohort holds this client and its k neighbours. With fixed-size sampling it is at
+    # most m; a bigger one means m (and with it the sampling rate, and epsilon) was
+    # understated. A Poisson cohort is Binomial(N, m/N): above floors.poisson_cohort_bound(m)
+    # with probability below 1e-9.
+    if request.get("dp-sampling") == "fixed":
+        most = m
+    else:
+        most = floors.poisson_cohort_bound(m)
+        if "dp-population" in request:
+            most = min(most, int(request["dp-population"]))
+    if k + 1 > most:
+        raise SecAggRefusal(f"{k} neighbours, more than a cohort of the announced m={m} "
+                            f"({request.get('dp-sampling', 'poisson')} sampling) can hold: the "
+                            "cohort is understated")
+
+
+def setup(state: State, request: dict, identity: Identity) -> tuple[State, dict]:
+    """Stage 1: check the round and the floors; make and sign this round's two key pairs."""
     index, peers, t = request["index"], list(request["neighbours"]), request["threshold"]
     if index in peers or len(set(peers)) != len(peers):
         raise SecAggRefusal(f"malformed neighbourhood for client {index}: {peers}")
-    if not 1 <= t <= len(peers) or 2 * t <= len(peers):
-        raise SecAggRefusal(f"threshold {t} must be a majority of the {len(peers)} neighbours "
-                            "(otherwise the server could rebuild both secrets of a client)")
-    c_sk, c_pk = generate_key_pairs()
-    s_sk = ec.generate_private_key(CURVE)
-    state = {"stage": "setup", "round": request["round"], "index": index, "neighbours": peers,
-             "threshold": t, "c_sk": private_key_to_bytes(c_sk),
-             "s_sk": secret_key_to_bytes(s_sk)}
-    return state, {"c_pk": public_key_to_bytes(c_pk),
-                   "s_pk": public_key_to_bytes(s_sk.public_key())}
+    _check_round(state, request)
+    _check_floors(request, len(peers), t)
+    c_sk, c_pk = masks.new_key_pair()
+    s_sk, s_pk = masks.new_key_pair()
+    session, round_id = int(request.get("session", 0)), int(request["round"])
+    state = {"stage": "setup", "round": round_id, "session": session, "index": index,
+             "neighbours": peers, "threshold": t, "c_sk": c_sk, "s_sk": s_sk}
+    signature = identity.sign(round_keys_message(session, round_id, index, c_pk, s_pk))
+    return state, {"c_pk": c_pk, "s_pk": s_pk, "id_name": identity.name,
+                   "id_pk": identity.public, "id_sig": signature}
 
 
-def share_keys(state: State, request: dict) -> tuple[State, dict]:
-    """Stage 2: Shamir-share the self-mask seed and the masking key, encrypted per neighbour."""
+def _verified_peers(state: State, request: dict, identity: Identity) -> list[bytes]:
+    """The neighbours' verification keys, after checking each one's signature on its keys."""
+    names, keys = [], []
+    for peer, c_pk, s_pk, name, id_pk, sig in zip(
+            request["indices"], request["c_pks"], request["s_pks"], request["names"],
+            request["id_pks"], request["signatures"]):
+        try:
+            key = identity.verification_key(name, id_pk)
+        except IdentityError as error:
+            raise SecAggRefusal(f"neighbour {peer}: {error}") from None
+        message = round_keys_message(state["session"], state["round"], peer, c_pk, s_pk)
+        if not Identity.valid(key, sig, message):
+            raise SecAggRefusal(f"the keys of neighbour {peer} ({name}) are not signed by its "
+                                "identity key: refusing a substituted key")
+        names.append(name)
+        keys.append(key)
+    if len(set(names)) != len(names) or identity.name in names:
+        raise SecAggRefusal("one identity holds two positions in this neighbourhood")
+    return keys
+
+
+def share_keys(state: State, request: dict, identity: Identity) -> tuple[State, dict]:
+    """Stage 2: check the neighbours' signed keys, then share the two secrets among them."""
     _expect(state, "setup", request["round"])
-    peers, t = request["indices"], state["threshold"]
+    peers, t = list(request["indices"]), state["threshold"]
     if not set(peers) <= set(state["neighbours"]) or len(set(peers)) != len(peers):
         raise SecAggRefusal(f"keys offered for non-neighbours: {sorted(set(peers))}")
     if len(peers) < t:
         raise SecAggRefusal(f"only {len(peers)} neighbours left, fewer than threshold {t}")
-    if len(set(request["c_pks"]) | set(request["s_pks"])) != 2 * len(peers):
+    if len({*request["c_pks"], *request["s_pks"]}) != 2 * len(peers):
         raise SecAggRefusal("neighbours' public keys are not all distinct")
+    verification_keys = _verified_peers(state, request, identity)
     seed = os.urandom(masks.KEY_BYTES)
-    seed_shares = create_shares(seed, t, len(peers))
-    key_shares = create_shares(state["s_sk"], t, len(peers))
-    c_sk = bytes_to_private_key(state["c_sk"])
+    seed_shares = shamir.create_shares(seed, t, peers)
+    key_shares = shamir.create_shares(state["s_sk"], t, peers)
+    c_sk = X25519PrivateKey.from_private_bytes(state["c_sk"])
     ciphertexts = []
     for peer, c_pk, seed_share, key_share in zip(peers, request["c_pks"], seed_shares,
                                                  key_shares):
-        key = generate_shared_key(c_sk, bytes_to_public_key(c_pk))
         plaintext = share_keys_plaintext_concat(state["index"], peer, seed_share, key_share)
-        ciphertexts.append(encrypt(key, plaintext))
-    state = {**state, "stage": "share_keys", "seed": seed, "peers": list(peers),
-             "peer_c_pks": list(request["c_pks"]), "peer_s_pks": list(request["s_pks"])}
-    return state, {"dst": list(peers), "ciphertexts": ciphertexts}
+        ciphertexts.append(encrypt(masks.encryption_key(c_sk, c_pk), plaintext))
+    state = {**state, "stage": "share_keys", "seed": seed, "peers": peers,
+             "peer_c_pks": list(request["c_pks"]), "peer_s_pks": list(request["s_pks"]),
+             "peer_id_keys": verification_keys}
+    return state, {"dst": peers, "ciphertexts": ciphertexts}
 
 
 def receive_shares(state: State, request: dict) -> State:
@@ -114,12 +179,11 @@ def receive_shares(state: State, request: dict) -> State:
     if len(request["src"]) < state["threshold"]:
         raise SecAggRefusal(f"only {len(request['src'])} neighbours shared keys, fewer than "
                             f"threshold {state['threshold']}")
-    c_sk = bytes_to_private_key(state["c_sk"])
+    c_sk = X25519PrivateKey.from_private_bytes(state["c_sk"])
     seed_shares, key_shares = [], []
     for src, ciphertext in zip(request["src"], request["ciphertexts"]):
-        key = generate_shared_key(c_sk, bytes_to_public_key(known[src]))
         try:
-            plaintext = decrypt(key, ciphertext)
+            plaintext = decrypt(masks.encryption_key(c_sk, known[src]), ciphertext)
         except InvalidToken:
             raise SecAggRefusal(f"the share from client {src} failed authentication") from None
         sender, receiver, seed_share, key_share = share_keys_plaintext_separate(plaintext)
@@ -137,30 +201,56 @@ def masked_input(state: State, encoded: np.ndarray) -> tuple[State, np.ndarray]:
         raise SecAggRefusal(f"masked input requested at stage {state.get('stage')!r}")
     vector = np.array(encoded, dtype=np.uint64)
     masks.add_mask(vector, state["seed"])
-    s_sk = secret_key_from_bytes(state["s_sk"])
+    s_sk = X25519PrivateKey.from_private_bytes(state["s_sk"])
     s_pks = dict(zip(state["peers"], state["peer_s_pks"]))
     for peer in state["held_src"]:
-        key = masks.pairwise_key(s_sk, bytes_to_public_key(s_pks[peer]))
-        masks.add_mask(vector, key, masks.pairwise_sign(state["index"], peer))
+        masks.add_mask(vector, masks.pairwise_key(s_sk, s_pks[peer]),
+                       masks.pairwise_sign(state["index"], peer))
     return {**state, "stage": "masked"}, vector
 
 
-def unmask(state: State, request: dict) -> tuple[State, dict]:
-    """Stage 4: seed shares of survivors, key shares of dropouts; never both for one client."""
+def consistency(state: State, request: dict, identity: Identity) -> tuple[State, dict]:
+    """Stage 4: sign the survivor set shown, if it holds this client and t of its neighbours."""
     _expect(state, "masked", request["round"])
-    survivors, dropped = set(request["survivors"]), set(request["dropped"])
-    if survivors & dropped:
-        raise SecAggRefusal(
-            "server asked for both the self-mask share and the secret-key share of client(s) "
-            f"{sorted(survivors & dropped)}: that would reveal their update")
-    if state["index"] in dropped:
+    survivors = sorted(set(request["survivors"]))
+    if state["index"] not in survivors:
         raise SecAggRefusal("server claims this client dropped out, but it sent its input")
+    alive = len(set(survivors) & set(state["neighbours"]))
+    if alive < state["threshold"] or len(survivors) < floors.min_survivors(state["threshold"]):
+        raise SecAggRefusal(f"only {alive} neighbours survived, fewer than threshold "
+                            f"{state['threshold']}: too few inputs to hide this one")
+    signature = identity.sign(survivors_message(state["session"], state["round"], survivors))
+    return {**state, "stage": "signed", "survivors": survivors}, {"signature": signature}
+
+
+def _check_signers(state: State, request: dict) -> None:
+    """At least t neighbours signed the very survivor set this client signed."""
+    survivors, t = set(state["survivors"]), state["threshold"]
+    keys = dict(zip(state["peers"], state["peer_id_keys"]))
+    signers = list(request["signers"])
+    if len(set(signers)) != len(signers) or not set(signers) <= survivors & set(keys):
+        raise SecAggRefusal(f"signatures from clients that are not surviving neighbours: "
+                            f"{sorted(set(signers) - (survivors & set(keys)))}")
+    if len(signers) < t:
+        raise SecAggRefusal(f"only {len(signers)} neighbours confirmed the survivor set, fewer "
+                            f"than threshold {t}")
+    # t valid signatures are what the argument needs; checking more only costs time.
+    message = survivors_message(state["session"], state["round"], state["survivors"])
+    for signer, signature in list(zip(signers, request["signatures"]))[:t]:
+        if not Identity.valid(keys[signer], signature, message):
+            raise SecAggRefusal(f"neighbour {signer} did not sign the survivor set this client "
+                                "was shown: the server shows clients different sets")
+
+
+def unmask(state: State, request: dict) -> tuple[State, dict]:
+    """Stage 5: seed shares of signed survivors, key shares of the others; never both."""
+    _expect(state, "signed", request["round"])
+    _check_signers(state, request)
+    survivors = set(state["survivors"])
     held = dict(zip(state["held_src"], zip(state["held_seed_shares"], state["held_key_shares"])))
-    if not (survivors | dropped) <= set(held):
-        raise SecAggRefusal(f"shares asked for clients it holds none of: "
-                            f"{sorted((survivors | dropped) - set(held))}")
-    survivors, dropped = sorted(survivors), sorted(dropped)
-    reply = {"seed_src": survivors, "seed_shares": [held[i][0] for i in survivors],
+    alive = sorted(i for i in held if i in survivors)
+    dropped = sorted(i for i in held if i not in survivors)
+    reply = {"seed_src": alive, "seed_shares": [held[i][0] for i in alive],
              "key_src": dropped, "key_shares": [held[i][1] for i in dropped]}
     # Once only: a second request could ask for the other kind of share.
     return {**state, "stage": "unmasked"}, reply

@@ -2,7 +2,9 @@
 
 Used by the tests and by the benchmark at cohort sizes a 2-core simulation
 cannot reach. It runs exactly the functions the Flower handlers run, minus the
-messages; `drop` names the clients that vanish before each stage.
+messages; `drop` names the clients that vanish before each stage. Clients
+sign with `identities` (default: a fresh relayed identity each) and see the
+announcement `announced` (default: m = the cohort, fixed-size sampling).
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from dpfl_app.secagg import client, quantize
+from dpfl_app.secagg.identity import Identity
 from dpfl_app.secagg.server import ServerRound
 
-STAGES = ("setup", "share_keys", "masked_input", "unmask")
+STAGES = ("setup", "share_keys", "masked_input", "consistency", "unmask")
 
 
 @dataclass
@@ -33,16 +38,24 @@ class Outcome:
 def _size(reply) -> int:
     if isinstance(reply, np.ndarray):
         return reply.nbytes
-    return sum(len(v) if isinstance(v, bytes) else
-               sum(len(x) if isinstance(x, bytes) else 8 for x in v) if isinstance(v, list)
-               else 8 for v in reply.values())
+    return sum(len(v) if isinstance(v, (bytes, str)) else
+               sum(len(x) if isinstance(x, (bytes, str)) else 8 for x in v)
+               if isinstance(v, list) else 8 for v in reply.values())
+
+
+def relayed_identities(n: int) -> dict[int, Identity]:
+    """A fresh identity per client 1..n, verified by relayed keys (simulation's default)."""
+    return {i: Identity(Ed25519PrivateKey.generate()) for i in range(1, n + 1)}
 
 
 def run_round(encoded: list[np.ndarray], neighbours: int = 0,
               drop: dict[str, set[int]] | None = None, round_id: int = 1,
-              rng: random.Random | None = None) -> Outcome:
+              rng: random.Random | None = None, identities: dict[int, Identity] | None = None,
+              announced: dict | None = None) -> Outcome:
     """One round over clients 1..n holding `encoded` (uint64 vectors of equal length)."""
     drop = drop or {}
+    identities = identities or relayed_identities(len(encoded))
+    announced = announced or {"dp-clients": len(encoded), "dp-sampling": "fixed"}
     server = ServerRound(round_id, len(encoded), neighbours, rng)
     states: dict[int, dict] = {}
     out = Outcome(None, [])
@@ -68,11 +81,15 @@ def run_round(encoded: list[np.ndarray], neighbours: int = 0,
             out.bytes_down[i] = out.bytes_down.get(i, 0) + _size(request)
 
     def do_setup(i, request):
-        states[i], reply = client.setup(request)
+        states[i], reply = client.setup({}, {**request, **announced}, identities[i])
         return reply
 
     def do_share(i, request):
-        states[i], reply = client.share_keys(states[i], request)
+        states[i], reply = client.share_keys(states[i], request, identities[i])
+        return reply
+
+    def do_consistency(i, request):
+        states[i], reply = client.consistency(states[i], request, identities[i])
         return reply
 
     def do_mask(i, request):
@@ -87,6 +104,7 @@ def run_round(encoded: list[np.ndarray], neighbours: int = 0,
     step("setup", server.setup_request, do_setup, server.receive_setup)
     step("share_keys", server.share_keys_request, do_share, server.receive_share_keys)
     step("masked_input", server.shares_for, do_mask, server.receive_input)
+    step("consistency", server.consistency_request, do_consistency, server.receive_consistency)
     step("unmask", server.unmask_request, do_unmask, server.receive_unmask)
     start = time.perf_counter()
     out.total = server.unmasked_sum()

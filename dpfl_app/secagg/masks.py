@@ -6,8 +6,11 @@ MT19937 (flwr issue #7522), so its masks have at most 32 bits of entropy; we
 never use it. Every key here is used for one mask only (fresh key pairs and
 self-mask seeds each round), so the fixed all-zero counter block is safe.
 
-Pairwise keys come from ECDH on the clients' masking key pairs with HKDF-SHA256
-(Flower's `generate_shared_key`); the encryption key pairs are separate.
+Pairwise keys come from X25519 on the clients' masking key pairs with
+HKDF-SHA256 (RFC 7748, RFC 5869); the share-encryption key pairs are separate,
+and each use has its own HKDF label. X25519 instead of P-384: one agreement
+costs about 0.04 ms instead of 0.8 ms, and the server runs one per (dropout,
+neighbour) pair.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from __future__ import annotations
 import base64
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 KEY_BYTES = 32
 _ZERO_COUNTER = bytes(16)
@@ -32,9 +36,36 @@ def mask_stream(key: bytes, length: int) -> np.ndarray:
     return np.frombuffer(stream, dtype="<u8").astype(np.uint64)
 
 
-def pairwise_key(own: ec.EllipticCurvePrivateKey, peer: ec.EllipticCurvePublicKey) -> bytes:
-    """The 32-byte key two clients share: HKDF-SHA256 of their ECDH secret."""
-    return base64.urlsafe_b64decode(generate_shared_key(own, peer))
+def agreed_key(own: X25519PrivateKey, peer: bytes, label: bytes) -> bytes:
+    """32 bytes from HKDF-SHA256 of the X25519 secret of `own` and the raw public key `peer`."""
+    secret = own.exchange(X25519PublicKey.from_public_bytes(peer))
+    return HKDF(hashes.SHA256(), KEY_BYTES, None, label).derive(secret)
+
+
+def pairwise_key(own: X25519PrivateKey, peer: bytes) -> bytes:
+    """The 32-byte mask key two clients share."""
+    return agreed_key(own, peer, b"dpfl_app secagg pairwise mask")
+
+
+def encryption_key(own: X25519PrivateKey, peer: bytes) -> bytes:
+    """The Fernet key (urlsafe base64 of 32 bytes) for the shares one client sends another."""
+    return base64.urlsafe_b64encode(agreed_key(own, peer, b"dpfl_app secagg share encryption"))
+
+
+def new_key_pair() -> tuple[bytes, bytes]:
+    """(raw private, raw public) X25519 key pair, 32 bytes each."""
+    key = X25519PrivateKey.generate()
+    return private_raw(key), public_raw(key)
+
+
+def private_raw(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption())
+
+
+def public_raw(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw,
+                                         serialization.PublicFormat.Raw)
 
 
 def pairwise_sign(own_index: int, peer_index: int) -> int:

@@ -1,16 +1,20 @@
 """The server's side of SecAgg+: who talks to whom, which shares to ask for, the sum.
 
 `ServerRound` keeps the sets of Bonawitz et al. (2017): U1 (sent keys), U2
-(shared keys), U3 (sent a masked input), U4 (answered the unmasking). The
-round yields the sum of U3's inputs only when at least `min_survivors` sent
-one and every needed secret can be rebuilt from >= t shares: the self-mask
-seed of each client in U3 and the masking key of each client in U2 minus U3.
+(shared keys), U3 (sent a masked input), U4 (signed U3 in the consistency
+round), U5 (answered the unmasking). The round yields the sum of U3's inputs
+only when at least `min_survivors` sent one and every needed secret can be
+rebuilt from t shares: the self-mask seed of each client in U3 and the masking
+key of each client in U2 minus U3 (checked against its signed public key).
 Otherwise `unmasked_sum` returns None and the caller releases noise only,
 never a partial sum.
 
-The server never asks one client for both shares of another, and asks for a
-client's seed shares only if it is in U3 and for its key shares only if it is
-not: `unmask_requests` builds the two lists from disjoint sets by construction.
+The server relays, and cannot forge, the clients' signatures: on their round
+keys (checked by their neighbours before sharing) and on U3 (checked before
+unmasking). An honest server shows every client the same U3, so every client's
+check passes; `tests/secagg/test_malicious_server.py` scripts the lies.
+Secrets are rebuilt with `shamir.combine_many`: one Lagrange product per set
+of share holders, for all the secrets that set holds.
 """
 
 from __future__ import annotations
@@ -18,11 +22,9 @@ from __future__ import annotations
 import random
 
 import numpy as np
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares
-from flwr.supercore.primitives.asymmetric import bytes_to_public_key
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from dpfl_app.secagg import graph, masks
-from dpfl_app.secagg.client import secret_key_from_bytes
+from dpfl_app.secagg import floors, graph, masks, shamir
 
 
 class ServerRound:
@@ -34,13 +36,15 @@ class ServerRound:
         self.indices = list(range(1, cohort_size + 1))
         k = graph.neighbours_per_client(requested_neighbours, cohort_size)
         self.threshold = graph.threshold(k)
-        # A sum of one input is that input: at least two, and at least t, must survive.
-        self.min_survivors = max(2, self.threshold)
+        # The withholding rule: fewer survivors than this, and no sum is released.
+        self.min_survivors = floors.min_survivors(self.threshold)
         self.neighbours = graph.neighbourhoods(self.indices, k, rng or random.SystemRandom())
         self.public_keys: dict[int, tuple[bytes, bytes]] = {}  # U1: (c_pk, s_pk)
+        self.identities: dict[int, tuple[str, bytes, bytes]] = {}  # U1: (name, id_pk, sig)
         self.inbox: dict[int, dict[int, bytes]] = {}  # dst -> {src: ciphertext}, from U2
         self.shared: set[int] = set()  # U2
         self.inputs: dict[int, np.ndarray] = {}  # U3
+        self.signatures: dict[int, bytes] = {}  # U4: each one's signature on U3
         self.seed_shares: dict[int, list[bytes]] = {}
         self.key_shares: dict[int, list[bytes]] = {}
 
@@ -51,16 +55,20 @@ class ServerRound:
 
     def receive_setup(self, index: int, reply: dict) -> None:
         self.public_keys[index] = (reply["c_pk"], reply["s_pk"])
+        self.identities[index] = (reply["id_name"], reply["id_pk"], reply["id_sig"])
 
     # --- stage 2 ----------------------------------------------------------------
     def share_keys_request(self, index: int) -> dict:
         peers = [j for j in self.neighbours[index] if j in self.public_keys]
         return {"round": self.round_id, "indices": peers,
                 "c_pks": [self.public_keys[j][0] for j in peers],
-                "s_pks": [self.public_keys[j][1] for j in peers]}
+                "s_pks": [self.public_keys[j][1] for j in peers],
+                "names": [self.identities[j][0] for j in peers],
+                "id_pks": [self.identities[j][1] for j in peers],
+                "signatures": [self.identities[j][2] for j in peers]}
 
     def receive_share_keys(self, index: int, reply: dict) -> None:
-        expected = self.share_keys_request(index)["indices"]
+        expected = [j for j in self.neighbours[index] if j in self.public_keys]
         if index not in self.public_keys or sorted(reply["dst"]) != sorted(expected):
             return  # not a participant, or shares missing for some neighbour: a dropout
         self.shared.add(index)
@@ -77,26 +85,45 @@ class ServerRound:
         if index in self.shared:
             self.inputs[index] = np.asarray(vector, dtype=np.uint64)
 
-    # --- stage 4 ----------------------------------------------------------------
+    # --- stage 4: consistency -----------------------------------------------------
+    def consistency_request(self, index: int) -> dict:
+        """The same U3 for every client (the clients check that they were shown one set)."""
+        return {"round": self.round_id, "survivors": sorted(self.inputs)}
+
+    def receive_consistency(self, index: int, reply: dict) -> None:
+        if index in self.inputs:
+            self.signatures[index] = reply["signature"]
+
+    # --- stage 5: unmasking -------------------------------------------------------
     def held_by(self, index: int) -> list[int]:
         """The neighbours whose shares `index` holds (those it masked with)."""
-        return [j for j in self.neighbours[index] if j in self.shared and index in self.shared]
+        if index not in self.shared:
+            return []
+        return [j for j in self.neighbours[index] if j in self.shared]
 
     def unmask_request(self, index: int) -> dict:
-        held = self.held_by(index)
-        return {"round": self.round_id,
-                "survivors": [j for j in held if j in self.inputs],
-                "dropped": [j for j in held if j not in self.inputs]}
+        signers = [j for j in self.neighbours[index] if j in self.signatures]
+        return {"round": self.round_id, "signers": signers,
+                "signatures": [self.signatures[j] for j in signers]}
 
     def receive_unmask(self, index: int, reply: dict) -> None:
-        request = self.unmask_request(index)
-        if (list(reply["seed_src"]) != request["survivors"]
-                or list(reply["key_src"]) != request["dropped"]):
+        held = self.held_by(index)
+        if (list(reply["seed_src"]) != [j for j in held if j in self.inputs]
+                or list(reply["key_src"]) != [j for j in held if j not in self.inputs]):
             return  # an answer to a different question: ignored, a dropout
         for src, share in zip(reply["seed_src"], reply["seed_shares"]):
             self.seed_shares.setdefault(src, []).append(share)
         for src, share in zip(reply["key_src"], reply["key_shares"]):
             self.key_shares.setdefault(src, []).append(share)
+
+    def _rebuild(self, shares: dict[int, list[bytes]], owners: list[int]) -> list[bytes] | None:
+        """Each owner's secret from its first t shares, or None if any has fewer."""
+        if any(len(shares.get(i, [])) < self.threshold for i in owners):
+            return None
+        try:
+            return shamir.combine_many([shares[i][: self.threshold] for i in owners])
+        except ValueError:  # a malformed share: nothing safe to release
+            return None
 
     def unmasked_sum(self) -> np.ndarray | None:
         """Sum of U3's encoded inputs modulo 2**64, or None when the round must not release it."""
@@ -104,24 +131,20 @@ class ServerRound:
         if len(survivors) < self.min_survivors:
             return None
         dropped = sorted(self.shared - set(survivors))
-        if any(len(self.seed_shares.get(i, [])) < self.threshold for i in survivors):
-            return None
-        if any(len(self.key_shares.get(j, [])) < self.threshold for j in dropped):
-            return None
-        try:
-            seeds = {i: combine_shares(self.seed_shares[i][: self.threshold]) for i in survivors}
-            keys = {j: secret_key_from_bytes(combine_shares(self.key_shares[j][: self.threshold]))
-                    for j in dropped}
-        except ValueError:  # a corrupted share: nothing safe to release
+        seeds = self._rebuild(self.seed_shares, survivors)
+        keys = self._rebuild(self.key_shares, dropped)
+        if seeds is None or keys is None:
             return None
         total = np.zeros_like(self.inputs[survivors[0]])
-        for i in survivors:
+        for i, seed in zip(survivors, seeds):
             np.add(total, self.inputs[i], out=total)
-            masks.add_mask(total, seeds[i], -1)
-        for j, s_sk in keys.items():
+            masks.add_mask(total, seed, -1)
+        for j, raw in zip(dropped, keys):
+            s_sk = X25519PrivateKey.from_private_bytes(raw)
+            if masks.public_raw(s_sk) != self.public_keys[j][1]:
+                return None  # the shares do not rebuild the key j signed: corrupted
             for i in self.neighbours[j]:
-                if i in self.inputs and j in self.held_by(i):
-                    # i added sign(i, j) * PRG(s_ij); remove it.
-                    key = masks.pairwise_key(s_sk, bytes_to_public_key(self.public_keys[i][1]))
+                if i in self.inputs:  # i is in U2, so it held j's shares and masked with j
+                    key = masks.pairwise_key(s_sk, self.public_keys[i][1])
                     masks.add_mask(total, key, -masks.pairwise_sign(i, j))
         return total

@@ -7,13 +7,17 @@ Each round (Bell et al. 2020; Bonawitz et al. 2017):
    keys back) and `query.secagg_share_keys` (encrypted shares, routed by the
    server), and returns `train.secagg` messages carrying each client's shares.
 2. The clients train, clip (Flower's `adaptiveclipping_mod`), encode and mask.
-3. `clipped_sum` collects the masked vectors, runs `query.secagg_unmask`, and
+3. `clipped_sum` collects the masked vectors, runs `query.secagg_consistency`
+   (each survivor signs the survivor set; the one message exchange the
+   actively secure variant adds) and `query.secagg_unmask` (each client checks
+   its neighbours' signatures on that same set before it sends any share), and
    decodes the sum of the survivors' clipped deltas and norm bits. The base
    class then adds exactly the same noise and divides by the same fixed m as
    without secure aggregation; the ledger charges each round with the largest
    sum it could withhold (`AccountingModel.withheld_inputs`; docs/secure-aggregation.md).
 
-When fewer than the threshold survive, or a needed secret cannot be rebuilt,
+When the cohort is below `min_cohort` (the clients' neighbour floor,
+`dpfl_app.secagg.floors`), or fewer than `ServerRound.min_survivors` survive, or a needed secret cannot be rebuilt,
 the sum is withheld: the round has no contributors (noise only, never a
 partial sum). What the protocol saw (how many clients shared keys, masked an
 input and survived; which nodes refused or failed, and why) are exact
@@ -28,7 +32,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from dpfl_app.secagg import CIPHERTEXTS, RECORD, ROUND, SRC, quantize
+from dpfl_app.secagg import CIPHERTEXTS, RECORD, ROUND, SRC, floors, quantize
 from dpfl_app.secagg.server import ServerRound
 from dpfl_app.strategy.dp_fedavg import ClippedSum, DPFedAvgAdaptive
 
@@ -41,6 +45,10 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
         super().__init__(*args, **kwargs)
         self.neighbours = neighbours
         self.stage_timeout = stage_timeout
+        # Withholding rules (dpfl_app.secagg.floors): a cohort below min_cohort, or fewer
+        # survivors than ServerRound.min_survivors, releases noise only. min_cohort follows
+        # the announced m, so configure_train sets it again from the announcement.
+        self.min_cohort = floors.min_cohort(self.num_sampled_clients)
         self._grid: Grid | None = None
         self._round: ServerRound | None = None
         self._nodes: dict[int, int] = {}  # secagg index -> node id
@@ -84,9 +92,13 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
         cohort = list(super().configure_train(server_round, arrays, config, grid))
         self._grid, self._lost, self._refusals = grid, set(), []
         self._nodes = {i + 1: msg.metadata.dst_node_id for i, msg in enumerate(cohort)}
-        if len(cohort) < 2:  # one input cannot be hidden in a sum: noise only
+        # The withholding rule for cohorts: below it every client would refuse its floor.
+        self.min_cohort = floors.min_cohort(int(config.get("dp-clients",
+                                                           self.num_sampled_clients)))
+        if len(cohort) < self.min_cohort:  # noise only
             self._note(cohort=len(cohort), sum_released=False,
-                       why="a cohort of fewer than 2 cannot be summed securely")
+                       why=f"a cohort of fewer than {self.min_cohort} is below the clients' "
+                           "floors")
             self._round = None
             return []
         rnd = self._round = ServerRound(self.round_offset + server_round, len(cohort),
@@ -139,8 +151,11 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
                 continue
             rnd.receive_input(index, vector)
         self._lost |= set(rnd.shared) - set(rnd.inputs)
+        for index, reply in self._exchange("secagg_consistency", {
+                i: rnd.consistency_request(i) for i in sorted(rnd.inputs)}).items():
+            rnd.receive_consistency(index, reply)
         for index, reply in self._exchange("secagg_unmask", {
-                i: rnd.unmask_request(i) for i in sorted(rnd.inputs)}).items():
+                i: rnd.unmask_request(i) for i in sorted(rnd.signatures)}).items():
             rnd.receive_unmask(index, reply)
         total = rnd.unmasked_sum()
         self._note(masked_inputs=len(rnd.inputs), min_survivors=rnd.min_survivors,

@@ -1,6 +1,6 @@
 """`dpfl`: one command for the tools, as `flwr` is one command for Flower.
 
-    dpfl plan | sweep | audit | baseline | deploy | bench | bench-study | coldstart | export-data | stop-superlink [options]
+    dpfl plan | sweep | audit | baseline | deploy | bench | bench-study | coldstart | secagg-keys | export-data | stop-superlink [options]
 
 Each subcommand is one module's `main(argv)`; it is imported only when asked
 for, so `dpfl plan` does not pay for torch. `dpfl SUBCOMMAND --help` shows its
@@ -23,6 +23,7 @@ COMMANDS = {
     "bench": ("dpfl_app.tools.bench.__main__", "the app against its in-process limit, DP on and off"),
     "bench-study": ("dpfl_app.tools.study.bench", "the study engine against flwr run and pfl-research, per client update"),
     "coldstart": ("dpfl_app.tools.bench.coldstart", "time one cold ClientApp process per message"),
+    "secagg-keys": ("dpfl_app.tools.secagg_keys", "identity keys and the pinned list for secure aggregation"),
     "export-data": ("dpfl_app.tools.export_data", "write demo partitions as site folders for data-path"),
     "stop-superlink": ("dpfl_app.tools.stop_superlink", "stop Flower's local SuperLink and its processes, by PID"),
 }

@@ -141,6 +141,21 @@ class LocalDeployment(LocalFederation):
                             "-C", name, "-f", str(key)], check=True, timeout=60)
         return key
 
+    def secagg_identities(self, names: list[str]) -> dict[str, str]:
+        """Each member's secure-aggregation identity key and one pinned list, as node-config.
+
+        On one machine the "out of band" exchange is a folder; across sites it is the
+        members swapping their public entries (`dpfl secagg-keys`, deploy/README.md).
+        """
+        from dpfl_app.tools.secagg_keys import new_member, pin  # pylint: disable=import-outside-toplevel
+
+        folder = self.workdir / "identity"
+        entries = [new_member(name, folder)[1] for name in names]
+        pinned = folder / "pinned-keys.json"
+        pin(entries, pinned)
+        return {name: f'secagg-identity-key="{folder / name}.pem" '
+                      f'secagg-pinned-keys="{pinned}"' for name in names}
+
     def register(self, public_key: Path) -> None:
         out = self.flwr("supernode", "register", str(public_key), self.connection)
         if "registered successfully" not in out.stdout:
@@ -258,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --auth: also start an unregistered SuperNode, to see it refused")
     parser.add_argument("--node-data", choices=("partitions", "local"), default="partitions",
                         help="local: each node gets a data-path folder (an exported partition)")
+    parser.add_argument("--secagg-identities", action="store_true",
+                        help="give every SuperNode a pinned secure-aggregation identity key")
     parser.add_argument("--run-config", default="rounds=2 clients=2",
                         help="passed to `flwr run` (output-dir and node-data are set here)")
     parser.add_argument("--workdir", type=Path, default=Path("deployment"),
@@ -276,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         dep.start_superlink()
         say(f"SuperLink on {dep.address} (tls={dep.tls}, auth={dep.auth}); "
             f"logs in {dep.workdir}/<process>/log.txt")
+        names = [f"node-{i}" for i in range(args.nodes)]
+        identities = dep.secagg_identities(names) if args.secagg_identities else {}
         for i in range(args.nodes):
             if args.node_data == "local":
                 site = export_partition(dep.workdir / "sites" / f"site-{i}", "digits", i,
@@ -283,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
                 node_config = f'data-path="{site}"'
             else:
                 node_config = f"partition-id={i} num-partitions={args.nodes}"
-            dep.start_supernode(f"node-{i}", node_config)
+            dep.start_supernode(f"node-{i}", " ".join(
+                [node_config, identities.get(f"node-{i}", "")]).strip())
         dep.wait_online(args.nodes)
         say(f"{args.nodes} SuperNodes online")
         if args.unregistered_node and args.auth:

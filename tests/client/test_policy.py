@@ -63,3 +63,60 @@ def test_deterministic_noise_is_announced_and_the_node_treats_it_as_no_guarantee
     assert reason is not None and "deterministic noise" in reason
     secret = {**announced, "dp-deterministic-noise": False}
     assert client_policy.refusal(secret, {"max-epsilon": 10.0}) is None  # 8.38 <= 10
+
+
+# --- the ClientApp's train handlers (dpfl_app.client.secagg's mods) ---------------------
+
+def _train_message(config: dict, message_type: str = "train"):
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    import tests.fakes  # noqa: F401  (gives this process a task identity, as messages need)
+
+    return Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=1,
+                   message_type=message_type)
+
+
+def _context(node_config: dict):
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                   run_config={})
+
+
+def _passes(mod, config: dict, context) -> bool:
+    """Whether `mod` lets the message through to training (True) or refuses it."""
+    called = []
+
+    def train(msg, ctx):
+        called.append(msg)
+        return msg
+
+    reply = mod(_train_message(config), context, train)
+    assert bool(called) != reply.has_error()
+    return bool(called)
+
+
+def test_a_node_that_requires_secure_aggregation_refuses_a_plain_train_message():
+    """The bypass: the server *announces* secure aggregation but sends a plain `train`
+    message, whose reply would carry the update in the clear."""
+    from dpfl_app.client.secagg import plain_policy_mod, policy_mod
+
+    announced = {**_announced(secure=True), "server-round": 1}
+    requiring = _context({"require-secure-aggregation": True})
+    assert not _passes(plain_policy_mod, announced, requiring)
+    # The masked path (train.secagg) passes the same policy; a node without the
+    # requirement still answers plain train messages.
+    assert _passes(policy_mod, announced, _context({"require-secure-aggregation": True}))
+    assert _passes(plain_policy_mod, announced, _context({}))
+
+
+def test_a_node_with_a_policy_refuses_a_replayed_round_and_a_round_past_the_announced_t():
+    from dpfl_app.client.secagg import plain_policy_mod
+
+    context = _context({"max-epsilon": 4.0})
+    config = {**_announced(rounds=20), "server-round": 3}
+    assert _passes(plain_policy_mod, config, context)
+    assert not _passes(plain_policy_mod, config, context)  # round 3 again
+    assert not _passes(plain_policy_mod, {**config, "server-round": 2}, context)
+    assert _passes(plain_policy_mod, {**config, "server-round": 4}, context)
+    assert not _passes(plain_policy_mod, {**config, "server-round": 21}, context)

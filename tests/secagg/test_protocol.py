@@ -32,7 +32,7 @@ def _check_sum(outcome, clipped, bits):
         len(outcome.survivors), DIM, CLIP)
 
 
-@pytest.mark.parametrize("n,k", [(6, 0), (10, 4), (13, 6)])
+@pytest.mark.parametrize("n,k", [(6, 0), (16, 8), (13, 6)])
 def test_secure_sum_equals_plain_sum_within_the_quantization_bound(n, k):
     clipped, bits, encoded = _cohort(n)
     outcome = inprocess.run_round(encoded, neighbours=k)
@@ -54,21 +54,24 @@ def test_dropouts_at_each_stage_give_exactly_the_survivors_sum(stage, k):
     outcome = inprocess.run_round(encoded, neighbours=k, drop={stage: {2, 7}},
                                   rng=random.Random(5))
     # Dropping before the masked input removes the client from the sum; dropping
-    # after it (at unmasking) keeps its input, recovered from the others' shares.
-    expected = [i for i in range(1, 11) if stage == "unmask" or i not in (2, 7)]
+    # after it (at consistency or unmasking) keeps its input, recovered from the others'
+    # shares.
+    after_input = stage in ("consistency", "unmask")
+    expected = [i for i in range(1, 11) if after_input or i not in (2, 7)]
     assert outcome.survivors == expected
     _check_sum(outcome, clipped, bits)
 
 
 def test_dropouts_spread_over_all_stages():
     clipped, bits, encoded = _cohort(12, seed=4)
-    drop = {"setup": {1}, "share_keys": {5}, "masked_input": {9}, "unmask": {12}}
+    drop = {"setup": {1}, "share_keys": {5}, "masked_input": {9}, "consistency": {10},
+            "unmask": {12}}
     outcome = inprocess.run_round(encoded, drop=drop)
     assert outcome.survivors == [2, 3, 4, 6, 7, 8, 10, 11, 12]
     _check_sum(outcome, clipped, bits)
 
 
-@pytest.mark.parametrize("stage", ["setup", "masked_input", "unmask"])
+@pytest.mark.parametrize("stage", ["setup", "masked_input", "consistency", "unmask"])
 def test_fewer_survivors_than_threshold_releases_nothing(stage):
     """Below the threshold the round releases no sum at all (the caller adds noise only)."""
     _, _, encoded = _cohort(6)
@@ -78,10 +81,21 @@ def test_fewer_survivors_than_threshold_releases_nothing(stage):
 
 
 def test_a_client_left_with_fewer_neighbours_than_threshold_refuses():
-    _, _, encoded = _cohort(10, seed=3)
-    outcome = inprocess.run_round(encoded, neighbours=4, drop={"setup": {2, 7}},
+    _, _, encoded = _cohort(12, seed=3)
+    # k = 6, t = 4: client 1's ring neighbours are 2, 3, 4 and 10, 11, 12; three vanish.
+    outcome = inprocess.run_round(encoded, neighbours=6, drop={"setup": {2, 3, 4}},
                                   rng=random.Random(5))
     assert outcome.refusals and all("fewer than threshold" in r for r in outcome.refusals.values())
+
+
+def test_survivors_below_a_clients_neighbour_threshold_make_it_refuse_to_sign():
+    """Bell et al.: a client aborts when fewer than t of its neighbours are alive."""
+    _, _, encoded = _cohort(12, seed=3)
+    outcome = inprocess.run_round(encoded, neighbours=6, drop={"masked_input": {2, 3, 4}},
+                                  rng=random.Random(5))
+    assert outcome.total is None or outcome.refusals
+    assert any("neighbours survived, fewer than threshold" in r
+               for r in outcome.refusals.values())
 
 
 def test_a_single_survivor_is_never_released():
@@ -90,53 +104,61 @@ def test_a_single_survivor_is_never_released():
 
 
 def _run_stages(n, up_to_masking=True):
-    """A server round driven through stage 2 (or 3), returning (server, client states)."""
+    """A server round driven through stage 2 (or 4), returning (server, client states, ids)."""
     _, _, encoded = _cohort(n)
     server, states = ServerRound(1, n, 0), {}
+    ids = inprocess.relayed_identities(n)
+    announced = {"dp-clients": n, "dp-sampling": "fixed"}
     for i in server.indices:
-        states[i], reply = client.setup(server.setup_request(i))
+        states[i], reply = client.setup({}, {**server.setup_request(i), **announced}, ids[i])
         server.receive_setup(i, reply)
     for i in server.indices:
-        states[i], reply = client.share_keys(states[i], server.share_keys_request(i))
+        states[i], reply = client.share_keys(states[i], server.share_keys_request(i), ids[i])
         server.receive_share_keys(i, reply)
     for i in server.indices if up_to_masking else []:
         states[i] = client.receive_shares(states[i], server.shares_for(i))
         states[i], vector = client.masked_input(states[i], encoded[i - 1])
         server.receive_input(i, vector)
-    return server, states
+    for i in server.indices if up_to_masking else []:
+        states[i], reply = client.consistency(states[i], server.consistency_request(i), ids[i])
+        server.receive_consistency(i, reply)
+    return server, states, ids
 
 
-def test_a_request_for_both_shares_of_one_client_is_refused():
-    _, states = _run_stages(4)
-    with pytest.raises(client.SecAggRefusal, match=r"both .* client\(s\) \[2\]"):
-        client.unmask(states[1], {"round": 1, "survivors": [2, 3], "dropped": [2, 4]})
+def test_the_shares_asked_for_follow_the_signed_set_only():
+    """The unmask request names no survivors: the client derives them from the set it
+    signed, so the server cannot ask for both shares of one client."""
+    server, states, _ = _run_stages(4)
+    states[1], reply = client.unmask(states[1], server.unmask_request(1))
+    assert reply["seed_src"] == [2, 3, 4] and reply["key_src"] == []
 
 
 def test_a_second_unmask_request_is_refused():
-    """Asking once for seed shares, then again for key shares of the same client."""
-    server, states = _run_stages(4)
-    states[1], reply = client.unmask(states[1], server.unmask_request(1))
-    assert reply["seed_src"] == [2, 3, 4] and reply["key_src"] == []
+    """Asking once for seed shares, then again (for key shares of the same client)."""
+    server, states, _ = _run_stages(4)
+    states[1], _ = client.unmask(states[1], server.unmask_request(1))
     with pytest.raises(client.SecAggRefusal, match="out of order"):
-        client.unmask(states[1], {"round": 1, "survivors": [], "dropped": [2]})
+        client.unmask(states[1], server.unmask_request(1))
 
 
 def test_the_server_never_asks_for_both_shares():
-    server, _ = _run_stages(6)
-    del server.inputs[3]  # client 3 "dropped" after masking
-    for i in server.inputs:
-        request = server.unmask_request(i)
-        assert not set(request["survivors"]) & set(request["dropped"])
-        assert 3 in request["dropped"] and i not in request["survivors"]
+    server, _, _ = _run_stages(6, up_to_masking=False)
+    for i in server.indices:
+        if i != 3:
+            server.receive_input(i, np.zeros(DIM + 1, dtype=np.uint64))
+    for i in server.inputs:  # client 3 "dropped" before masking
+        held = server.held_by(i)
+        assert 3 in held and 3 not in server.consistency_request(i)["survivors"]
 
 
 def test_a_client_refuses_a_minority_threshold():
     with pytest.raises(client.SecAggRefusal, match="majority"):
-        client.setup({"round": 1, "index": 1, "neighbours": [2, 3, 4, 5], "threshold": 2})
+        client.setup({}, {"round": 1, "index": 1, "neighbours": [2, 3, 4, 5], "threshold": 2,
+                          "dp-clients": 5}, inprocess.relayed_identities(1)[1])
 
 
 def test_tampered_share_ciphertext_is_rejected():
-    server, states = _run_stages(3, up_to_masking=False)
+    server, states, _ = _run_stages(3, up_to_masking=False)
     request = server.shares_for(1)
     request["ciphertexts"][0] = request["ciphertexts"][0][:-2] + b"AA"
     with pytest.raises(client.SecAggRefusal, match="failed authentication"):

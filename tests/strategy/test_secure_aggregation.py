@@ -67,7 +67,8 @@ def test_secure_and_plain_rounds_end_at_the_same_model_within_the_bound(tmp_path
     plain_results, plain = _outputs(tmp_path, "plain")
     secure_results, secure = _outputs(tmp_path, "secure")
     assert {m.metadata.message_type for m in grid.sent} == {
-        "query.secagg_setup", "query.secagg_share_keys", "train.secagg", "query.secagg_unmask"}
+        "query.secagg_setup", "query.secagg_share_keys", "train.secagg",
+        "query.secagg_consistency", "query.secagg_unmask"}
     (p_rec,), (s_rec,) = plain_results["rounds"], secure_results["rounds"]
     assert _replies(tmp_path, "secure") == _replies(tmp_path, "plain") == [6]
     assert s_rec["next_clip_norm"] == p_rec["next_clip_norm"]  # sum of bits: exact
@@ -81,7 +82,7 @@ def test_secure_and_plain_rounds_end_at_the_same_model_within_the_bound(tmp_path
 
 
 @pytest.mark.parametrize("stage", ["query.secagg_share_keys", "train.secagg",
-                                   "query.secagg_unmask"])
+                                   "query.secagg_consistency", "query.secagg_unmask"])
 def test_a_dropout_at_any_stage_leaves_the_survivors_sum(tmp_path, stage, caplog):
     """All 10 nodes sampled (k = 9, t = 5); nodes 1 and 2 vanish at `stage`."""
     caplog.set_level(logging.INFO)
@@ -89,12 +90,13 @@ def test_a_dropout_at_any_stage_leaves_the_survivors_sum(tmp_path, stage, caplog
                drop_at={stage: {1, 2}})
     results, _ = _outputs(tmp_path, "out")
     (rec,) = results["rounds"]
-    # Before sending its input a dropout leaves the sum; at unmasking its input stays.
-    assert _replies(tmp_path, "out") == [10 if stage == "query.secagg_unmask" else 8]
+    # Before sending its input a dropout leaves the sum; after it, its input stays.
+    after_input = stage in ("query.secagg_consistency", "query.secagg_unmask")
+    assert _replies(tmp_path, "out") == [10 if after_input else 8]
     (diag,) = _diagnostics(tmp_path, "out")
     protocol = diag["secure_aggregation"]
     assert protocol["sum_released"] and protocol["cohort"] == 10 and protocol["threshold"] == 5
-    assert protocol["masked_inputs"] == (10 if stage == "query.secagg_unmask" else 8)
+    assert protocol["masked_inputs"] == (10 if after_input else 8)
     assert protocol["dropouts"] == diag["num_rejected"] == 2
     assert _protocol_lines(caplog) == []  # counts and node ids stay operator-only
     # A withheld sum is a release: the round is charged with the largest (m = 10 clients).
@@ -141,4 +143,9 @@ def test_require_secure_aggregation_refuses_a_plain_server(tmp_path, caplog):
                node_config={n: {"require-secure-aggregation": True} for n in range(1, 11)})
     results, _ = _outputs(tmp_path, "out")
     assert _replies(tmp_path, "out")[0] == 0
-    assert any("require-secure-aggregation=true" in r.getMessage() for r in caplog.records)
+    (diag,) = _diagnostics(tmp_path, "out")  # the reasons reach the operator ...
+    assert diag["rejected"] and all("require-secure-aggregation=true" in r["reason"]
+                                    for r in diag["rejected"])
+    # ... and the nodes' shared log only says that a node refused, without counts.
+    assert not any("require-secure-aggregation=true" in r.getMessage() for r in caplog.records)
+    assert any("refused a train message" in r.getMessage() for r in caplog.records)

@@ -185,3 +185,12 @@ def test_a_cold_client_process_imports_nothing_heavy(tmp_path):
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["heavy_modules"] == [], report
     assert coldstart.HEAVY  # the list the child checks against
+
+
+def test_a_cold_secure_aggregation_setup_imports_no_torch():
+    """The timed `query.secagg_setup` child answers the real ClientApp without torch."""
+    command = [sys.executable, "-m", "dpfl_app.tools.bench.coldstart", "--child", "secagg_setup"]
+    out = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, check=True,
+                         timeout=120)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["heavy_modules"] == [] and report["handle_s"] > 0, report

@@ -157,13 +157,16 @@ def test_tls_run_survives_a_supernode_killed_mid_round(secure, tmp_path):
 
 
 def test_tls_secure_aggregation_survives_a_supernode_killed_mid_round(tmp_path):
-    """SecAgg+ over TLS on 4 SuperNodes (k = 3, t = 2): one dies while training in
-    round 1; the others' shares rebuild its masks, and the round sums the 3 survivors."""
+    """SecAgg+ over TLS on 4 SuperNodes (k = 3, t = 2), each with a pinned identity key:
+    one dies while training in round 1; the others' shares rebuild its masks, and the
+    round sums the 3 survivors."""
     dep = LocalDeployment(tmp_path / "secagg", tls=True)
     try:
         dep.start_superlink()
+        identities = dep.secagg_identities([f"node-{i}" for i in range(4)])
         for i in range(4):
-            dep.start_supernode(f"node-{i}", f"partition-id={i} num-partitions=4")
+            dep.start_supernode(f"node-{i}", f"partition-id={i} num-partitions=4 "
+                                             f"{identities[f'node-{i}']}")
         dep.wait_online(4)
         out = tmp_path / "out"
         # Poisson with q = m/N = 1: every online node, 4 in round 1 and 3 in round 2.

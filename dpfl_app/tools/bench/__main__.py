@@ -1,13 +1,15 @@
 """Benchmark the app against its in-process limit, with DP on and off, at several scales.
 
     dpfl bench [--scales 10:6,100:50,1000:50,1000:200] [--rounds 4]
-                             [--output bench.json] [--cold-start]
+                             [--output bench.json] [--cold-start] [--secure-aggregation]
 
 For each scale N:m (N SuperNodes, m clients per round) it runs, back to back:
 (a) the in-process limit (`limit.py`), (b) the real app through `flwr run .`
 and (c) the real app with DP off: `noise=0` (no noise; the accountant reports
 epsilon = inf at no cost) and `initial-clip=1e9` (no update is ever clipped;
 the norms are still computed, which costs microseconds at this model size).
+With --secure-aggregation it also runs (s): (b) with `secure-aggregation=true`
+(SecAgg+ with its consistency round), right after (b), and reports s/b.
 Every run uses `deterministic-noise=true`, so (a), (b) and (c) sample cohorts
 of the same sizes, and its own empty partition cache, so each starts cold.
 """
@@ -52,7 +54,8 @@ def machine() -> dict:
 
 
 def run_scale(population: int, clients: int, rounds: int, extra: str, work: Path,
-              skip_app: bool, warm: bool = False) -> dict:
+              skip_app: bool, warm: bool = False, secure: bool = False,
+              dp_off: bool = True) -> dict:
     """(a), (b), (c) for one scale, each on a fresh partition cache."""
     from dpfl_app.tools.bench import default_run_config
     from dpfl_app.tools.bench.limit import run_limit
@@ -68,12 +71,20 @@ def run_scale(population: int, clients: int, rounds: int, extra: str, work: Path
         from dpfl_app.tools.bench.simulation import run_app
 
         # b_warm: (b) again on the partition cache (b) filled, as a second run would.
-        for label, config, cache in (("b", base, "b"), ("c", f"{base} {DP_OFF}", "c"),
-                                     ("b_warm", base, "b"))[:3 if warm else 2]:
+        runs = [("b", base, "b")]
+        if secure:  # on against off, back to back, each on a cold cache of its own
+            runs.append(("s", f"{base} secure-aggregation=true", "s"))
+        if dp_off:
+            runs.append(("c", f"{base} {DP_OFF}", "c"))
+        if warm:
+            runs.append(("b_warm", base, "b"))
+        for label, config, cache in runs:
             cache_dir = work / f"cache-{population}-{clients}-{cache}"
             result[label] = run_app(work / f"home-{population}-{clients}-{label}", population,
                                     config, rounds, env={"DPFL_CACHE_DIR": str(cache_dir)})
         result["b_over_a"] = _ratio(result["b"]["round_s"], result["a"]["round_s"])
+        if secure:
+            result["s_over_b"] = _ratio(result["s"]["round_s"], result["b"]["round_s"])
     return result
 
 
@@ -96,10 +107,10 @@ def table(results: list[dict]) -> str:
     """The markdown table of docs/performance.md."""
     rows = ["| N | m | rounds | (a) in-process s/round | (b) app: first round s | "
             "(b) s/round | b/a | (c) DP off s/round | (b) total s | (b) peak RSS MiB | "
-            "(b) warm cache: first round s |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "(b) warm cache: first round s | (s) secure aggregation s/round | s/b |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        b, c, warm = r.get("b", {}), r.get("c", {}), r.get("b_warm", {})
+        b, c, warm, s = r.get("b", {}), r.get("c", {}), r.get("b_warm", {}), r.get("s", {})
         failed = b and not b["status"].endswith("completed")
         rows.append(
             f"| {r['population']} | {r['clients']} | {r['rounds']} | {_fmt(r['a']['round_s'], 3)}"
@@ -107,7 +118,8 @@ def table(results: list[dict]) -> str:
             f" | {_fmt(r.get('b_over_a'), 1)} | {_fmt(c.get('round_s'))}"
             f" | {_fmt(b.get('total_s'), 1)} | {_fmt(b.get('peak_rss_mb'), 0)}"
             + (f" ({b['status']})" if failed else "")
-            + f" | {_fmt(warm.get('first_round_s'), 1)} |")
+            + f" | {_fmt(warm.get('first_round_s'), 1)} | {_fmt(s.get('round_s'))}"
+            + f" | {_fmt(r.get('s_over_b'), 1)} |")
     return "\n".join(rows)
 
 
@@ -125,6 +137,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="only the in-process limit (no flwr run)")
     parser.add_argument("--warm-cache", action="store_true",
                         help="also rerun (b) on the partition cache its first run filled")
+    parser.add_argument("--secure-aggregation", action="store_true",
+                        help="also run (b) with secure-aggregation=true and report s/b")
+    parser.add_argument("--skip-dp-off", action="store_true",
+                        help="leave out (c), the run with DP off")
     parser.add_argument("--cold-start", action="store_true",
                         help="also time a fresh ClientApp process per message")
     return parser.parse_args(argv)
@@ -140,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                   + ("" if args.skip_app else ", then `flwr run .` with DP on and off")
                   + f", {args.rounds} rounds each ...", flush=True)
             result = run_scale(population, clients, args.rounds, args.run_config, Path(work),
-                               args.skip_app, args.warm_cache)
+                               args.skip_app, args.warm_cache, args.secure_aggregation,
+                               not args.skip_dp_off)
             report["scales"].append(result)
             print(f"N={population} m={clients}: {time.monotonic() - start:.0f} s", flush=True)
     if args.cold_start:
