@@ -62,6 +62,9 @@ class FtrlModel:
     momentum: float  # server momentum in the workload (0: prefix sums)
     clients_per_round: int  # m, the denominator (post-processing only)
     delta: float
+    # dp-ftrl refuses secure aggregation, so no release is ever withheld (the
+    # AccountingModel's W, read by the shared report and results code).
+    withheld_inputs = 0
 
     def __post_init__(self):
         if not 1 <= self.bands <= min(self.min_separation, self.rounds):

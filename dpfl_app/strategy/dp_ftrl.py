@@ -168,17 +168,19 @@ def build_ftrl_strategy(cfg: dict, noise: float, fedavg, generators,
         node_wait_timeout=cfg["node-wait-timeout"], max_epsilon=cfg["max-epsilon"],
         server_lr=cfg["server-lr"], server_optimizer=server_optimizer,
     )
-    strategy.announcement = ftrl_announcement(model)
+    strategy.announcement = ftrl_announcement(model, cfg["deterministic-noise"])
     return strategy
 
 
-def ftrl_announcement(model: ftrl_accounting.FtrlModel) -> dict:
-    """What each train message tells the clients: enough to enforce b and recompute epsilon."""
+def ftrl_announcement(model: ftrl_accounting.FtrlModel, deterministic: bool = False) -> dict:
+    """What each train message tells the clients: enough to enforce b and recompute epsilon
+    (and whether the noise is reproducible from a seed: then the node's epsilon is inf)."""
     return {"dp-mechanism": "dp-ftrl", "dp-sampling": model.sampling, "dp-population": 0,
             "dp-noise": model.noise_multiplier, "dp-rounds": model.rounds,
             "dp-min-separation": model.min_separation, "dp-bands": model.bands,
             "dp-momentum": model.momentum, "dp-clients": model.clients_per_round,
-            "dp-delta": model.delta, "dp-secure-aggregation": False}
+            "dp-delta": model.delta, "dp-secure-aggregation": False,
+            "dp-deterministic-noise": bool(deterministic)}
 
 
 def participation_assumption(model: ftrl_accounting.FtrlModel, online: int) -> str:

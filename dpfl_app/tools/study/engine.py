@@ -30,7 +30,7 @@ import torch
 from dpfl_app.config import client_settings, data_source, model_spec, validate
 from dpfl_app.data.datasets import Tensors, load_test_data, loader
 from dpfl_app.data.node_data import client_data
-from dpfl_app.privacy.accounting import epsilon_after, max_rounds_within
+from dpfl_app.privacy.accounting import AccountingModel, epsilon_after, max_rounds_within
 from dpfl_app.privacy.record_report import record_fields
 from dpfl_app.server_app import build_strategy, choose_noise, choose_record_model
 from dpfl_app.tools.study.record_dp import CohortDpSgd, record_level_training
@@ -144,6 +144,9 @@ def planned_rounds(cfg: dict, ledger) -> int:
     """
     if cfg["max-epsilon"] <= 0:
         return cfg["rounds"]
+    if not isinstance(ledger.model, AccountingModel):  # dp-ftrl: its own ledger's rule
+        return next((k for k in range(cfg["rounds"]) if ledger.would_exceed(
+            cfg["max-epsilon"], k + 1)), cfg["rounds"])
     return max_rounds_within(ledger.model, cfg["max-epsilon"], cfg["rounds"], ledger.headline)
 
 
@@ -157,7 +160,8 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
     # Accounting happens once, here: epsilon depends on the configuration and the
     # number of rounds only, both known now (the accountant's cache keeps the value).
     planned = planned_rounds(cfg, ledger)
-    epsilon_after(ledger.model, planned, ledger.headline)
+    if isinstance(ledger.model, AccountingModel):  # dp-ftrl's ledger computes its own
+        epsilon_after(ledger.model, planned, ledger.headline)
     torch.manual_seed(cfg["seed"])  # the ServerApp's initial model
     net = build_model(*model_spec(cfg))
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
