@@ -95,6 +95,11 @@ KEYS: dict[str, Key] = {
     "deterministic-noise": Key(bool),
     "secure-aggregation": Key(bool),
     "noise-at": _choice(NOISE_AT),
+    # noise-at=clients: bits b of the modular sum, and t / m, the fewest survivors (as a
+    # fraction of m) whose sum is released; each client's Skellam share is calibrated for t.
+    "noise-bits": Key(int, lambda v: 8 <= v <= 62, "an integer in [8, 62]"),
+    "noise-threshold": Key(float, lambda v: 0 < v <= 1, "a number in (0, 1] (a fraction of "
+                           "clients)"),
     "secagg-neighbours": Key(int, lambda v: v >= 0, "an integer >= 0 (0 = all others)"),
     # two fitted Gaussians need at least two canaries of each kind
     "audit-canaries": Key(int, lambda v: v == 0 or v >= 2, "0 (off) or an integer >= 2"),
@@ -183,18 +188,26 @@ def validate(run_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_noise_at(cfg: dict[str, Any]) -> None:
-    """noise-at=clients needs secure aggregation, and (for now) the protocol's wiring."""
+    """noise-at=clients needs secure aggregation; some keys have no meaning with it."""
     if cfg["noise-at"] != "clients":
         return
     if not cfg["secure-aggregation"]:
         raise ConfigError("noise-at=clients requires secure-aggregation=true (without it the "
                           "server sees each client's noised update); set secure-aggregation=true "
                           "or noise-at=server")
-    # The building blocks exist (privacy/skellam.py, privacy/distributed.py, secagg/rotation.py,
-    # secagg/discrete.py); the secure-aggregation stages do not call them yet. Refuse rather
-    # than run with server-side noise under a name that promises client-side noise.
-    raise ConfigError("noise-at=clients is not available yet: the secure-aggregation protocol "
-                      "does not add the clients' noise shares; use noise-at=server")
+    for key, why in CLIENT_NOISE_EXCLUDES.items():
+        if cfg[key] not in (False, 0, ""):
+            raise ConfigError(f"noise-at=clients: {key}={cfg[key]!r} is not supported: {why}")
+
+
+# Keys that noise-at=clients does not support, and why, in the one line a user sees.
+CLIENT_NOISE_EXCLUDES = {
+    "deterministic-noise": "the clients draw their noise shares from their own secure "
+                           "generators, which no seed reproduces; set deterministic-noise=false",
+    "simulate-population": "the clients' shares are the noise of the real cohort, which cannot "
+                           "simulate a larger one; set simulate-population=0",
+    "resume-from": "resuming a run with client noise is not supported yet; start a new run",
+}
 
 
 # Keys that dp-ftrl does not support, and why, in the one line a user sees.

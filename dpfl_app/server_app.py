@@ -38,6 +38,12 @@ def choose_noise(cfg: dict, population: int) -> float:
         return choose_ftrl_noise(cfg)
     if cfg["target-epsilon"] <= 0:
         return cfg["noise"]
+    if cfg["noise-at"] == "clients":  # the clients' Skellam shares, at t survivors
+        from dpfl_app.strategy.client_noise import plan_for
+        z = plan_for(cfg, population).split.noise_multiplier
+        log(INFO, "target-epsilon=%s (noise-at=clients, t survivors every round): calibrated "
+            "noise multiplier z=%.6g (replaces noise=%s)", cfg["target-epsilon"], z, cfg["noise"])
+        return z
     from dpfl_app.privacy.accounting import AccountingModel, headline_accountant
     from dpfl_app.privacy.calibration import calibrate_noise
 
@@ -119,13 +125,18 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
         log(WARNING, "clipped-count-stddev raised from m/20=%.3f to %.3f so that noise z=%.4g"
             " < 2*sigma_b; update noise multiplier z_delta=%.4f", split.default_count_stddev,
             split.count_stddev, noise, split.update_noise_multiplier)
-    ledger = PrivacyLedger(AccountingModel(
-        cfg["sampling"], noise, big.population, big.clients_per_round, cfg["target-delta"],
-        withheld_inputs(cfg, big.population, big.clients_per_round)),
-        noise_secret=generators.secret)
+    model = AccountingModel(cfg["sampling"], noise, big.population, big.clients_per_round,
+                            cfg["target-delta"],
+                            withheld_inputs(cfg, big.population, big.clients_per_round))
+    ledger = PrivacyLedger(model, noise_secret=generators.secret)
     canaries = audit_canaries(cfg, population)
     secure = {"neighbours": cfg["secagg-neighbours"], "stage_timeout": cfg["round-timeout"]}
     cls = SecureDPFedAvgAdaptive if cfg["secure-aggregation"] else DPFedAvgAdaptive
+    client_noise = cfg["noise-at"] == "clients"
+    if client_noise:  # the clients add Skellam shares; the server adds no update noise
+        from dpfl_app.strategy.client_noise import ClientNoiseDPFedAvg, client_noise_ledger
+        ledger = client_noise_ledger(cfg, model.replace(withheld_inputs=0))
+        cls, secure["client_noise"] = ClientNoiseDPFedAvg, ledger.params
     strategy = cls(
         fedavg, split, cfg["clients"], ledger, generators.noise,
         sampling_rng=generators.sampling,
@@ -142,6 +153,9 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
     strategy.announcement = client_policy.announcement(
         real_model(ledger.model, big), cfg["rounds"], cfg["secure-aggregation"],
         cfg["deterministic-noise"])
+    if client_noise:
+        from dpfl_app.privacy.distributed_ledger import announcement
+        strategy.announcement.update(announcement(ledger.params))
     return strategy
 
 
@@ -443,6 +457,10 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
     if ftrl:
         from dpfl_app.privacy.ftrl_report import ftrl_privacy_report
         report = ftrl_privacy_report(strategy.ledger, len(strategy.records), recorder.stop_reason)
+    elif cfg["noise-at"] == "clients":
+        from dpfl_app.privacy.distributed_report import distributed_report
+        report = distributed_report(strategy.ledger, len(strategy.records), recorder.stop_reason,
+                                    audit=recorder.audit, assumptions=[assumption])
     else:
         report = privacy_report(strategy.ledger, len(strategy.records), recorder.stop_reason,
                                 audit=recorder.audit, secure_aggregation=cfg["secure-aggregation"],

@@ -6,7 +6,9 @@ population N, the clients per round m, the number of rounds T, delta,
 whether the sum is computed by secure aggregation, and whether the noise is
 deterministic (reproducible from a seed: epsilon = inf for the node). A client recomputes the
 epsilon of that announcement with the same accountant the server reports
-(`dpfl_app.privacy.accounting`), and refuses when:
+(`dpfl_app.privacy.accounting`); with noise-at=clients, its own bound from its
+noise share and the threshold it enforces, without amplification
+(`client_noise.own_epsilon`). It refuses when:
 
 - its node-config `max-epsilon` (> 0) is below that epsilon, or a key is missing;
 - its node-config `require-secure-aggregation` is true and the server does not
@@ -51,6 +53,9 @@ def announced_epsilon(config: dict[str, Any]) -> float:
     """
     if _flag(config.get("dp-deterministic-noise", False)):
         return math.inf
+    if config.get("dp-noise-at") == "clients":  # its own bound: t shares, no amplification
+        from dpfl_app.client.client_noise import own_epsilon
+        return own_epsilon(config)
     if config.get("dp-mechanism") == "dp-ftrl":  # no sampling: one Gaussian over the run
         from dpfl_app.privacy.ftrl_accounting import announced_epsilon as ftrl_epsilon
         return ftrl_epsilon(config)
@@ -84,12 +89,21 @@ def refusal(config: dict[str, Any], node_config: dict[str, Any]) -> str | None:
         return ("privacy policy: node-config require-secure-aggregation=true, but the server "
                 "does not use secure aggregation")
     if max_epsilon > 0:
-        epsilon = announced_epsilon(config)
+        try:
+            epsilon = announced_epsilon(config)
+        except ValueError as error:  # noise-at=clients: a parameter missing or out of range
+            return f"privacy policy: the announced client noise is malformed: {error}"
         if not epsilon <= max_epsilon:  # also refuses inf (no noise) and nan
             shown = f"{epsilon:.3f}"
             if math.isinf(epsilon):
                 shown = ("inf (deterministic noise: reproducible from the run's seed)"
                          if _flag(config["dp-deterministic-noise"]) else "inf (no noise)")
+            if config.get("dp-noise-at") == "clients":
+                return (f"privacy policy: the announced client noise (Skellam share variance "
+                        f"{config['dp-share-variance']}, at least t={config['dp-noise-threshold']}"
+                        f" survivors, T={config['dp-rounds']} rounds, delta={config['dp-delta']})"
+                        f" gives this client's own epsilon={shown}, without amplification by "
+                        f"sampling, > node-config max-epsilon={max_epsilon}")
             return (f"privacy policy: the announced mechanism (z={config['dp-noise']}, "
                     f"{config['dp-sampling']} sampling of m={config['dp-clients']} of "
                     f"N={config['dp-population']}, T={config['dp-rounds']} rounds, "

@@ -10,6 +10,9 @@ registered with `@app.<category>("<action>")`):
   Flower's mod clips w_local - w_global to C_t and sets the norm bit; this mod
   then encodes the clipped delta and the bit b_i, masks them, and replies with
   the masked vector only (no metrics: a loss or a bit in the clear would leak).
+  With `noise-at=clients` the encoding is `client_noise.encode`: the rotated,
+  scaled, rounded update plus this client's Skellam shares, modulo 2**b, masked
+  in that ring.
 
 The protocol itself is `dpfl_app.secagg.client`; its state lives in
 `context.state` between messages. A refusal is an error reply, which the
@@ -34,7 +37,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
-from dpfl_app.client import policy as client_policy
+from dpfl_app.client import client_noise, policy as client_policy
 from dpfl_app.secagg import CIPHERTEXTS, RECORD, ROUND, SRC, client, quantize
 from dpfl_app.secagg.identity import (Identity, IdentityError, load_pinned_keys,
                                       load_private_key, private_bytes)
@@ -149,10 +152,22 @@ def masking_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     metrics = next(iter(out.content.metric_records.values()))
     clip = float(config[KEY_CLIPPING_NORM])
     # Flower's norm_bit is 1 when the update *was* clipped; b_i = 1 when it was not.
-    encoded = quantize.encode_update(clipped_delta(msg.content["arrays"], trained),
-                                     1 - int(metrics[KEY_NORM_BIT]), clip,
-                                     np.random.default_rng())
-    state, vector = client.masked_input(state, encoded)
+    delta, unclipped = clipped_delta(msg.content["arrays"], trained), 1 - int(metrics[KEY_NORM_BIT])
+    bits = 64
+    if client_noise.requested(config):  # distributed DP: noised integers modulo 2**b
+        try:
+            encoded, bits = client_noise.encode(dict(config), delta, unclipped, clip,
+                                                int(config[ROUND]))
+        except ValueError as error:
+            return refuse(msg, f"noise-at=clients: {error}")
+        # The survivors this client's consistency check requires: the announced t, and never
+        # fewer than the setup's (a server cannot lower it between the two messages).
+        state["noise_threshold"] = max(int(state.get("noise_threshold", 0)),
+                                       int(config["dp-noise-threshold"]))
+        client_noise.log_own_bound(dict(config), context.state)
+    else:
+        encoded = quantize.encode_update(delta, unclipped, clip, np.random.default_rng())
+    state, vector = client.masked_input(state, encoded, bits)
     _save(context, state)
     return Message(RecordDict({RECORD: ArrayRecord({"masked": Array(vector)})}), reply_to=msg)
 

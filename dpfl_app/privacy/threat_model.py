@@ -51,6 +51,19 @@ SECURE = [
 ]
 
 
+CLIENT_NOISE = [
+    "- **Mode: distributed DP (noise-at=clients, with secure aggregation).** Each client adds "
+    "its own share of discrete (Skellam) noise to its integer-encoded update before masking, "
+    "modulo 2^b. The server unmasks only the noised sum and adds no noise itself: nothing it "
+    "holds is an un-noised aggregate. ε protects clients from the server too, as long as at "
+    "least the threshold t of the survivors of each sum are honest (each client refuses to "
+    "unmask a sum of fewer than t). Not covered: collusion of the server with clients that "
+    "withhold their shares (c colluders leave t - c shares), and integrity: a malicious "
+    "client can send any residue, which the masks hide (dpsa4flower stops that with Prio's "
+    "zero-knowledge range proofs).",
+]
+
+
 def threat_model(secure_aggregation: bool) -> list[str]:
     """Markdown lines: who sees what in the mode the run used."""
     return ["## Threat model: who sees what", "",

@@ -26,6 +26,8 @@ ROUND_COLUMNS = (
     "clip_norm", "next_clip_norm", "noise_std", "noisy_unclipped_fraction",
     "epsilon_if_noise_secret",  # deterministic-noise runs only (their epsilon is inf)
     "rounds_accounted",
+    # noise-at=clients only: the two other figures, and whether the round's sum was released
+    "epsilon_without_sampling", "epsilon_client_bound", "sum_released",
     "record_epsilon", "record_epsilon_rdp",  # record-level DP-SGD runs only (unit: one record)
 )
 # Exact cohort sizes, reply counts and rejected replies with node ids: not

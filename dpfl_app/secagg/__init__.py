@@ -19,3 +19,4 @@ and `dpfl_app/client/secagg.py` (client).
 # Names on the wire, shared by the server's and the client's Flower adapters.
 RECORD = "secagg"  # the record a stage message carries (ConfigRecord; ArrayRecord for the input)
 ROUND, SRC, CIPHERTEXTS = "secagg-round", "secagg-src", "secagg-ciphertexts"  # train.secagg config
+ROTATION_SEED = "dp-rotation-seed"  # noise-at=clients: the round's public seed, train config

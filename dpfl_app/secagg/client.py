@@ -117,7 +117,9 @@ def setup(state: State, request: dict, identity: Identity) -> tuple[State, dict]
     s_sk, s_pk = masks.new_key_pair()
     session, round_id = int(request.get("session", 0)), int(request["round"])
     state = {"stage": "setup", "round": round_id, "session": session, "index": index,
-             "neighbours": peers, "threshold": t, "c_sk": c_sk, "s_sk": s_sk}
+             "neighbours": peers, "threshold": t, "c_sk": c_sk, "s_sk": s_sk,
+             # noise-at=clients: the fewest survivors the noise shares are calibrated for
+             "noise_threshold": int(request.get("dp-noise-threshold", 0))}
     signature = identity.sign(round_keys_message(session, round_id, index, c_pk, s_pk))
     return state, {"c_pk": c_pk, "s_pk": s_pk, "id_name": identity.name,
                    "id_pk": identity.public, "id_sig": signature}
@@ -195,8 +197,10 @@ def receive_shares(state: State, request: dict) -> State:
             "held_seed_shares": seed_shares, "held_key_shares": key_shares}
 
 
-def masked_input(state: State, encoded: np.ndarray) -> tuple[State, np.ndarray]:
-    """Stage 3, second half: y = x + PRG(b) + sum_j +/- PRG(s_ij) modulo 2**64."""
+def masked_input(state: State, encoded: np.ndarray, bits: int = 64) -> tuple[State, np.ndarray]:
+    """Stage 3, second half: y = x + PRG(b) + sum_j +/- PRG(s_ij) modulo 2**64, then modulo
+    2**bits (distributed DP's ring; 2**bits divides 2**64, so the server's sum modulo 2**64
+    reduced modulo 2**bits is the sum modulo 2**bits, and each y is uniform there)."""
     if state.get("stage") != "shares":
         raise SecAggRefusal(f"masked input requested at stage {state.get('stage')!r}")
     vector = np.array(encoded, dtype=np.uint64)
@@ -206,6 +210,8 @@ def masked_input(state: State, encoded: np.ndarray) -> tuple[State, np.ndarray]:
     for peer in state["held_src"]:
         masks.add_mask(vector, masks.pairwise_key(s_sk, s_pks[peer]),
                        masks.pairwise_sign(state["index"], peer))
+    if bits < 64:
+        vector &= np.uint64(2**bits - 1)
     return {**state, "stage": "masked"}, vector
 
 
@@ -219,6 +225,10 @@ def consistency(state: State, request: dict, identity: Identity) -> tuple[State,
     if alive < state["threshold"] or len(survivors) < floors.min_survivors(state["threshold"]):
         raise SecAggRefusal(f"only {alive} neighbours survived, fewer than threshold "
                             f"{state['threshold']}: too few inputs to hide this one")
+    if len(survivors) < state.get("noise_threshold", 0):  # noise-at=clients: too little noise
+        raise SecAggRefusal(f"only {len(survivors)} survivors, fewer than the "
+                            f"{state['noise_threshold']} whose noise shares this client's "
+                            "guarantee counts on")
     signature = identity.sign(survivors_message(state["session"], state["round"], survivors))
     return {**state, "stage": "signed", "survivors": survivors}, {"signature": signature}
 

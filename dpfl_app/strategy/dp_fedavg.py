@@ -237,7 +237,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self.current_arrays = new_arrays
         # Charge the round, durably, before its model leaves this method: a
         # crash after the release must not let a resumed run release it uncounted.
-        self.ledger.compose_round()
+        self.charge_round(total)
         if self.on_round_charged is not None:
             self.on_round_charged()
         eps = self.ledger.epsilons()
@@ -263,6 +263,10 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         # No MetricRecord: Flower would list these server-side values under
         # "ClientApp-side Train Metrics". The recorder logs and saves them.
         return new_arrays, None
+
+    def charge_round(self, total: ClippedSum) -> None:
+        """Compose the round in the ledger (noise-at=clients charges the survivors' noise)."""
+        self.ledger.compose_round()
 
     def release(self, global_nd: list[np.ndarray], deltas: list, unclipped: int, count: int,
                 clip: float, m: int) -> tuple[list[np.ndarray], float, float]:

@@ -145,8 +145,7 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
             record = reply.content.array_records.get(RECORD)
             vector = record["masked"].numpy() if record is not None and "masked" in record \
                 else None
-            if index is None or vector is None or vector.shape != (dim + 1,) \
-                    or vector.dtype != np.uint64:
+            if index is None or vector is None or not self.valid_input(vector, dim):
                 self._refuse(reply.metadata.src_node_id, "train: malformed masked input")
                 continue
             rnd.receive_input(index, vector)
@@ -162,9 +161,18 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
                    sum_released=total is not None, dropouts=len(self._lost))
         if total is None:  # too few survivors, or secrets not recoverable: noise only
             return ClippedSum([], 0, 0, len(self._lost), self._refusals, released=False)
-        flat, unclipped = quantize.decode_sum(total, clip)
+        flat, unclipped = self.decode(total, clip, dim, len(rnd.inputs))
         sizes = np.cumsum([a.size for a in reference.values()])[:-1]
         deltas = [part.reshape(ref.shape)
                   for part, ref in zip(np.split(flat, sizes), reference.values())]
         return ClippedSum([deltas], unclipped, len(rnd.inputs), len(self._lost),
                           self._refusals)
+
+    # --- the encoding (noise-at=clients overrides these: strategy/client_noise.py) ------
+    def valid_input(self, vector: np.ndarray, dim: int) -> bool:
+        """A masked input of the expected shape and type: the d fixed-point words and the bit."""
+        return vector.shape == (dim + 1,) and vector.dtype == np.uint64
+
+    def decode(self, total: np.ndarray, clip: float, dim: int, survivors: int):
+        """The unmasked sum -> (flat sum of the clipped deltas, sum of the norm bits)."""
+        return quantize.decode_sum(total, clip)

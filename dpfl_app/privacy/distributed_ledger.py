@@ -1,0 +1,209 @@
+"""noise-at=clients: the run's Skellam parameters, and a ledger of the survivors' noise.
+
+`plan` turns the run's settings into the parameters every client gets in the
+announcement (`distributed.DistributedDpParams`, with clip 1: the scale is the
+scaled clip gamma C, so the integer grid, the shares and the accounting are the
+same whatever clip norm C_t adaptive clipping reaches; a round encodes with
+scale gamma / C_t). The noise multiplier z means what it means with
+noise-at=server: Andrew et al.'s split into the update's z_delta and the count's
+sigma_b (`mechanism.split_noise`), here reached with t = the threshold survivors
+and exceeded by sqrt(n / t) when n > t survive.
+
+`DistributedLedger` is a `PrivacyLedger` for the strategy, the recorder and
+the checkpoints; its epsilons come from `distributed_accounting`: each released
+round with the noise its n survivors really added, never more. A round whose
+sum is withheld (fewer than t survivors, or secrets lost) releases nothing: the
+model and the clip norm stay as they were, and under the accountant's adjacency,
+which keeps the participants fixed, whether it is withheld depends on
+participation only, so it costs nothing (the clients' own bound still counts it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from dpfl_app.privacy import distributed_accounting as dacc
+from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger
+from dpfl_app.privacy.distributed import DistributedDpParams, choose_scale, with_noise, \
+    log_wrap_probability
+from dpfl_app.privacy.mechanism import NoiseSplit, split_noise
+
+
+@dataclass(frozen=True)
+class ClientNoisePlan:
+    params: DistributedDpParams  # clip 1: scale = gamma C
+    split: NoiseSplit  # z, z_delta and sigma_b at the threshold
+    contributors: int  # the most clients whose inputs can share a round's sum (wrap bound)
+
+    @property
+    def log10_wrap_probability(self) -> float:
+        return log_wrap_probability(self.params, self.contributors) / math.log(10)
+
+
+def noise_threshold(fraction: float, clients_per_round: int) -> int:
+    """t = ceil(fraction * m): the fewest survivors whose sum is released (at least 2)."""
+    return max(2, math.ceil(fraction * clients_per_round - 1e-9))
+
+
+def plan(noise: float, count_stddev: float | None, dim: int, bits: int, threshold: int,
+         clients_per_round: int, contributors: int) -> ClientNoisePlan:
+    """Shares for the combined multiplier `noise` at t survivors, and the largest scale
+    whose wrap-around probability stays below 1e-9 per round with `contributors`."""
+    split = split_noise(noise, clients_per_round, count_stddev)
+    template = DistributedDpParams(clip=1.0, dim=dim, scale=1.0, bits=bits, share_variance=0.0,
+                                   count_share_variance=0.0, threshold=threshold)
+    params = choose_scale(template, split.update_noise_multiplier, split.count_stddev,
+                          contributors)
+    return ClientNoisePlan(params, split, contributors)
+
+
+def calibrate(target_epsilon: float, delta: float, rounds: int, sampling: str,
+              sampling_probability: float, count_stddev: float | None, dim: int, bits: int,
+              threshold: int, clients_per_round: int, contributors: int) -> ClientNoisePlan:
+    """The smallest combined z (1e-4 relative) whose amplified epsilon at t survivors in
+    every round meets the target, with the scale chosen for that z."""
+
+    def epsilon(z: float) -> tuple[float, ClientNoisePlan]:
+        trial = plan(z, count_stddev, dim, bits, threshold, clients_per_round, contributors)
+        rdp = dacc.amplified_rdp(dacc.round_rdp(trial.params, threshold, dacc.ADJACENCY[sampling]),
+                                 sampling, sampling_probability)
+        return dacc.epsilon_from_rdp(rounds * rdp, delta), trial
+
+    lo, hi = 1e-3, 1e3
+    best_eps, best = epsilon(hi)
+    if best_eps > target_epsilon:
+        raise ValueError(f"noise-at=clients: no noise multiplier up to {hi} reaches "
+                         f"target-epsilon={target_epsilon}")
+    while hi / lo > 1 + 1e-4:
+        mid = math.sqrt(lo * hi)
+        eps, trial = epsilon(mid)
+        if eps <= target_epsilon:
+            hi, best = mid, trial
+        else:
+            lo = mid
+    return best
+
+
+def announcement(params: DistributedDpParams) -> dict:
+    """The mechanism's parameters, as the clients receive them (besides dp-noise etc.)."""
+    return {"dp-noise-at": "clients", "dp-scaled-clip": params.scale * params.clip,
+            "dp-dim": params.dim, "dp-bits": params.bits,
+            "dp-share-variance": params.share_variance,
+            "dp-count-share-variance": params.count_share_variance,
+            "dp-noise-threshold": params.threshold}
+
+
+def announced_params(config: dict) -> DistributedDpParams:
+    """The parameters back from an announcement (`announcement`); ValueError if malformed."""
+    try:
+        return DistributedDpParams(
+            clip=1.0, dim=int(config["dp-dim"]), scale=float(config["dp-scaled-clip"]),
+            bits=int(config["dp-bits"]), share_variance=float(config["dp-share-variance"]),
+            count_share_variance=float(config["dp-count-share-variance"]),
+            threshold=int(config["dp-noise-threshold"]))
+    except KeyError as missing:
+        raise ValueError(f"the server did not announce {missing.args[0]}") from None
+
+
+class DistributedLedger(PrivacyLedger):
+    """The survivors' Skellam noise, composed round by round (see the module doc).
+
+    `model` is the run's AccountingModel (sampling, N, m, delta, z): the strategy,
+    the recorder and the budget check read it as they do with noise-at=server.
+    The headline figure is `with_sampling`; `epsilons` also gives `without_sampling`
+    and `client_bound`.
+    """
+
+    def __init__(self, model: AccountingModel, params: DistributedDpParams):
+        super().__init__(model, "rdp")
+        self.params = params
+        self.accountant = dacc.DistributedAccountant(params, model.delta, model.sampling,
+                                                     model.sampling_probability)
+        self.withheld_rounds = 0
+
+    def compose_round(self, count: int = 1, shares: int | None = None) -> None:
+        """One round: released with `shares` survivors' noise, or withheld (None)."""
+        for _ in range(count):
+            if shares is None:
+                self.withheld_rounds += 1
+            else:
+                self.accountant.compose_round(shares)
+        self._rounds = len(self.accountant.survivors) + self.withheld_rounds
+
+    def _figures(self) -> dict:
+        if not self.accountant.survivors:
+            client = (dacc.client_epsilon(self.params, self._rounds, self.model.delta,
+                                          self.model.sampling) if self._rounds else 0.0)
+            return {"with_sampling": 0.0, "without_sampling": 0.0, "client_bound": client}
+        return self.accountant.epsilons() | (
+            {"client_bound": dacc.client_epsilon(self.params, self._rounds, self.model.delta,
+                                                 self.model.sampling)})
+
+    def epsilon_if_secret(self, accountant: str | None = None) -> float | None:
+        return None if accountant == "pld" else self._figures()["with_sampling"]
+
+    def epsilon(self, accountant: str | None = None) -> float | None:
+        return self.epsilon_if_secret(accountant)
+
+    def epsilons(self) -> dict:
+        figures = self._figures()
+        return {"rdp": figures["with_sampling"], "pld": None, "headline": "rdp",
+                "without_sampling": figures["without_sampling"],
+                "client_bound": figures["client_bound"]}
+
+    def would_exceed(self, max_epsilon: float, extra_rounds: int = 1) -> bool:
+        """With `extra_rounds` more at the threshold (the fewest survivors a sum can hold)."""
+        rdp = dacc.round_rdp(self.params, self.params.threshold, self.accountant.adjacency)
+        extra = dacc.amplified_rdp(rdp, self.model.sampling, self.accountant.q)
+        total = self.accountant._amplified + extra_rounds * extra  # pylint: disable=protected-access
+        return dacc.epsilon_from_rdp(total, self.model.delta) > max_epsilon
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "distributed": {
+            "params": self.params.to_dict(), "survivors": list(self.accountant.survivors),
+            "withheld_rounds": self.withheld_rounds}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        saved = state.get("distributed")
+        if saved is None or saved["params"] != self.params.to_dict():
+            raise ValueError("checkpoint was accounted under different client-noise parameters")
+        self.accountant.load_state_dict({"survivors": saved["survivors"]})
+        self.withheld_rounds = int(saved["withheld_rounds"])
+        self._rounds = len(self.accountant.survivors) + self.withheld_rounds
+
+    def to_dict(self) -> dict:
+        """results.json's accounting block: the central model's fields, then noise_at and
+        the mechanism's parameters (noise per client, bits, scale, the threshold)."""
+        block = self.accountant.to_dict()
+        block.update(self._figures())
+        return {**super().to_dict(), **block, "withheld_rounds": self.withheld_rounds,
+                "noise_per_client": {"share_variance": self.params.share_variance,
+                                     "count_share_variance": self.params.count_share_variance},
+                "bits": self.params.bits, "scaled_clip": self.params.scale * self.params.clip,
+                "threshold": self.params.threshold}
+
+    def accounting_record(self) -> dict:
+        """results.json's `accounting` (what `privacy.record` writes for the central ledgers)."""
+        return {**self.to_dict(), "mechanism": "skellam, added by the clients",
+                "composition": "RDP at integer orders over the released rounds, each with its "
+                               "survivors' shares (Agarwal, Kairouz & Liu 2021, Thm 3.5)",
+                "headline_figure": "with_sampling"}
+
+    def epsilon_if_no_dropout(self) -> float | None:
+        """The figure if all m survive every round (an assumption, never the guarantee)."""
+        if not self._rounds:
+            return 0.0
+        rdp = dacc.round_rdp(self.params, self.model.clients_per_round, self.accountant.adjacency)
+        amplified = dacc.amplified_rdp(rdp, self.model.sampling, self.accountant.q)
+        return dacc.epsilon_from_rdp(self._rounds * amplified, self.model.delta)
+
+
+def noise_std_on_mean(params: DistributedDpParams, shares: int, clip: float,
+                      clients_per_round: int) -> float:
+    """The standard deviation of the noise on one coordinate of the released mean."""
+    return float(np.sqrt(shares * params.share_variance)) * clip / (
+        params.scale * params.clip) / clients_per_round
