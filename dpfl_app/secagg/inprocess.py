@@ -51,8 +51,9 @@ def relayed_identities(n: int) -> dict[int, Identity]:
 def run_round(encoded: list[np.ndarray], neighbours: int = 0,
               drop: dict[str, set[int]] | None = None, round_id: int = 1,
               rng: random.Random | None = None, identities: dict[int, Identity] | None = None,
-              announced: dict | None = None) -> Outcome:
-    """One round over clients 1..n holding `encoded` (uint64 vectors of equal length)."""
+              announced: dict | None = None, bits: int = 64) -> Outcome:
+    """One round over clients 1..n holding `encoded` (uint64 vectors of equal length),
+    masked modulo 2**bits (noise-at=clients: `encoded` are residues modulo 2**bits)."""
     drop = drop or {}
     identities = identities or relayed_identities(len(encoded))
     announced = announced or {"dp-clients": len(encoded), "dp-sampling": "fixed"}
@@ -94,7 +95,7 @@ def run_round(encoded: list[np.ndarray], neighbours: int = 0,
 
     def do_mask(i, request):
         states[i] = client.receive_shares(states[i], request)
-        states[i], vector = client.masked_input(states[i], encoded[i - 1])
+        states[i], vector = client.masked_input(states[i], encoded[i - 1], bits)
         return vector
 
     def do_unmask(i, request):
