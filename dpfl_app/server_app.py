@@ -154,7 +154,7 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
         real_model(ledger.model, big), cfg["rounds"], cfg["secure-aggregation"],
         cfg["deterministic-noise"])
     if client_noise:
-        from dpfl_app.privacy.distributed_ledger import announcement
+        from dpfl_app.privacy.distributed import announcement
         strategy.announcement.update(announcement(ledger.params))
     return strategy
 

@@ -45,6 +45,8 @@ BAD_VALUES = {
     "secure-aggregation": ("on", "bool"),
     "secagg-neighbours": (-2, ">= 0"),
     "noise-at": ("both", "server, clients"),
+    "noise-bits": (4, "[8, 62]"),
+    "noise-threshold": (0, "(0, 1]"),
     "audit-canaries": (1, "0 (off) or an integer >= 2"),
     "client-eval": (1, "bool"),
     "population": (-1, ">= 0"),
@@ -99,12 +101,17 @@ def test_conflicting_budget_keys():
         validate(default_run_config(**{"target-epsilon": 10.0, "max-epsilon": 5.0}))
 
 
-def test_noise_at_clients_requires_secure_aggregation_and_is_refused_until_wired():
+def test_noise_at_clients_requires_secure_aggregation_and_refuses_what_it_cannot_honour():
     with pytest.raises(ConfigError, match="noise-at=clients requires secure-aggregation=true"):
         validate(default_run_config(**{"noise-at": "clients"}))
-    with pytest.raises(ConfigError, match="noise-at=clients is not available yet"):
-        validate(default_run_config(**{"noise-at": "clients", "secure-aggregation": True}))
+    secure = {"noise-at": "clients", "secure-aggregation": True}
+    assert validate(default_run_config(**secure))["noise-at"] == "clients"
     assert validate(default_run_config(**{"secure-aggregation": True}))["noise-at"] == "server"
+    for key, value in (("deterministic-noise", True), ("simulate-population", 1000),
+                       ("resume-from", "/tmp/x")):
+        with pytest.raises(ConfigError, match=f"noise-at=clients: {key}="):
+            extra = {"simulate-clients": 100, "clients": 20} if key == "simulate-population" else {}
+            validate(default_run_config(**secure, **{key: value}, **extra))
 
 
 def test_explicit_count_stddev_too_small_for_noise_fails_before_training(tmp_path):

@@ -23,7 +23,7 @@ import numpy as np
 from flwr.supercore import log
 
 from dpfl_app.privacy import skellam
-from dpfl_app.privacy.distributed_ledger import announced_params
+from dpfl_app.privacy.distributed import announced_params
 from dpfl_app.secagg import ROTATION_SEED, discrete
 
 LOGGED_KEY = "client-noise-bound-logged"  # in context.state: the node logged its bound

@@ -159,3 +159,24 @@ def choose_scale(params: DistributedDpParams, noise_multiplier: float, count_noi
         if hi / lo < 1 + 1e-9:
             break
     return with_noise(replace(params, scale=lo), noise_multiplier, count_noise_std)
+
+
+def announcement(params: DistributedDpParams) -> dict:
+    """The mechanism's parameters, as the clients receive them (besides dp-noise etc.)."""
+    return {"dp-noise-at": "clients", "dp-scaled-clip": params.scale * params.clip,
+            "dp-dim": params.dim, "dp-bits": params.bits,
+            "dp-share-variance": params.share_variance,
+            "dp-count-share-variance": params.count_share_variance,
+            "dp-noise-threshold": params.threshold}
+
+
+def announced_params(config: dict) -> DistributedDpParams:
+    """The parameters back from an announcement (`announcement`); ValueError if malformed."""
+    try:
+        return DistributedDpParams(
+            clip=1.0, dim=int(config["dp-dim"]), scale=float(config["dp-scaled-clip"]),
+            bits=int(config["dp-bits"]), share_variance=float(config["dp-share-variance"]),
+            count_share_variance=float(config["dp-count-share-variance"]),
+            threshold=int(config["dp-noise-threshold"]))
+    except KeyError as missing:
+        raise ValueError(f"the server did not announce {missing.args[0]}") from None

@@ -27,8 +27,8 @@ import numpy as np
 
 from dpfl_app.privacy import distributed_accounting as dacc
 from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger
-from dpfl_app.privacy.distributed import DistributedDpParams, choose_scale, with_noise, \
-    log_wrap_probability
+from dpfl_app.privacy.distributed import (
+    DistributedDpParams, choose_scale, log_wrap_probability)
 from dpfl_app.privacy.mechanism import NoiseSplit, split_noise
 
 
@@ -85,27 +85,6 @@ def calibrate(target_epsilon: float, delta: float, rounds: int, sampling: str,
         else:
             lo = mid
     return best
-
-
-def announcement(params: DistributedDpParams) -> dict:
-    """The mechanism's parameters, as the clients receive them (besides dp-noise etc.)."""
-    return {"dp-noise-at": "clients", "dp-scaled-clip": params.scale * params.clip,
-            "dp-dim": params.dim, "dp-bits": params.bits,
-            "dp-share-variance": params.share_variance,
-            "dp-count-share-variance": params.count_share_variance,
-            "dp-noise-threshold": params.threshold}
-
-
-def announced_params(config: dict) -> DistributedDpParams:
-    """The parameters back from an announcement (`announcement`); ValueError if malformed."""
-    try:
-        return DistributedDpParams(
-            clip=1.0, dim=int(config["dp-dim"]), scale=float(config["dp-scaled-clip"]),
-            bits=int(config["dp-bits"]), share_variance=float(config["dp-share-variance"]),
-            count_share_variance=float(config["dp-count-share-variance"]),
-            threshold=int(config["dp-noise-threshold"]))
-    except KeyError as missing:
-        raise ValueError(f"the server did not announce {missing.args[0]}") from None
 
 
 class DistributedLedger(PrivacyLedger):

@@ -65,8 +65,8 @@ def test_a_single_masked_vector_is_uniform_whatever_its_input(payload, monkeypat
     masked = {}
     original = inprocess.client.masked_input
 
-    def spy(state, vector):
-        state, out = original(state, vector)
+    def spy(state, vector, bits=64):
+        state, out = original(state, vector, bits)
         masked[state["index"]] = out
         return state, out
 
