@@ -160,7 +160,9 @@ def _log_hockey_stick(mu_p, std_p, mu_q, std_q, epsilon: float) -> float:
     if log_p == -inf:
         return -inf
     gap = epsilon + log_q - log_p
-    return -inf if gap >= 0 else float(log_p + math.log1p(-math.exp(gap)))
+    # log(1 - e^gap) as log(-expm1(gap)): for gap within 1e-16 of 0, exp(gap) rounds to 1
+    # and log1p(-1) raises (seen in an audit of a noise-at=clients run).
+    return -inf if gap >= 0 else float(log_p + math.log(-math.expm1(gap)))
 
 
 def delta_for_epsilon(mu0: float, std0: float, mu1: float, std1: float, epsilon: float) -> float:

@@ -133,3 +133,32 @@ def test_a_client_refuses_when_its_own_bound_exceeds_its_max_epsilon(tmp_path):
                node_config=lenient)
     results, _, _ = _outputs(tmp_path, "ok")
     assert results["accounting"]["survivors"] == [10]
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.1])
+def test_the_canary_audit_stays_below_the_accounted_epsilon_and_flags_a_tenth_of_the_noise(
+        tmp_path, monkeypatch, factor):
+    """Canaries join the decoded sum, so they see exactly the survivors' noise, the noise
+    the round is accounted with (a canary cannot hold SecAgg keys; as a client without a
+    share it is the honest equivalent: the noise it sees is what any client's input sees).
+    Clients that add a tenth of their share variance must be caught: the estimate's 95 %
+    interval then lies above the accounted epsilon. Seeds fixed: shares and canaries."""
+    from dpfl_app.client import client_noise
+    from dpfl_app.strategy import canaries
+
+    rng = np.random.default_rng(2026)
+    share = client_noise.skellam.noise_share
+    monkeypatch.setattr(client_noise.skellam, "noise_share",
+                        lambda size, variance, _=None: share(size, variance * factor, rng))
+    monkeypatch.setattr(canaries, "canary_seed", lambda _: 7)
+    # Poisson with m = N = 10 (q = 1: no amplification), one round, z = 2, 200 canaries
+    run_server(_config(tmp_path, "out", noise=2.0, sampling="poisson",
+                       **{"audit-canaries": 200}, **CLIENT_NOISE))
+    results, _, _ = _outputs(tmp_path, "out")
+    audit = results["audit"]
+    assert audit["accounted_epsilon"] == pytest.approx(results["final"]["epsilon"])
+    if factor == 1.0:
+        assert audit["verdict"] in ("below", "above-within-error")
+        assert audit["epsilon_ci95"][0] <= audit["accounted_epsilon"]
+    else:
+        assert audit["verdict"] == "above" and audit["epsilon"] > 2 * audit["accounted_epsilon"]
