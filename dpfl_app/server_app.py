@@ -19,6 +19,7 @@ from flwr.supercore import log
 from dpfl_app.config import validate
 from dpfl_app.client.errors import ConfigError
 from dpfl_app.run import console, outcome, tracking
+from dpfl_app.run.grid import fast_polling
 from dpfl_app.strategy.large_deployment import deployment  # light: no torch
 
 if TYPE_CHECKING:
@@ -348,7 +349,7 @@ def main(grid: Grid, context: Context) -> None:
     folder: dict = {"path": None, "resumed": False}
     outcome.keep_timings_out_of_the_log()
     try:
-        train(grid, context, folder)
+        train(fast_polling(grid), context, folder)  # deployment: replies as they arrive, not every 3 s
     except Exception as err:
         from dpfl_app.strategy.dp_fedavg import NotEnoughNodes  # not before validating
 
