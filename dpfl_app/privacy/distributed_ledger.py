@@ -172,14 +172,6 @@ class DistributedLedger(PrivacyLedger):
                                "survivors' shares (Agarwal, Kairouz & Liu 2021, Thm 3.5)",
                 "headline_figure": "with_sampling"}
 
-    def epsilon_if_no_dropout(self) -> float | None:
-        """The figure if all m survive every round (an assumption, never the guarantee)."""
-        if not self._rounds:
-            return 0.0
-        rdp = dacc.round_rdp(self.params, self.model.clients_per_round, self.accountant.adjacency)
-        amplified = dacc.amplified_rdp(rdp, self.model.sampling, self.accountant.q)
-        return dacc.epsilon_from_rdp(self._rounds * amplified, self.model.delta)
-
 
 def noise_std_on_mean(params: DistributedDpParams, shares: int, clip: float,
                       clients_per_round: int) -> float:
