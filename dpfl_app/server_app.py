@@ -39,7 +39,7 @@ def choose_noise(cfg: dict, population: int) -> float:
         return choose_ftrl_noise(cfg)
     if cfg["target-epsilon"] <= 0:
         return cfg["noise"]
-    if cfg["noise-at"] == "clients":  # the clients' Skellam shares, at t survivors
+    if cfg.get("noise-at") == "clients":  # the clients' Skellam shares, at t survivors
         from dpfl_app.strategy.client_noise import plan_for
         z = plan_for(cfg, population).split.noise_multiplier
         log(INFO, "target-epsilon=%s (noise-at=clients, t survivors every round): calibrated "
@@ -133,7 +133,7 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
     canaries = audit_canaries(cfg, population)
     secure = {"neighbours": cfg["secagg-neighbours"], "stage_timeout": cfg["round-timeout"]}
     cls = SecureDPFedAvgAdaptive if cfg["secure-aggregation"] else DPFedAvgAdaptive
-    client_noise = cfg["noise-at"] == "clients"
+    client_noise = cfg.get("noise-at") == "clients"
     if client_noise:  # the clients add Skellam shares; the server adds no update noise
         from dpfl_app.strategy.client_noise import ClientNoiseDPFedAvg, client_noise_ledger
         ledger = client_noise_ledger(cfg, model.replace(withheld_inputs=0))
