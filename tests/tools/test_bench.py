@@ -194,3 +194,14 @@ def test_a_cold_secure_aggregation_setup_imports_no_torch():
                          timeout=120)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["heavy_modules"] == [] and report["handle_s"] > 0, report
+
+
+def test_the_extractor_bench_times_a_pass_over_flowers_real_link_state(capsys):
+    """Flower's own InMemoryLinkState, N nodes, some messages in flight: one timed pass."""
+    from dpfl_app.tools.bench import extractor
+
+    row = extractor.one_pass(20, 5)
+    assert (row["population"], row["inflight"]) == (20, 5)
+    assert row["wall_s"] > 0 and row["cpu_s"] >= 0
+    assert extractor.main(["--scales", "10:3"]) == 0
+    assert "| 10 | 3 |" in capsys.readouterr().out
