@@ -3,6 +3,10 @@
     dpfl bench-study [--scales 1437:718,1000:100,100:10] [--rounds 10,50]
                      [--workload app|pfl-benchmark] [--repeats 3]
                      [--pfl-python pflvenv/bin/python] [--flwr-rounds 3]
+                     [--table /tmp/bench-study.md] [--benchmark-scale 100:5:50]
+
+`--table FILE` runs the whole performance table (bench_table.py) and writes it
+as Markdown.
 
 Equal work, stated and checked. For each scale (N users, m expected per round)
 and round count, both engines get the same workload: the users' data as the
