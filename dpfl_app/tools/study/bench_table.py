@@ -11,8 +11,10 @@ its steady round time (the median of rounds 2.., over m): a rate, the same for
 load average at the start and the end, every row's loads, the ratios, and
 whether each row meets the target, pfl ÷ engine >= 5) goes to FILE and the
 JSON of every run beside it (FILE with .json): keep both outside the checkout,
-which `flwr run` bundles. Defaults finish in about 12 minutes on a quiet
-2-core machine (measured in docs/tuning.md).
+which `flwr run` bundles. The defaults should finish in about 11 minutes on a
+quiet 2-core machine (an estimate from quiet per-run times: pfl's rounds about
+2.3 min, about 45 fresh processes' start-up 4–5 min, three `flwr run` about
+3 min); the table states the minutes it took.
 """
 
 from __future__ import annotations
