@@ -138,7 +138,7 @@ def choose_ftrl_noise(cfg: dict) -> float:
     if cfg["target-epsilon"] <= 0:
         return cfg["noise"]
     sens = ftrl_accounting.run_sensitivity(cfg["rounds"], cfg["min-separation"],
-                                           workload_momentum(cfg))
+                                           workload_momentum(cfg), cfg["ftrl-bands"])
     z = ftrl_accounting.calibrate_noise(cfg["target-epsilon"], cfg["target-delta"], sens)
     log(INFO, "target-epsilon=%s (dp-ftrl): calibrated noise multiplier z=%.6g (replaces "
         "noise=%s)", cfg["target-epsilon"], z, cfg["noise"])
@@ -151,7 +151,7 @@ def build_ftrl_strategy(cfg: dict, noise: float, fedavg, generators,
     stddev = cfg["clipped-count-stddev"]
     model, split = ftrl_accounting.build_model(
         noise, cfg["rounds"], cfg["min-separation"], cfg["clients"], cfg["target-delta"],
-        workload_momentum(cfg), None if stddev == "auto" else float(stddev))
+        workload_momentum(cfg), None if stddev == "auto" else float(stddev), cfg["ftrl-bands"])
     if split.raised:
         log(WARNING, "clipped-count-stddev raised from m/20=%.3f to %.3f so that z_delta <= "
             "1.1 z", split.default_count_stddev, split.count_stddev)

@@ -227,3 +227,14 @@ def test_round_stamps_survive_the_run_folder_getting_its_start_time_back(tmp_pat
     thread.join()
     assert found["status"] == "completed" and len(found["round_written"]) == 2
     assert found["round_written"][1] >= found["round_written"][0] > 1.0
+
+
+def test_the_extractor_bench_times_a_pass_over_flowers_real_link_state(capsys):
+    """Flower's own InMemoryLinkState, N nodes, some messages in flight: one timed pass."""
+    from dpfl_app.tools.bench import extractor
+
+    row = extractor.one_pass(20, 5)
+    assert (row["population"], row["inflight"]) == (20, 5)
+    assert row["wall_s"] > 0 and row["cpu_s"] >= 0
+    assert extractor.main(["--scales", "10:3"]) == 0
+    assert "| 10 | 3 |" in capsys.readouterr().out
