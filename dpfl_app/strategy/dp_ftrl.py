@@ -34,7 +34,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from dpfl_app.privacy import ftrl_accounting, matrix_factorization as mf
-from dpfl_app.privacy.ftrl_release import ftrl_release, ftrl_step
+from dpfl_app.privacy.ftrl_release import ftrl_release
 from dpfl_app.strategy.dp_fedavg import DPFedAvgAdaptive
 
 
@@ -117,10 +117,6 @@ class DPFTRL(DPFedAvgAdaptive):
                             self.noise, self.rng, server_lr=self.server_lr,
                             target_quantile=self.target_quantile, clip_lr=self.clip_norm_lr,
                             step=self.server_optimizer.step if self.server_optimizer else None)
-
-    def mechanism_step(self, global_model, client_models, unclipped_bits, clip, m, **release):
-        return ftrl_step(global_model, client_models, unclipped_bits, clip, m, self.split,
-                         self.noise, self.rng, **release)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
