@@ -17,11 +17,9 @@ in every announced round and no amplification by sampling
 
 from __future__ import annotations
 
-from logging import INFO
-
 import numpy as np
-from flwr.supercore import log
 
+from dpfl_app.client.node_log import node_log
 from dpfl_app.privacy import skellam
 from dpfl_app.privacy.distributed import announced_params
 from dpfl_app.secagg import ROTATION_SEED, discrete
@@ -69,7 +67,7 @@ def log_own_bound(config: dict, state) -> None:
     from flwr.app import ConfigRecord  # pylint: disable=import-outside-toplevel
 
     params = announced_params(config)
-    log(INFO, "noise-at=clients: this node adds Skellam noise of variance %.4g per coordinate "
+    node_log("noise-at=clients: this node adds Skellam noise of variance %.4g per coordinate "
         "(b=%d bits, scaled clip %.4g); with at least t=%d survivors it computes its own "
         "epsilon=%.4g at delta=%g after %s rounds, without amplification by sampling",
         params.share_variance, params.bits, params.scale * params.clip, params.threshold,

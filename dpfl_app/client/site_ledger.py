@@ -21,12 +21,10 @@ no torch (only dp-accounting, on nodes with record-level DP on).
 
 from __future__ import annotations
 
-from logging import INFO
-
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.supercore import log
 
+from dpfl_app.client.node_log import node_log
 from dpfl_app.config import record_level_on, validate
 
 LEDGER_KEY = "record-ledger"
@@ -126,7 +124,7 @@ def record_budget_mod(msg: Message, context: Context, call_next: ClientAppCallab
     trained = charge(context, model, server_round)
     from dpfl_app.privacy.record_level import ledger_epsilon
 
-    log(INFO, "record-level DP on this site: round %d is this site's training round %d; its "
+    node_log("record-level DP on this site: round %d is this site's training round %d; its "
         "own ledger gives record-level epsilon %.3f at delta %g (sigma=%.4g, q=%g)",
         server_round, len(trained), ledger_epsilon(trained, model.delta), model.delta,
         model.noise_multiplier, model.sampling_rate)
