@@ -18,7 +18,8 @@ from flwr.supercore import log
 
 from dpfl_app.config import validate
 from dpfl_app.client.errors import ConfigError
-from dpfl_app.run import console, outcome, tracking
+from dpfl_app.run import console, outcome, outputs, tracking
+from dpfl_app.run.grid import fast_polling
 from dpfl_app.strategy.large_deployment import deployment  # light: no torch
 
 if TYPE_CHECKING:
@@ -243,7 +244,7 @@ def restore(strategy: DPFedAvgAdaptive, state: dict) -> None:
     The ledger comes from ledger.json when it charged more rounds than the
     checkpoint: a round released just before the crash stays counted.
     """
-    from dpfl_app.run import checkpoint, outputs
+    from dpfl_app.run import checkpoint
 
     ledger_state = checkpoint.charged_ledger(state["run_dir"], state["ledger"])
     strategy.ledger.load_state_dict(ledger_state)
@@ -348,7 +349,7 @@ def main(grid: Grid, context: Context) -> None:
     folder: dict = {"path": None, "resumed": False}
     outcome.keep_timings_out_of_the_log()
     try:
-        train(grid, context, folder)
+        train(fast_polling(grid), context, folder)  # deployment: replies as they arrive, not every 3 s
     except Exception as err:
         from dpfl_app.strategy.dp_fedavg import NotEnoughNodes  # not before validating
 
@@ -357,6 +358,8 @@ def main(grid: Grid, context: Context) -> None:
         outcome.report_failure(err, folder["path"], folder["resumed"], (NotEnoughNodes,),
                                run_id=context.run_id)
         raise
+    finally:
+        outputs.settle_timestamps(folder["path"])  # no round timings in file metadata
 
 
 def train(grid: Grid, context: Context, folder: dict) -> None:
@@ -369,7 +372,7 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
     from dpfl_app.config import model_spec
     from dpfl_app.privacy.record_report import record_level_lines, record_log_text
     from dpfl_app.privacy.report import privacy_report
-    from dpfl_app.run import checkpoint, outputs
+    from dpfl_app.run import checkpoint
     from dpfl_app.run.recorder import RunRecorder
     from dpfl_app.strategy.dp_fedavg import BudgetExhausted
     from dpfl_app.task import build_model

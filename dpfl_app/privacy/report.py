@@ -68,13 +68,18 @@ def float_line(residual: dict) -> str:
         return ("**Floating point:** the release grid is coarser than σ/256 in this "
                 "configuration (m/z_Δ above about 16,000), where our bound of the sampler's "
                 "residual is not claimed.")
-    return (f"**Floating point:** the ε above is that of an exact Gaussian. numpy's sampler "
+    head = (f"**Floating point:** the ε above is that of an exact Gaussian. numpy's sampler "
             f"differs from it by a factor within e^±2^-36 per released number (docs/privacy.md, "
             f"\"Randomness and floating point\"); over the "
-            f"{residual['coordinates_released']:,} numbers released, the guarantee is "
-            f"(ε + {residual['epsilon_added']:.2g}, δ·{residual['delta_factor']:.6g})-DP, i.e. "
-            f"ε ≤ {fmt_eps(residual['epsilon_with_float'])} at δ = "
-            f"{residual['delta_with_float']:.4g}.")
+            f"{residual['coordinates_released']:,} numbers released, ")
+    if residual["delta_with_float"] >= 1:
+        # The sampler's tail term grows like e^ε: at an ε this large it bounds nothing.
+        return head + ("our bound of the sampler's residual is vacuous (δ ≥ 1) at this ε; "
+                       "the ε above already says the run is not private.")
+    return head + (f"the guarantee is (ε + {residual['epsilon_added']:.2g}, "
+                   f"δ·{residual['delta_factor']:.6g})-DP, i.e. "
+                   f"ε ≤ {fmt_eps(residual['epsilon_with_float'])} at δ = "
+                   f"{residual['delta_with_float']:.4g}.")
 
 
 def withheld_section(ledger: PrivacyLedger) -> list[str]:

@@ -112,3 +112,24 @@ def save_model(path: Path, state_dict: dict) -> None:
     buffer = io.BytesIO()
     torch.save(state_dict, buffer)
     write_atomic(path, buffer.getvalue())
+
+
+def settle_timestamps(run_dir: Path | None) -> None:
+    """Give every file and folder of the run the run's start time as its mtime and atime.
+
+    Each round rewrites rounds.csv, results.json, ledger.json and the plots, so
+    their modification times would otherwise show when the last rounds ended:
+    a timing channel for anyone who receives the folder with its metadata.
+    The start time is public already: it is the folder's name.
+    """
+    if run_dir is None or not Path(run_dir).exists():
+        return
+    run_dir = Path(run_dir)
+    try:
+        start = time.mktime(time.strptime(run_dir.name[:15], "%Y%m%d-%H%M%S"))
+    except ValueError:  # not a folder make_run_dir named
+        start = 0.0
+    for folder, _, files in os.walk(run_dir, topdown=False):
+        for name in files:
+            os.utime(Path(folder) / name, (start, start), follow_symlinks=False)
+        os.utime(folder, (start, start))

@@ -150,3 +150,14 @@ def test_a_runs_report_and_results_state_the_float_residual(tmp_path):
     assert residual["coordinates_released"] == 2 * (650 + 1)  # digits-linear, and the count
     assert residual["bound_applies"] and 0 < residual["epsilon_added"] < 1e-6
     assert "**Floating point:**" in (run_dir / "privacy.md").read_text()
+
+
+def test_the_float_line_calls_a_vacuous_bound_vacuous_rather_than_printing_delta_above_one():
+    from dpfl_app.privacy.report import float_line
+
+    huge = dict(mechanism.float_residual(3255, epsilon=3048.0, delta=1e-5), bound_applies=True)
+    assert huge["delta_with_float"] > 1  # e^epsilon times the sampler's tail mass
+    line = float_line(huge)
+    assert "vacuous" in line and "e+" not in line
+    usual = dict(mechanism.float_residual(3255, epsilon=8.0, delta=1e-5), bound_applies=True)
+    assert "vacuous" not in float_line(usual) and "δ = 1e-05" in float_line(usual)

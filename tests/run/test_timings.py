@@ -30,3 +30,16 @@ def test_the_log_has_no_round_times_and_the_diagnostics_have_them(tmp_path, flwr
     diagnostics = read_diagnostics(run_dir)  # operator only
     assert [d["round"] for d in diagnostics] == [1, 2]
     assert all(d["seconds"] >= 0 and "seconds_left_estimate" in d for d in diagnostics)
+
+
+def test_the_run_folders_file_times_are_all_the_run_start(tmp_path):
+    """Files rewritten each round would date the last rounds; afterwards all carry the start."""
+    import os
+    import time
+
+    run_server(default_run_config(**{"output-dir": str(tmp_path), "rounds": 2}))
+    (run_dir,) = list(tmp_path.iterdir())
+    start = time.mktime(time.strptime(run_dir.name[:15], "%Y%m%d-%H%M%S"))
+    paths = [run_dir, *run_dir.rglob("*")]
+    assert {"results.json", "rounds.csv", "privacy.md"} <= {p.name for p in paths}
+    assert {os.stat(p).st_mtime for p in paths} == {start}

@@ -1,0 +1,88 @@
+"""Collect replies as they arrive, instead of on Flower's 3-second clock.
+
+Flower 1.42 gives a ServerApp in a deployment (`flwr-serverapp`, started by a
+SuperLink with real SuperNodes) an `HttpGrid`, whose `send_and_receive` pushes the
+messages, pulls once, and then sleeps 3 s between pulls
+(`flwr/superlink/grid/http_grid.py`). The first pull almost never finds a
+reply, so every message exchange costs at least 3 s whatever the clients do:
+a plain round (train, evaluate) at least 6 s, a secure-aggregation round
+(five exchanges) at least 15 s. `FastPollingGrid` keeps Flower's push and
+pull calls and only changes the wait between pulls: short while replies keep
+coming, backing off to `max_wait` when none do, so the SuperLink sees at most
+a few light requests a second.
+
+A local simulation (`flwr run .` on the simulation runtime) gets Flower's
+in-memory grid, which already polls every 0.1 s: it is left as it is, and so
+is any other grid (the tests use their own).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+
+class FastPollingGrid(Grid):
+    """A `Grid` that delegates everything to `grid`, polling for replies promptly."""
+
+    def __init__(self, grid: Grid, first_wait: float = 0.02, max_wait: float = 0.25) -> None:
+        if not 0 < first_wait <= max_wait:
+            raise ValueError("need 0 < first_wait <= max_wait")
+        self._grid = grid
+        self.first_wait, self.max_wait = first_wait, max_wait
+
+    # Grid's abstract interface, delegated unchanged.
+    def set_run(self, run):
+        self._grid.set_run(run)
+
+    @property
+    def run(self):
+        return self._grid.run
+
+    def create_message(self, *args, **kwargs):
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def get_nodes(self):
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def __getattr__(self, name: str):  # close() and anything else a grid offers
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> list[Message]:
+        """Flower's contract: the replies that arrived before `timeout` (None: all)."""
+        pending = set(self._grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        wait = self.first_wait
+        while pending:
+            arrived = list(self._grid.pull_messages(pending))
+            replies.extend(arrived)
+            pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
+            left = None if deadline is None else deadline - time.monotonic()
+            if not pending or (left is not None and left <= 0):
+                break
+            # Replies come in bursts as the clients finish: poll again soon after
+            # one arrived, back off while none do.
+            wait = self.first_wait if arrived else min(2 * wait, self.max_wait)
+            time.sleep(wait if left is None else min(wait, left))
+        return replies
+
+
+def fast_polling(grid: Grid) -> Grid:
+    """`grid` itself, or wrapped in `FastPollingGrid` when it is Flower's HttpGrid."""
+    from flwr.superlink.grid import HttpGrid
+
+    return FastPollingGrid(grid) if isinstance(grid, HttpGrid) else grid
