@@ -1,7 +1,8 @@
 """Accuracy of noise-at=clients against central DP, on the recipes, in the study engine.
 
     python -m dpfl_app.tools.bench.client_noise_accuracy [--recipes recipes/digits-eps4.toml,...]
-        [--seeds 100-109] [--bits 18] [--thresholds 0.8] [--ideal] [--out FILE (appended;
+        [--seeds 100-109] [--bits 18] [--thresholds 0.8] [--ideal] [--no-central]
+        [--clients M] [--out FILE (appended;
         runs already in it are skipped)]
     python -m dpfl_app.tools.bench.client_noise_accuracy --table FILE
 
@@ -40,18 +41,25 @@ def _seeds(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
-def variants(bits: int, thresholds: list[float], ideal: bool) -> list[tuple[str, ClientNoise | None]]:
-    out: list[tuple[str, ClientNoise | None]] = [("central", None)]
+def variants(bits: int, thresholds: list[float], ideal: bool, central: bool = True,
+             clients: int = 0) -> list[tuple[str, ClientNoise | None]]:
+    """(name, settings) of each variant; `clients` > 0 replaces the recipe's m in the
+    client-noise variants (named with it)."""
+    out: list[tuple[str, ClientNoise | None]] = [("central", None)] if central else []
+    cohort = f" m={clients}" if clients else ""
     for t in thresholds:
-        out.append((f"clients t={t:g}m b={bits}", ClientNoise(bits=bits, threshold=t)))
+        out.append((f"clients{cohort} t={t:g}m b={bits}", ClientNoise(bits=bits, threshold=t)))
         if ideal:
-            out.append((f"clients t={t:g}m b={bits} ideal",
+            out.append((f"clients{cohort} t={t:g}m b={bits} ideal",
                         ClientNoise(bits=bits, threshold=t, remove_excess=True)))
     return out
 
 
-def one_run(recipe: Path, seed: int, name: str, noise: ClientNoise | None) -> dict:
+def one_run(recipe: Path, seed: int, name: str, noise: ClientNoise | None,
+            clients: int = 0) -> dict:
     cfg = default_run_config(**tomllib.loads(recipe.read_text()), seed=seed)
+    if clients and noise is not None:
+        cfg["clients"] = clients
     result = run_study(cfg, POPULATION, report_every=0, client_noise=noise)
     final = result["final"]
     row = {"recipe": recipe.stem, "seed": seed, "variant": name,
@@ -94,13 +102,17 @@ def main(argv=None) -> None:
     parser.add_argument("--bits", type=int, default=18)
     parser.add_argument("--thresholds", default="0.8")
     parser.add_argument("--ideal", action="store_true")
+    parser.add_argument("--no-central", action="store_true", help="client-noise variants only")
+    parser.add_argument("--clients", type=int, default=0,
+                        help="m of the client-noise variants (0: the recipe's)")
     parser.add_argument("--out", default="client_noise_accuracy.jsonl")
     parser.add_argument("--table", help="print the table of a finished FILE and exit")
     args = parser.parse_args(argv)
     if args.table:
         print(table(Path(args.table)))
         return
-    chosen = variants(args.bits, [float(t) for t in args.thresholds.split(",")], args.ideal)
+    chosen = variants(args.bits, [float(t) for t in args.thresholds.split(",")], args.ideal,
+                      not args.no_central, args.clients)
     out = Path(args.out)
     done = {(r["recipe"], r["seed"], r["variant"]) for r in map(json.loads, (
         out.read_text().splitlines() if out.exists() else [])) if r}  # resume
@@ -109,7 +121,7 @@ def main(argv=None) -> None:
             for name, noise in chosen:
                 if (recipe.stem, seed, name) in done:
                     continue
-                row = one_run(recipe, seed, name, noise)
+                row = one_run(recipe, seed, name, noise, args.clients)
                 with open(out, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
