@@ -24,5 +24,6 @@ def test_table_gives_mean_and_sd_per_recipe_and_variant(tmp_path):
     path = tmp_path / "runs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     table = bench.table(path)
-    assert "| r | central | 2 | 0.910 ± 0.014 | 4.00 | - | - |" in table
-    assert "| r | clients | 1 | 0.800 ± nan | 3.50 | 18 | 9219 |" in table
+    assert "| r | central | 2 | 0.910 ± 0.014 (n=2) | - | 4.00 | - | - |" in table
+    # the paired difference uses the seeds both variants ran: seed 1 only
+    assert "| r | clients | 1 | 0.800 ± nan (n=1) | -0.100 ± nan (n=1) | 3.50 | 18 | 9219 |" in table

@@ -83,16 +83,26 @@ def table(path: Path) -> str:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for row in rows:
         groups[(row["recipe"], row["variant"])].append(row)
-    lines = ["| recipe | variant | runs | test accuracy (mean ± sd) | epsilon | b | bytes/client |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| recipe | variant | runs | test accuracy (mean ± sd) | minus central, same seeds "
+             "(mean ± sd) | epsilon | b | bytes/client |",
+             "|---|---|---|---|---|---|---|---|"]
     for (recipe, variant), runs in sorted(groups.items()):
         acc = [r["test_accuracy"] for r in runs]
-        sd = statistics.stdev(acc) if len(acc) > 1 else float("nan")
+        central = {r["seed"]: r["test_accuracy"] for r in groups.get((recipe, "central"), [])}
+        diff = [r["test_accuracy"] - central[r["seed"]] for r in runs if r["seed"] in central]
         eps = max(r["epsilon"] for r in runs)
-        lines.append(f"| {recipe} | {variant} | {len(runs)} | {statistics.mean(acc):.3f} ± "
-                     f"{sd:.3f} | {eps:.2f} | {runs[0].get('bits', '-')} | "
+        lines.append(f"| {recipe} | {variant} | {len(runs)} | {_mean_sd(acc)} | "
+                     f"{_mean_sd(diff, signed=True) if variant != 'central' else '-'} | "
+                     f"{eps:.2f} | {runs[0].get('bits', '-')} | "
                      f"{runs[0].get('bytes_per_client', '-')} |")
     return "\n".join(lines)
+
+
+def _mean_sd(values: list[float], signed: bool = False) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):{'+' if signed else ''}.3f} ± {sd:.3f} (n={len(values)})"
 
 
 def main(argv=None) -> None:
@@ -100,7 +110,7 @@ def main(argv=None) -> None:
     parser.add_argument("--recipes", default="recipes/digits-eps4.toml,recipes/digits-eps2.toml")
     parser.add_argument("--seeds", default="100-109")
     parser.add_argument("--bits", type=int, default=18)
-    parser.add_argument("--thresholds", default="0.8")
+    parser.add_argument("--thresholds", default="0.8", help="fractions of m; \"\": central only")
     parser.add_argument("--ideal", action="store_true")
     parser.add_argument("--no-central", action="store_true", help="client-noise variants only")
     parser.add_argument("--clients", type=int, default=0,
@@ -111,7 +121,7 @@ def main(argv=None) -> None:
     if args.table:
         print(table(Path(args.table)))
         return
-    chosen = variants(args.bits, [float(t) for t in args.thresholds.split(",")], args.ideal,
+    chosen = variants(args.bits, [float(t) for t in args.thresholds.split(",") if t], args.ideal,
                       not args.no_central, args.clients)
     out = Path(args.out)
     done = {(r["recipe"], r["seed"], r["variant"]) for r in map(json.loads, (
