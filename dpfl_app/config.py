@@ -102,6 +102,8 @@ KEYS: dict[str, Key] = {
     "mechanism": _choice(MECHANISMS),
     "min-separation": Key(int, lambda v: v >= 1, "an integer >= 1 (rounds between two "
                           "participations of the same client, dp-ftrl)"),
+    "ftrl-bands": Key(int, lambda v: v >= 0, "an integer >= 0 (0 = the bands with the "
+                      "least error; 1 = the identity, fresh noise every round)"),
     "round-timeout": POSITIVE,
     "node-wait-timeout": POSITIVE,
     "output-dir": Key(str, lambda v: v != "", "a non-empty path"),
@@ -211,13 +213,19 @@ FTRL_EXCLUDES = {
 
 
 def _check_mechanism(cfg: dict[str, Any]) -> None:
-    """dp-ftrl's exclusions, and min-separation only where it means something."""
+    """dp-ftrl's exclusions, and min-separation and ftrl-bands only where they mean something."""
     if cfg["mechanism"] == "dp-fedavg":
-        if cfg["min-separation"] != 1:
-            raise ConfigError(
-                f"run-config key 'min-separation' = {cfg['min-separation']} applies only to "
-                "mechanism='dp-ftrl'; leave it at 1 with dp-fedavg (or set mechanism='dp-ftrl')")
+        for key, default in (("min-separation", 1), ("ftrl-bands", 0)):
+            if cfg[key] != default:
+                raise ConfigError(
+                    f"run-config key {key!r} = {cfg[key]} applies only to mechanism='dp-ftrl'; "
+                    f"leave it at {default} with dp-fedavg (or set mechanism='dp-ftrl')")
         return
+    most = min(cfg["min-separation"], cfg["rounds"])
+    if cfg["ftrl-bands"] > most:  # more bands than b: the closed-form sensitivity is wrong
+        raise ConfigError(
+            f"run-config key 'ftrl-bands' = {cfg['ftrl-bands']}: allowed 0 (chosen by error) or "
+            f"1..min(min-separation, rounds) = 1..{most}")
     for key, why in FTRL_EXCLUDES.items():
         if cfg[key] not in (False, 0, ""):
             raise ConfigError(f"run-config key {key!r} = {cfg[key]!r} with mechanism='dp-ftrl': {why}")

@@ -57,6 +57,7 @@ BAD_VALUES = {
     "verbose": ("loud", "bool"),
     "mechanism": ("dp-sgd", "dp-fedavg, dp-ftrl"),
     "min-separation": (0, "an integer >= 1"),
+    "ftrl-bands": (-1, "an integer >= 0"),
     "record-noise": (-0.5, ">= 0"),
     "record-clip": (0.0, "> 0"),
     "record-sampling-rate": (1.5, "(0, 1]"),
@@ -142,3 +143,16 @@ def test_min_separation_is_refused_where_it_would_mean_nothing():
     with pytest.raises(ConfigError, match="applies only to mechanism='dp-ftrl'"):
         validate(default_run_config(**{"min-separation": 3}))
     validate(default_run_config(**{"mechanism": "dp-ftrl", "min-separation": 3}))
+
+
+def test_ftrl_bands_only_with_dp_ftrl_and_never_more_than_the_separation():
+    with pytest.raises(ConfigError, match="'ftrl-bands' = 1 applies only to mechanism='dp-ftrl'"):
+        validate(default_run_config(**{"ftrl-bands": 1}))
+    with pytest.raises(ConfigError) as err:  # p > b: the closed-form sensitivity would be wrong
+        validate(default_run_config(**{"mechanism": "dp-ftrl", "min-separation": 2,
+                                       "ftrl-bands": 3}))
+    assert "\n" not in str(err.value) and "1..2" in str(err.value), err.value
+    with pytest.raises(ConfigError, match="1..3"):  # nor more than the rounds
+        validate(default_run_config(**{"mechanism": "dp-ftrl", "min-separation": 5,
+                                       "rounds": 3, "ftrl-bands": 4}))
+    validate(default_run_config(**{"mechanism": "dp-ftrl", "min-separation": 3, "ftrl-bands": 3}))

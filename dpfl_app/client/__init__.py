@@ -2,7 +2,7 @@
 
 - `mods.py`: Flower's `adaptiveclipping_mod`, safe for an all-zero update, and the
   filter that drops its per-client log line (counted, it would give the cohort size);
-- `policy.py`: a SuperNode's privacy policy (`max-epsilon`,
+- `policy.py`: a SuperNode's privacy policy (`max-epsilon`, `trust-sampling`,
   `require-secure-aggregation`), checked on every train message;
 - `secagg.py`: the secure-aggregation stages over the Message API (the protocol
   itself is `dpfl_app.secagg`);

@@ -19,7 +19,7 @@ The sampling and the noise come from numpy's Generator on ChaCha20 keyed
 from the operating system (`privacy.randomness.secure_generator`), as the
 server's noise does; tests and the study engine pass a seeded generator.
 Why `torch.func` and not Opacus's GradSampleModule and DPOptimizer (which
-compute the same clipped sum, tests/test_dp_sgd.py): in a fresh ClientApp
+compute the same clipped sum, tests/client/test_dp_sgd.py): in a fresh ClientApp
 process they cost about the same (both load torch._dynamo: Opacus through
 torch.optim, torch.func on its first vmap; docs/record-level.md has the
 numbers), but here the noise comes from our ChaCha20 generator (Opacus draws

@@ -9,6 +9,9 @@ epsilon of that announcement with the same accountant the server reports
 (`dpfl_app.privacy.accounting`), and refuses when:
 
 - its node-config `max-epsilon` (> 0) is below that epsilon, or a key is missing;
+  with node-config `trust-sampling=false` that epsilon is the one without
+  amplification by sampling (q = 1: the node is in every announced round), which
+  no announced population N or sampling can lower: a node cannot verify either;
 - its node-config `require-secure-aggregation` is true and the server does not
   use secure aggregation.
 
@@ -25,7 +28,7 @@ from typing import Any
 # The announcement, as keys of the message's ConfigRecord.
 ANNOUNCED = ("dp-sampling", "dp-noise", "dp-population", "dp-clients", "dp-rounds", "dp-delta",
              "dp-secure-aggregation", "dp-deterministic-noise")
-POLICY_KEYS = ("max-epsilon", "require-secure-aggregation")
+POLICY_KEYS = ("max-epsilon", "require-secure-aggregation", "trust-sampling")
 
 
 def announcement(model, rounds: int, secure: bool, deterministic: bool = False) -> dict[str, Any]:
@@ -42,12 +45,15 @@ def announcement(model, rounds: int, secure: bool, deterministic: bool = False) 
             "dp-deterministic-noise": bool(deterministic)}
 
 
-def announced_epsilon(config: dict[str, Any]) -> float:
+def announced_epsilon(config: dict[str, Any], trust_sampling: bool = True) -> float:
     """Epsilon after all announced rounds, with the server's headline accountant.
 
     inf when the noise is announced as deterministic. Under secure aggregation
     the node derives the withheld-sum bound W itself from the announced N, m
     and sampling (`withheld_sum_bound`), so a server cannot announce a smaller one.
+    `trust_sampling=False`: without amplification, as if N = m (q = 1, the node is in
+    every one of the T rounds; W then is m for both samplings). A bigger announced N
+    can then lower nothing; m still sets W, and a node checks m against its neighbourhood.
     """
     if _flag(config.get("dp-deterministic-noise", False)):
         return math.inf
@@ -60,6 +66,8 @@ def announced_epsilon(config: dict[str, Any]) -> float:
 
     sampling, population = config["dp-sampling"], int(config["dp-population"])
     clients = int(config["dp-clients"])
+    if not trust_sampling:
+        population = clients
     withheld = (withheld_sum_bound(sampling, population, clients)
                 if _flag(config["dp-secure-aggregation"]) else 0)
     model = AccountingModel(sampling, float(config["dp-noise"]), population, clients,
@@ -84,7 +92,12 @@ def refusal(config: dict[str, Any], node_config: dict[str, Any]) -> str | None:
         return ("privacy policy: node-config require-secure-aggregation=true, but the server "
                 "does not use secure aggregation")
     if max_epsilon > 0:
-        epsilon = announced_epsilon(config)
+        trust = node_config.get("trust-sampling", True)
+        if str(trust).strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+            return (f"privacy policy: node-config trust-sampling={trust!r} is invalid; "
+                    "allowed: true or false")
+        trust_sampling = _flag(trust)
+        epsilon = announced_epsilon(config, trust_sampling)
         if not epsilon <= max_epsilon:  # also refuses inf (no noise) and nan
             shown = f"{epsilon:.3f}"
             if math.isinf(epsilon):
@@ -93,8 +106,9 @@ def refusal(config: dict[str, Any], node_config: dict[str, Any]) -> str | None:
             return (f"privacy policy: the announced mechanism (z={config['dp-noise']}, "
                     f"{config['dp-sampling']} sampling of m={config['dp-clients']} of "
                     f"N={config['dp-population']}, T={config['dp-rounds']} rounds, "
-                    f"delta={config['dp-delta']}) gives epsilon={shown} > node-config "
-                    f"max-epsilon={max_epsilon}")
+                    f"delta={config['dp-delta']}) gives epsilon={shown}"
+                    f"{'' if trust_sampling else ' without amplification by sampling'} > "
+                    f"node-config max-epsilon={max_epsilon}")
     return None
 
 

@@ -130,10 +130,11 @@ def split_noise(noise_multiplier: float, clients_per_round: int, sensitivity: fl
 
 
 def build_model(noise_multiplier: float, rounds: int, min_separation: int, clients_per_round: int,
-                delta: float, momentum: float = 0.0,
-                count_stddev: float | None = None) -> tuple[FtrlModel, NoiseSplit]:
-    """The run's model: bands chosen by error (`choose_bands`), the noise split for it."""
-    bands = mf.choose_bands(rounds, min_separation, momentum)
+                delta: float, momentum: float = 0.0, count_stddev: float | None = None,
+                bands: int = 0) -> tuple[FtrlModel, NoiseSplit]:
+    """The run's model: `bands`, or where 0 those chosen by error (`choose_bands`), and the
+    noise split for it."""
+    bands = bands or mf.choose_bands(rounds, min_separation, momentum)
     sens = mf.sensitivity(mf.banded_sqrt(rounds, bands, momentum), rounds, min_separation)
     split = split_noise(noise_multiplier, clients_per_round, sens,
                         mf.participations(rounds, min_separation), count_stddev)
@@ -142,9 +143,10 @@ def build_model(noise_multiplier: float, rounds: int, min_separation: int, clien
     return model, split
 
 
-def run_sensitivity(rounds: int, min_separation: int, momentum: float = 0.0) -> float:
+def run_sensitivity(rounds: int, min_separation: int, momentum: float = 0.0,
+                    bands: int = 0) -> float:
     """sens_T of the factorization `build_model` would choose (for calibration and planning)."""
-    bands = mf.choose_bands(rounds, min_separation, momentum)
+    bands = bands or mf.choose_bands(rounds, min_separation, momentum)
     return mf.sensitivity(mf.banded_sqrt(rounds, bands, momentum), rounds, min_separation)
 
 

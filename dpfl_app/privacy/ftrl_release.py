@@ -71,13 +71,3 @@ def ftrl_release(
     return mechanism.dp_fedavg_release(global_model, [total], unclipped_count,
                                        num_contributors, clip_norm, clients_per_round,
                                        already_noised, rng, **post_processing)
-
-
-def ftrl_step(global_model, client_models, unclipped_bits, clip_norm, clients_per_round,
-              split, noise: CorrelatedNoise, rng, **release):
-    """`mechanism.dp_fedavg_step` with correlated noise: clip w_i - w_t to C_t, release."""
-    deltas = [mechanism.clip_to_norm([a - g for a, g in zip(model, global_model)], clip_norm)
-              for model in client_models]
-    return ftrl_release(global_model, deltas, sum(int(b) for b in unclipped_bits),
-                        len(unclipped_bits), clip_norm, clients_per_round, split, noise, rng,
-                        **release)

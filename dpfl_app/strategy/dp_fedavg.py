@@ -275,13 +275,6 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
             noise_scale=self.noise_scale,
         )
 
-    def mechanism_step(self, global_model, client_models, unclipped_bits, clip: float, m: int,
-                       **release):
-        """`mechanism.dp_fedavg_step` with this strategy's split and noise RNG (the study
-        engine's server step; dp-ftrl overrides it with correlated noise)."""
-        return mechanism.dp_fedavg_step(global_model, client_models, unclipped_bits, clip, m,
-                                        self.split, self.rng, **release)
-
     def clipped_sum(self, replies: list[Message], reference: dict[str, np.ndarray],
                     clip: float) -> ClippedSum:
         """Sum of clip(delta_i, C_t) and of b_i over the accepted plain replies.

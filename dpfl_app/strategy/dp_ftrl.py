@@ -34,7 +34,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from dpfl_app.privacy import ftrl_accounting, matrix_factorization as mf
-from dpfl_app.privacy.ftrl_release import ftrl_release, ftrl_step
+from dpfl_app.privacy.ftrl_release import ftrl_release
 from dpfl_app.strategy.dp_fedavg import DPFedAvgAdaptive
 
 
@@ -118,10 +118,6 @@ class DPFTRL(DPFedAvgAdaptive):
                             target_quantile=self.target_quantile, clip_lr=self.clip_norm_lr,
                             step=self.server_optimizer.step if self.server_optimizer else None)
 
-    def mechanism_step(self, global_model, client_models, unclipped_bits, clip, m, **release):
-        return ftrl_step(global_model, client_models, unclipped_bits, clip, m, self.split,
-                         self.noise, self.rng, **release)
-
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         out = super().aggregate_train(server_round, replies)
@@ -142,7 +138,7 @@ def choose_ftrl_noise(cfg: dict) -> float:
     if cfg["target-epsilon"] <= 0:
         return cfg["noise"]
     sens = ftrl_accounting.run_sensitivity(cfg["rounds"], cfg["min-separation"],
-                                           workload_momentum(cfg))
+                                           workload_momentum(cfg), cfg["ftrl-bands"])
     z = ftrl_accounting.calibrate_noise(cfg["target-epsilon"], cfg["target-delta"], sens)
     log(INFO, "target-epsilon=%s (dp-ftrl): calibrated noise multiplier z=%.6g (replaces "
         "noise=%s)", cfg["target-epsilon"], z, cfg["noise"])
@@ -155,7 +151,7 @@ def build_ftrl_strategy(cfg: dict, noise: float, fedavg, generators,
     stddev = cfg["clipped-count-stddev"]
     model, split = ftrl_accounting.build_model(
         noise, cfg["rounds"], cfg["min-separation"], cfg["clients"], cfg["target-delta"],
-        workload_momentum(cfg), None if stddev == "auto" else float(stddev))
+        workload_momentum(cfg), None if stddev == "auto" else float(stddev), cfg["ftrl-bands"])
     if split.raised:
         log(WARNING, "clipped-count-stddev raised from m/20=%.3f to %.3f so that z_delta <= "
             "1.1 z", split.default_count_stddev, split.count_stddev)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from dpfl_app.client import policy as client_policy
@@ -120,3 +122,56 @@ def test_a_node_with_a_policy_refuses_a_replayed_round_and_a_round_past_the_anno
     assert not _passes(plain_policy_mod, {**config, "server-round": 2}, context)
     assert _passes(plain_policy_mod, {**config, "server-round": 4}, context)
     assert not _passes(plain_policy_mod, {**config, "server-round": 21}, context)
+
+
+# --- node-config trust-sampling=false: the epsilon a node can verify ----------------------
+
+def _gaussian_epsilon(mu: float, delta: float) -> float:
+    """Exact epsilon of a Gaussian mechanism with mu = sensitivity / sigma (Balle & Wang
+    2018, Thm 8), independent of dp-accounting: T rounds of z compose to mu = sqrt(T)/z."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    def gap(eps):
+        return norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2) - delta
+
+    return brentq(gap, 0.0, 100.0)
+
+
+def test_without_trusting_the_sampling_a_lying_population_is_refused():
+    """Announcing N = 10**9 instead of 100 makes the trusted epsilon about 0, and
+    max-epsilon=1 accepts; a node with trust-sampling=false computes the epsilon
+    without amplification, which no announced N changes, and refuses."""
+    lying = {**_announced(), "dp-population": 10**9}
+    assert client_policy.announced_epsilon(lying) < 0.1
+    assert client_policy.refusal(lying, {"max-epsilon": 1.0}) is None
+    untrusting = {"max-epsilon": 1.0, "trust-sampling": "false"}
+    reason = client_policy.refusal(lying, untrusting)
+    assert reason is not None and "without amplification by sampling" in reason
+    honest = _announced()
+    assert (client_policy.announced_epsilon(lying, trust_sampling=False)
+            == client_policy.announced_epsilon(honest, trust_sampling=False))
+
+
+def test_the_unamplified_epsilon_is_the_gaussian_mechanisms_over_every_round():
+    """Poisson, no secure aggregation: T = 20 Gaussians of multiplier z = 1 are one
+    Gaussian with mu = sqrt(20). PLD's pessimistic discretisation may only be above
+    the exact value, by well under 1 % at this interval."""
+    exact = _gaussian_epsilon(math.sqrt(20) / 1.0, 1e-5)
+    computed = client_policy.announced_epsilon(_announced(), trust_sampling=False)
+    assert exact <= computed <= exact * 1.01
+    assert computed > client_policy.announced_epsilon(_announced())  # 3.59 with q = 0.1
+    assert client_policy.refusal(_announced(), {"max-epsilon": computed * 1.001,
+                                                "trust-sampling": False}) is None
+
+
+def test_trust_sampling_true_is_the_default():
+    for value in (True, "true"):
+        assert (client_policy.refusal(_announced(), {"max-epsilon": 4.0, "trust-sampling": value})
+                is None)
+
+
+def test_a_malformed_trust_sampling_is_refused_with_one_line_naming_it():
+    reason = client_policy.refusal(_announced(), {"max-epsilon": 4.0, "trust-sampling": "maybe"})
+    assert reason == ("privacy policy: node-config trust-sampling='maybe' is invalid; "
+                      "allowed: true or false")

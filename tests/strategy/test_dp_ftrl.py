@@ -132,3 +132,26 @@ def test_momentum_workload_is_what_the_servers_momentum_optimizer_does():
         trajectory.append(float(model[0][0]))
     assert trajectory == pytest.approx(workload_coefficients(12, beta), rel=1e-6)
     assert workload_momentum(default_run_config(**{"server-optimizer": "adam"})) == 0.0
+
+
+@pytest.mark.parametrize("bands", [0, 1, 2])
+def test_ftrl_bands_sets_the_factorization_its_noise_and_its_announcement(bands):
+    """`ftrl-bands=1` is fresh noise every round under the same min-separation (DP-FedAvg
+    without amplification, k = ceil(T/b) participations); 0 lets the error choose (2 here)."""
+    from dpfl_app.config import validate
+    from dpfl_app.privacy import ftrl_accounting as fa
+    from dpfl_app.server_app import build_strategy, choose_noise
+
+    cfg = validate(default_run_config(**{**FTRL, "rounds": 10, "target-epsilon": 4.0,
+                                         "ftrl-bands": bands}))
+    noise = choose_noise(cfg, NODES)
+    strategy = build_strategy(cfg, NODES, noise)
+    model = strategy.ledger.model
+    assert model.bands == (bands or 2) == strategy.announcement["dp-bands"]
+    sens = math.sqrt(5) if model.bands == 1 else brute_force_sensitivity(
+        toeplitz(np.array(model.coefficients), 10), 2)
+    assert model.sensitivity() == pytest.approx(sens, rel=1e-12)
+    assert noise == pytest.approx(fa.calibrate_noise(4.0, cfg["target-delta"], sens), rel=1e-9)
+    strategy.ledger.compose_round(10)  # a client's own recompute from the announcement agrees
+    assert fa.announced_epsilon(strategy.announcement) == pytest.approx(
+        strategy.ledger.epsilon_if_secret(), rel=1e-9)

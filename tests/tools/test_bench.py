@@ -194,3 +194,47 @@ def test_a_cold_secure_aggregation_setup_imports_no_torch():
                          timeout=120)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["heavy_modules"] == [] and report["handle_s"] > 0, report
+
+
+def test_round_stamps_survive_the_run_folder_getting_its_start_time_back(tmp_path):
+    """At its end a run gives every file the start time as mtime (no timing channel); a
+    round the poller only sees then is stamped when seen, never before the earlier rounds."""
+    import json
+    import os
+    import threading
+    import time
+
+    from dpfl_app.tools.bench.simulation import _watch
+
+    run_dir = tmp_path / "out" / "20261203-120000-run1"
+    run_dir.mkdir(parents=True)
+    results = run_dir / "results.json"
+
+    def write(rounds: int) -> None:
+        results.write_text(json.dumps({"rounds": [{"test_accuracy": 0.5}] * rounds}))
+
+    def server() -> None:
+        write(1)
+        time.sleep(0.3)
+        write(2)
+        os.utime(results, (1.0, 1.0))  # settled before the poller saw round 2's mtime
+        time.sleep(0.3)
+        (run_dir / "privacy.md").write_text("done")
+
+    thread = threading.Thread(target=server)
+    thread.start()
+    found = _watch(tmp_path / "out", lambda: "running", time.time() + 30)
+    thread.join()
+    assert found["status"] == "completed" and len(found["round_written"]) == 2
+    assert found["round_written"][1] >= found["round_written"][0] > 1.0
+
+
+def test_the_extractor_bench_times_a_pass_over_flowers_real_link_state(capsys):
+    """Flower's own InMemoryLinkState, N nodes, some messages in flight: one timed pass."""
+    from dpfl_app.tools.bench import extractor
+
+    row = extractor.one_pass(20, 5)
+    assert (row["population"], row["inflight"]) == (20, 5)
+    assert row["wall_s"] > 0 and row["cpu_s"] >= 0
+    assert extractor.main(["--scales", "10:3"]) == 0
+    assert "| 10 | 3 |" in capsys.readouterr().out

@@ -168,7 +168,8 @@ def test_inprocess_sweep_over_target_epsilons_and_a_grid(tmp_path, capsys):
 
 FAKE_PFL = """import json, sys
 work = json.load(open(sys.argv[sys.argv.index("--workload") + 1]))
-print(json.dumps({"workload": {**work, "weights": 2410}, "updates": 10,
+weights = {"digits-mlp": 2410, "digits-cnn": 6090}[work["model"]]
+print(json.dumps({"workload": {**work, "weights": weights}, "updates": 10,
                   "ms_per_client_update": 1.0, "cpu_ms_per_client_update": 1.0}))
 """
 
@@ -196,6 +197,35 @@ def test_bench_study_measures_both_engines_per_client_update(tmp_path, capsys):
     assert result["ratio"] == pytest.approx(1.0 / result["engine"])
     printed = capsys.readouterr().out
     assert "| batch_size | 16 | 16 |" in printed and f"| {POPULATION}, 5, 2 |" in printed
+
+
+def test_bench_study_table_writes_every_row_as_markdown(tmp_path, capsys):
+    """`--table FILE`: the app workload's rows and the pfl-benchmark row, in one Markdown file
+    with the loads, ratios and the target's verdict; every run in FILE.json beside it."""
+    import sys
+
+    from dpfl_app.tools.study import bench
+
+    fake = tmp_path / "fake_pfl.py"
+    fake.write_text(FAKE_PFL)
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} {fake} \"$@\"\n")
+    python.chmod(0o755)
+    table = tmp_path / "out" / "table.md"
+    assert bench.main(["--scales", f"{POPULATION}:5", "--rounds", "2", "--repeats", "1",
+                       "--pfl-python", str(python), "--table", str(table), "--flwr-rounds",
+                       "0", "--benchmark-scale", f"{POPULATION}:4:2"]) == 0
+    report = json.loads(table.with_suffix(".json").read_text())
+    (app,), (cnn,) = report["results"], report["benchmark"]
+    assert (app["workload"], cnn["workload"]) == ("app", "pfl-benchmark")
+    assert cnn["runs"]["engine"][0]["workload"]["model"] == "digits-cnn"
+    text = table.read_text()
+    assert text in capsys.readouterr().out
+    assert "load average" in text and "On pfl-research's ground" in text
+    for result, label in ((app, f"| {POPULATION}, 5, 2 |"), (cnn, f"| {POPULATION}, 4, 2 |")):
+        line = next(row for row in text.splitlines() if row.startswith(label))
+        assert f"**{result['ratio']:.1f}×**" in line
+        assert ("| met |" if result["ratio"] >= 5 else "| **missed** |") in line
 
 
 def test_bench_study_stops_when_the_workloads_differ(tmp_path, monkeypatch):
@@ -303,3 +333,54 @@ def test_max_epsilon_stops_where_the_strategy_would():
                       POPULATION, report_every=0)
     assert study["final"]["stop_reason"] == "privacy budget: round 4 would exceed max-epsilon"
     assert len(study["rounds"]) == 3 and study["final"]["epsilon"] == three_rounds
+
+
+@pytest.mark.parametrize("name, shape", [("digits-linear", (1, 8, 8)), ("digits-mlp", (1, 8, 8)),
+                                         ("digits-cnn", (1, 8, 8)), ("mnist-cnn", (1, 28, 28))])
+def test_stacked_forward_equals_each_clients_module(name, shape):
+    """The written-out forward on stacked weights: each client's logits are its own module's."""
+    import torch
+    from torch.func import functional_call
+
+    from dpfl_app.tools.study.stacked import stacked_forward, stacked_layers
+
+    torch.manual_seed(1)
+    net = build_model(name)
+    copies = [{k: v + 0.05 * torch.randn_like(v) for k, v in net.state_dict().items()}
+              for _ in range(3)]
+    images = torch.randn(3, 4, *shape)  # each client its own batch
+    got = stacked_forward(stacked_layers(net), {k: torch.stack([c[k] for c in copies])
+                                                for k in copies[0]}, images)
+    for client, weights in enumerate(copies):
+        want = functional_call(net, weights, (images[client],))
+        assert torch.allclose(got[client], want, atol=1e-5), client
+
+
+def test_stacked_forward_falls_back_to_vmap_where_it_does_not_apply():
+    """A layer it does not know (lenet's GroupNorm), or leaves registered in another order
+    than the forward applies them: the trainer keeps vmap's forward, with the same result."""
+    import torch
+    from torch import nn
+
+    from dpfl_app.data.datasets import Tensors
+
+    class Reordered(nn.Module):  # registers the output layer first
+        def __init__(self):
+            super().__init__()
+            self.out = nn.Linear(8, 10)
+            self.hidden = nn.Linear(64, 8)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.hidden(torch.flatten(x, 1))))
+
+    assert CohortTrainer(build_model("lenet")).layers is None
+    torch.manual_seed(0)
+    data = [Tensors(torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))) for n in (3, 5)]
+    trainer = CohortTrainer(Reordered())
+    assert trainer.layers is not None  # known layers: only the check on real inputs tells
+    state = {k: v.clone() for k, v in Reordered().state_dict().items()}
+    batched = trainer.train(state, data, 1, 2, 0.1, 3)
+    assert trainer.layers is None
+    single = CohortTrainer(Reordered(), vectorised=False).train(state, data, 1, 2, 0.1, 3)
+    for key in state:
+        assert torch.allclose(batched[key], single[key], atol=1e-5), key

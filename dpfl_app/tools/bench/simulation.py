@@ -175,6 +175,8 @@ def _watch(out: Path, status, deadline: float, status_interval: float = 10.0) ->
             if mtime != last_mtime and (count := _rounds_done(run_dir)) > len(
                     found["round_written"]):
                 last_mtime = mtime
+                if mtime is None or mtime < max(found["round_written"] or [0]):
+                    mtime = time.time()  # the run ended: its files got the start time back
                 found["round_written"] += [mtime] * (count - len(found["round_written"]))
             if (run_dir / "privacy.md").exists():  # the ServerApp's last write
                 found["status"] = "completed"

@@ -3,6 +3,10 @@
     dpfl bench-study [--scales 1437:718,1000:100,100:10] [--rounds 10,50]
                      [--workload app|pfl-benchmark] [--repeats 3]
                      [--pfl-python pflvenv/bin/python] [--flwr-rounds 3]
+                     [--table /tmp/bench-study.md] [--benchmark-scale 100:5:50]
+
+`--table FILE` runs the whole performance table (bench_table.py) and writes it
+as Markdown.
 
 Equal work, stated and checked. For each scale (N users, m expected per round)
 and round count, both engines get the same workload: the users' data as the
@@ -225,9 +229,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="app: the README's digits MLP; pfl-benchmark: pfl-research's "
                              "image-classification benchmark's structure on digits")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each engine, alternated")
-    parser.add_argument("--flwr-rounds", type=int, default=0,
-                        help="rounds of one `flwr run` per scale (0: skip it); its steady "
-                             "round time over m is its cost per update")
+    parser.add_argument("--flwr-rounds", type=int, default=None,
+                        help="rounds of one `flwr run` per scale (0: skip it; default 3 "
+                             "with --table, else 0); its steady round time over m is its "
+                             "cost per update")
+    parser.add_argument("--table", type=Path, default=None,
+                        help="run the whole performance table (the app workload at every "
+                             "scale and round count, flwr run per scale, and the "
+                             "pfl-benchmark row) and write it as Markdown to this file, "
+                             "outside the checkout")
+    parser.add_argument("--benchmark-scale", default="100:5:50",
+                        help="N:m:rounds of the --table's pfl-benchmark row (0:0:0: skip it)")
     parser.add_argument("--pfl-python", default="",
                         help="python of an environment with pfl==0.6.0 (empty: skip pfl)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
@@ -236,11 +248,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--engine-run", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--population", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.flwr_rounds is None:
+        args.flwr_rounds = 3 if args.table else 0
     try:
         args.scales = [tuple(int(x) for x in pair.split(":")) for pair in args.scales.split(",")]
         args.rounds = [int(r) for r in args.rounds.split(",")]
+        args.benchmark_scale = tuple(int(x) for x in args.benchmark_scale.split(":"))
     except ValueError:
-        parser.error("--scales takes N:m pairs like 1437:718,100:10; --rounds integers like 10,50")
+        parser.error("--scales takes N:m pairs like 1437:718,100:10; --rounds integers like "
+                     "10,50; --benchmark-scale N:m:rounds like 100:5:50")
+    if len(args.benchmark_scale) != 3:
+        parser.error("--benchmark-scale takes N:m:rounds like 100:5:50 (0:0:0: skip it)")
     if any(len(s) != 2 or not 1 <= s[1] <= s[0] for s in args.scales) or args.repeats < 1:
         parser.error("--scales: each N:m needs 1 <= m <= N; --repeats >= 1")
     return args
@@ -251,47 +270,9 @@ def main(argv=None) -> int:
     if args.engine_run:  # a child: one engine measurement, as a JSON line
         print(json.dumps(engine_run(json.loads(args.engine_run.read_text()), args.population)))
         return 0
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    report = {"cores": os.cpu_count(), "load_average": os.getloadavg(), "results": [],
-              "flwr": []}
-    with tempfile.TemporaryDirectory(prefix="dpfl-bench-study-") as folder:
-        for population, clients in args.scales:
-            for rounds in args.rounds:
-                report["results"].append(measure(args, args.workload, population, clients,
-                                                 rounds, Path(folder)))
-                args.output.write_text(json.dumps(report, indent=2) + "\n")
-            if args.flwr_rounds:
-                cfg = run_config(args.workload, population, clients, args.flwr_rounds)
-                report["flwr"].append({"population": population, "clients": clients,
-                                       **flwr_cost(cfg, population, args.flwr_rounds,
-                                                   args.timeout)})
-    report["load_average_end"] = os.getloadavg()
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    if report["results"] and "side_by_side" in report["results"][0]:
-        print(report["results"][0]["side_by_side"] + "\n")
-    print(table(report))
-    return 0
+    from dpfl_app.tools.study.bench_table import run_table
 
-
-def table(report: dict) -> str:
-    flwr = {(f["population"], f["clients"]): f for f in report["flwr"]}
-    rows = [f"{report['cores']} cores; load average {report['load_average'][0]:.1f} at the start, "
-            f"{report['load_average_end'][0]:.1f} at the end; medians of alternated runs",
-            "| N, m, rounds | engine ms/update | pfl ms/update | pfl / engine | "
-            "CPU ms/update, engine / pfl | CPU pfl / engine | "
-            "flwr run ms/update | flwr / engine | load averages |",
-            "|:---|---:|---:|---:|---:|---:|---:|---:|:---|"]
-    for r in report["results"]:
-        ours, theirs = r["engine"], r.get("pfl")
-        f = flwr.get((r["population"], r["clients"]), {}).get("ms_per_client_update")
-        loads = " ".join(f"{x['load_average']:.1f}" for name in ("engine", "pfl")
-                         for x in r["runs"][name])
-        rows.append(f"| {r['population']}, {r['clients']}, {r['rounds']} | {ours:.3f} | "
-                    + (f"{theirs:.3f} | {theirs / ours:.1f}x | {r['engine_cpu']:.3f} / "
-                       f"{r['pfl_cpu']:.3f} | {r['cpu_ratio']:.1f}x | " if theirs else
-                       "- | - | - | - | ")
-                    + (f"{f:.2f} | {f / ours:.0f}x | " if f else "- | - | ") + f"{loads} |")
-    return "\n".join(rows)
+    return run_table(args, measure, flwr_cost, run_config)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ noise calibration (`choose_noise`) and strategy construction
 (`build_strategy`: the noise split, the `PrivacyLedger`, the seeded RNG), the
 strategy's cohort sampling (`strategy.sampling.SlotSampler`), the ClientApp's data
 (`node_data.client_data`) and loader seeds, the clip and norm bit of Flower's
-`adaptiveclipping_mod`, the server's clip and release (the strategy's own
-`mechanism_step`: dp-fedavg's `dp_fedavg_step`, or dp-ftrl's correlated noise) and the
-server's test-set evaluation (`task.test`). What is left out is what Flower
+`adaptiveclipping_mod`, the server's clip (`mechanism.clipped_sum`: `clip_to_norm`
+of the cohort as one matrix), the strategy's own `release` (dp-fedavg's
+`dp_fedavg_release`, or dp-ftrl's correlated noise) and the server's test-set
+evaluation (`task.test`). What is left out is what Flower
 adds: messages, the SuperLink, actors. With `deterministic-noise=true` it
 draws from the RNG in the strategy's order, so it samples the same cohorts and
 adds the same noise as the ServerApp with the same seed (nodes in partition
@@ -28,9 +29,10 @@ import numpy as np
 import torch
 
 from dpfl_app.config import client_settings, data_source, model_spec, validate
-from dpfl_app.data.datasets import Tensors, load_test_data, loader
+from dpfl_app.data.datasets import Tensors, load_test_data
 from dpfl_app.data.node_data import client_data
 from dpfl_app.privacy.accounting import AccountingModel, epsilon_after, max_rounds_within
+from dpfl_app.privacy.mechanism import clipped_sum
 from dpfl_app.privacy.record_report import record_fields
 from dpfl_app.server_app import build_strategy, choose_noise, choose_record_model
 from dpfl_app.tools.study.record_dp import CohortDpSgd, record_level_training
@@ -101,8 +103,12 @@ def mod_clip(local: torch.Tensor, global_flat: torch.Tensor,
 
 
 def evaluate(net, state: dict, sets: dict[str, Tensors]) -> dict[str, float]:
+    """`task.test` on the server's batches of 512, sliced from the tensors: the batches
+    `loader(data, 512, False)` yields, without its per-example indexing and collation."""
     net.load_state_dict(state)
-    return {f"{name}_accuracy": test(net, loader(data, 512, False), device="cpu")[1]
+    return {f"{name}_accuracy": test(net, [(data.images[i:i + 512], data.labels[i:i + 512])
+                                           for i in range(0, len(data.labels), 512)],
+                                     device="cpu")[1]
             for name, data in sets.items()}
 
 
@@ -232,11 +238,13 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
         if distributed is not None:  # the clients' shares under the modular sum
             new_model, unclipped_fraction, clip, survivors = distributed.step(
                 global_flat.numpy(), models, bits, clip, server_round)
-        else:  # dp_fedavg_step with the strategy's split and RNG (dp-ftrl: correlated noise)
-            (new_model,), unclipped_fraction, clip = strategy.mechanism_step(
-                [global_flat.numpy()], [[row] for row in models], bits, clip, m,
-                server_lr=cfg["server-lr"],
-                target_quantile=cfg["target-quantile"], clip_lr=cfg["clip-lr"])
+        else:
+            # The server's clip of every delta as one matrix operation, then the strategy's
+            # own release of the sum (its split, RNG, server step; dp-ftrl: correlated
+            # noise), as under secure aggregation: `dp_fedavg_step` with the cohort summed.
+            deltas = [[clipped_sum(models - global_flat.numpy(), clip)]] if cohort else []
+            (new_model,), unclipped_fraction, clip = strategy.release(
+                [global_flat.numpy()], deltas, sum(bits), len(bits), clip, m)
             ledger.compose_round()
         state = unflatten(new_model, state)
         stepped = time.perf_counter()

@@ -25,6 +25,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from dpfl_app.data.datasets import Tensors, loader
 from dpfl_app.task import MOMENTUM, train
+from dpfl_app.tools.study.stacked import matches, stacked_forward, stacked_layers
 
 # Models whose forward pass vmap supports (no data-dependent control flow or
 # in-place buffers); others are trained one client at a time with `task.train`.
@@ -62,6 +63,8 @@ class CohortTrainer:
         self.vectorised = vectorised
 
         self._logits = vmap(lambda params, images: functional_call(net, params, (images,)))
+        self.layers = stacked_layers(net) if vectorised else None  # None: vmap's forward
+        self._checked = False  # stacked_forward checked against the module on real inputs
 
     def warm_up(self, data: Tensors) -> None:
         """One throwaway step on one example: the process's first batched call imports
@@ -75,6 +78,10 @@ class CohortTrainer:
         """Each client's weights after local training, stacked along a first axis."""
         if not self.vectorised:
             return self._train_each(global_state, datasets, epochs, batch_size, lr, seed)
+        if not self._checked and self.layers is not None:
+            if not matches(self.net, self.layers, datasets[0].images[:3]):
+                self.layers = None  # the leaves are not applied in order: keep vmap's
+            self._checked = True
         sizes = sorted({len(d.labels) for d in datasets})
         orders = [batch_order(size, batch_size, epochs, seed) for size in sizes]
         if len(sizes) == 1:  # every client holds as many examples: one batch order
@@ -97,7 +104,8 @@ class CohortTrainer:
                   for k, v in global_state.items()}
         velocity = [torch.zeros_like(v) for v in params.values()]
         for x, y, weight, active in steps:
-            logits = self._logits(params, x)  # clients x batch x classes
+            logits = (self._logits(params, x) if self.layers is None  # clients x batch x classes
+                      else stacked_forward(self.layers, params, x))
             if weight is None:  # the sum over clients of each one's mean loss
                 loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(),
                                                    reduction="sum") / y.shape[1]
