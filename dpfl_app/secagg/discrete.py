@@ -51,18 +51,40 @@ def conditional_round(y: np.ndarray, norm_bound: float, rng: np.random.Generator
     Requires ||y|| <= norm_bound (else even rounding towards zero may not fit).
     """
     y = np.asarray(y, dtype=np.float64)
-    if float(np.linalg.norm(y)) > norm_bound:
-        raise ValueError(f"cannot round a vector of norm {np.linalg.norm(y)} under {norm_bound}")
+    return conditional_round_rows(y.reshape(1, -1), norm_bound, rng)[0]
+
+
+def conditional_round_rows(rows: np.ndarray, norm_bound: float,
+                           rng: np.random.Generator) -> np.ndarray:
+    """`conditional_round` of every row of a 2-d array (a cohort, in the study engine).
+
+    Each round of tries redraws only the rows that do not fit yet, so a row's
+    rounding is one of independent tries until the first that fits, as for a
+    single vector (one row draws exactly what `conditional_round` draws).
+    """
+    y = np.asarray(rows, dtype=np.float64)
+    too_long = np.linalg.norm(y, axis=1) > norm_bound
+    if too_long.any():
+        raise ValueError(f"cannot round a vector of norm {np.linalg.norm(y[too_long][0])} "
+                         f"under {norm_bound}")
     floor = np.floor(y)
     frac = y - floor
+    out = np.zeros(y.shape, dtype=np.int64)
+    pending = np.arange(len(y))
     for _ in range(MAX_TRIES):
-        q = (floor + (rng.random(y.size) < frac)).astype(np.int64)
-        if _fits(q, norm_bound):
-            return q
-    q = np.trunc(y).astype(np.int64)  # |trunc(y_j)| <= |y_j|: the norm cannot grow
-    if not _fits(q, norm_bound):  # only if ||y|| > bound by less than float error
-        raise ValueError(f"cannot round a vector of norm {np.linalg.norm(y)} under {norm_bound}")
-    return q
+        if not pending.size:
+            return out
+        q = (floor[pending] + (rng.random((pending.size, y.shape[1])) < frac[pending])
+             ).astype(np.int64)
+        fits = np.array([_fits(row, norm_bound) for row in q], dtype=bool)
+        out[pending[fits]] = q[fits]
+        pending = pending[~fits]
+    for row in pending:  # |trunc(y_j)| <= |y_j|: the norm cannot grow
+        out[row] = np.trunc(y[row]).astype(np.int64)
+        if not _fits(out[row], norm_bound):  # only if ||y|| > bound by less than float error
+            raise ValueError(f"cannot round a vector of norm {np.linalg.norm(y[row])} "
+                             f"under {norm_bound}")
+    return out
 
 
 def _check_bits(bits: int) -> None:

@@ -42,17 +42,19 @@ def signs(seed: bytes, round_number: int, dim: int) -> np.ndarray:
 
 
 def hadamard(x: np.ndarray) -> np.ndarray:
-    """The unnormalised fast Walsh-Hadamard transform H x of a power-of-2 length vector."""
+    """The unnormalised fast Walsh-Hadamard transform H x along the last axis, whose
+    length must be a power of 2 (a 2-d array: every row transformed at once)."""
     y = np.array(x, copy=True)
-    n = y.size
+    n = y.shape[-1] if y.ndim else 1
     if n & (n - 1):
         raise ValueError(f"Hadamard transform needs a power-of-2 length, got {n}")
+    lead = y.shape[:-1]
     h = 1
     while h < n:
-        blocks = y.reshape(-1, 2, h)
-        top, bottom = blocks[:, 0, :].copy(), blocks[:, 1, :]
-        blocks[:, 0, :] += bottom
-        blocks[:, 1, :] = top - bottom
+        blocks = y.reshape(*lead, -1, 2, h)
+        top, bottom = blocks[..., 0, :].copy(), blocks[..., 1, :]
+        blocks[..., 0, :] += bottom
+        blocks[..., 1, :] = top - bottom
         h *= 2
     return y
 
@@ -64,6 +66,33 @@ def rotate(x: np.ndarray, seed: bytes, round_number: int) -> np.ndarray:
     padded = np.zeros(size)
     padded[:flat.size] = flat
     return hadamard(padded * signs(seed, round_number, size)) / np.sqrt(size)
+
+
+def hadamard_rows(rows: np.ndarray) -> np.ndarray:
+    """H x for every row of a 2-d float array, as two small matrix products.
+
+    With d' = 2^(k1 + k2) and i = a 2^k2 + b, H[i, j] = H1[a, a'] H2[b, b'] (the
+    sign is (-1)^popcount(i & j), and the bits split), so H x is H1 X H2 for x
+    reshaped to X (2^k1 x 2^k2): a cohort's rotation in BLAS rather than in
+    log2(d') passes over memory. Equal to `hadamard` up to float summation order.
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    count, size = rows.shape
+    if size & (size - 1):
+        raise ValueError(f"Hadamard transform needs a power-of-2 length, got {size}")
+    low = 1 << ((size.bit_length() - 1) // 2)
+    high = size // low
+    h_high, h_low = hadamard(np.eye(high)), hadamard(np.eye(low))
+    return (h_high @ rows.reshape(count, high, low) @ h_low).reshape(count, size)
+
+
+def rotate_rows(rows: np.ndarray, seed: bytes, round_number: int) -> np.ndarray:
+    """`rotate` of every row of a 2-d array at once (a cohort's flat updates, one per row)."""
+    rows = np.asarray(rows, dtype=np.float64)
+    size = padded_dim(rows.shape[1])
+    padded = np.zeros((rows.shape[0], size))
+    padded[:, :rows.shape[1]] = rows
+    return hadamard_rows(padded * signs(seed, round_number, size)) / np.sqrt(size)
 
 
 def unrotate(y: np.ndarray, seed: bytes, round_number: int, dim: int) -> np.ndarray:

@@ -256,3 +256,24 @@ def test_state_dict_restores_the_same_epsilons():
     resumed.compose_round(20)  # whatever it held before is replaced
     resumed.load_state_dict(acc.state_dict())
     assert resumed.epsilons() == acc.epsilons() and resumed.survivors == [9, 12, 8]
+
+
+def test_calibrated_params_meet_the_target_at_the_threshold_and_fit_the_modulus():
+    """`calibrate_params`: epsilon <= target with t survivors every round, amplified; the
+    wrap-around bound holds at the most contributors; and 1% less noise misses the target."""
+    from dpfl_app.privacy.distributed import DistributedDpParams, log_wrap_probability, with_noise
+
+    template = DistributedDpParams(clip=1.0, dim=2410, scale=1.0, bits=16, share_variance=0.0,
+                                   count_share_variance=0.0, threshold=80)
+    params, z = accounting.calibrate_params(template, 4.0, 1e-5, 40, 5.0, 140, "poisson", 0.7)
+    assert params.noise_multiplier(80) == pytest.approx(z)
+
+    def epsilon(p):
+        accountant = accounting.DistributedAccountant(p, 1e-5, "poisson", 0.7)
+        for _ in range(40):
+            accountant.compose_round(80)
+        return accountant.epsilons()["with_sampling"]
+
+    assert 3.9 < epsilon(params) <= 4.0
+    assert epsilon(with_noise(params, z / 1.01, 5.0)) > 4.0
+    assert log_wrap_probability(params, 140) <= math.log(1e-9)

@@ -25,5 +25,9 @@ def test_noise_table_rows_meet_the_target_and_cost_at_least_central():
     assert sampled["inflation"] == pytest.approx(1.0, abs=1e-2)  # 20 bits: rounding is cheap
 
 
-def test_training_timer_runs_the_apps_train():
-    assert distributed_dp.time_training("digits-mlp", images=2, epochs=1, reps=1) > 0
+def test_overhead_times_the_apps_train_and_the_encoding_of_its_update():
+    r = distributed_dp.time_overhead("digits-mlp", images=2, epochs=1, bits=18, clients=40,
+                                     reps=1)
+    assert r["dim"] == 2410 and r["train"] > 0 and r["encode"] > 0
+    assert r["ratio"] == r["encode"] / r["train"]
+    assert r["bytes"] == (4096 + 1) * 18 // 8 + 1  # d' + 1 coordinates of 18 bits, packed

@@ -79,8 +79,20 @@ def time_stages(dim: int, bits: int, clients: int, reps: int) -> dict[str, float
     return result
 
 
-def time_training(model: str, images: int, epochs: int, batch_size: int = 32, reps: int = 5) -> float:
-    """Median seconds of `task.train` on `images` random 8x8 (digits) or 3x32x32 (lenet) images."""
+TRAINING_CASES = (("digits-mlp", 1, 1), ("digits-mlp", 180, 5), ("lenet", 600, 1))
+
+
+def time_overhead(model: str, images: int, epochs: int, bits: int, clients: int,
+                  reps: int = 5, batch_size: int = 32) -> dict[str, float]:
+    """The client's distributed-DP work against its training, interleaved rep by rep.
+
+    Each rep trains the app's model with `task.train` (the ClientApp's step, on
+    `images` random inputs of the dataset's shape) from the same start, then
+    encodes the real update it produced as a client of a round does: a Skellam
+    share from the CSPRNG and `discrete.encode` (clip, rotate, scale, round, add,
+    mod 2**b), at the scale and share a cohort of `clients` needs (threshold 0.8 m,
+    z = 6.3: the eps = 4 recipe's). Medians; `ratio` = encode / training.
+    """
     import torch  # pylint: disable=import-outside-toplevel
     from torch.utils.data import DataLoader, TensorDataset  # pylint: disable=import-outside-toplevel
 
@@ -89,13 +101,33 @@ def time_training(model: str, images: int, epochs: int, batch_size: int = 32, re
     shape = (1, 8, 8) if model.startswith("digits") else (3, 32, 32)
     data = TensorDataset(torch.randn(images, *shape), torch.randint(0, 10, (images,)))
     loader = DataLoader(data, batch_size=batch_size, shuffle=True)
-    seconds = []
+    net = task.build_model(model)
+    start = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    flat = lambda state: torch.cat([v.flatten() for v in state.values()]).double().numpy()  # noqa: E731
+    dim = flat(start).size
+    template = distributed.DistributedDpParams(clip=1.0, dim=dim, scale=1.0, bits=bits,
+                                               share_variance=0.0, count_share_variance=0.0,
+                                               threshold=max(1, int(0.8 * clients)))
+    params = distributed.choose_scale(template, 6.3, clients / 20, clients)
+    enc = discrete.Encoding(params.clip, params.scale, params.l2_sensitivity, bits, SEED, 1)
+    rng = np.random.default_rng(0)
+    train_s, encode_s = [], []
     for _ in range(reps):
-        net = task.build_model(model)
-        start = time.perf_counter()
+        net.load_state_dict(start)
+        t0 = time.perf_counter()
         task.train(net, loader, epochs, 0.05, device="cpu")
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+        t1 = time.perf_counter()
+        delta = flat(net.state_dict()) - flat(start)
+        t2 = time.perf_counter()
+        share = skellam.noise_share(params.padded_dim, params.share_variance)  # the CSPRNG
+        count = int(skellam.noise_share(1, params.count_share_variance)[0])
+        discrete.encode(delta, 1, enc, rng, share, count)
+        t3 = time.perf_counter()
+        train_s.append(t1 - t0)
+        encode_s.append(t3 - t2)
+    train, encode = statistics.median(train_s), statistics.median(encode_s)
+    return {"dim": dim, "train": train, "encode": encode, "ratio": encode / train,
+            "bytes": params.bytes_per_client}
 
 
 def noise_table(population, clients, rounds, delta, epsilon, fraction, bits_list, dim,
@@ -115,12 +147,9 @@ def noise_table(population, clients, rounds, delta, epsilon, fraction, bits_list
                                                    threshold=t)
         row = {"bits": bits, "t": t, "z_central_update": split.update_noise_multiplier}
         for name, rate in (("sampled", q), ("client", None)):
-            z = 1.0
-            for _ in range(3):  # the scale depends on z (noise fills the modulus), z on B/gamma C
-                params = distributed.choose_scale(template, z, split.count_stddev, clients)
-                z = accounting.calibrate_noise_multiplier(epsilon, delta, rounds, params,
-                                                          split.count_stddev, sampling, rate)
-            params = distributed.choose_scale(template, z, split.count_stddev, clients)
+            # the scale depends on z (noise fills the modulus), z on B / gamma C
+            params, z = accounting.calibrate_params(template, epsilon, delta, rounds,
+                                                    split.count_stddev, clients, sampling, rate)
             inflation = params.l2_sensitivity / (params.scale * params.clip)
             std_all = (clients * params.share_variance) ** 0.5 / params.scale
             row[name] = {"z_at_t": z, "scale": params.scale, "inflation": inflation,
@@ -142,8 +171,9 @@ def main(argv=None) -> None:
     parser.add_argument("--thresholds", default="0.5,0.8")
     parser.add_argument("--sampling", default="poisson,fixed")
     parser.add_argument("--train", action="store_true",
-                        help="also time the clients' training (torch): digits-mlp on 1 image, "
-                             "1 epoch (the recipes) and on 180 images, 5 epochs; lenet on 600, 1")
+                        help="also time the client's encoding against its training (torch), "
+                             "interleaved: digits-mlp on 1 image, 1 epoch (the recipes) and on "
+                             "180 images, 5 epochs; lenet on 600, 1")
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args(argv)
     print(f"load average {os.getloadavg()[0]:.2f} (1 min)")
@@ -156,9 +186,15 @@ def main(argv=None) -> None:
                   f"encode total {r['encode']*1e3:7.2f} ms  decode {r['decode']*1e3:7.2f} ms  "
                   f"upload {r['bytes']} B (float32: {4 * (dim + 1)} B, 64-bit SecAgg: {8 * (dim + 1)} B)")
     if args.train:
-        for model, images, epochs in (("digits-mlp", 1, 1), ("digits-mlp", 180, 5), ("lenet", 600, 1)):
-            print(f"  training {model}, {images} images, {epochs} epoch(s): "
-                  f"{time_training(model, images, epochs) * 1e3:.1f} ms")
+        print(f"client overhead: training (task.train) vs the DP encoding of its update "
+              f"(CSPRNG share + encode), interleaved, medians of {args.reps}, "
+              f"b={_ints(args.bits)[-1]}, m={args.clients}")
+        for model, images, epochs in TRAINING_CASES:
+            r = time_overhead(model, images, epochs, _ints(args.bits)[-1], args.clients,
+                              args.reps)
+            print(f"  {model} d={r['dim']}, {images} image(s) x {epochs} epoch(s): training "
+                  f"{r['train'] * 1e3:8.2f} ms, encoding {r['encode'] * 1e3:7.2f} ms = "
+                  f"{100 * r['ratio']:5.1f}% of training  (load {os.getloadavg()[0]:.2f})")
     print(f"part 2: noise for N={args.population}, m={args.clients}, T={args.rounds}, "
           f"delta={args.delta}, d={_ints(args.dims)[0]}")
     grid = itertools.product(args.sampling.split(","), _floats(args.epsilons),

@@ -37,6 +37,7 @@ from dpfl_app.privacy.record_report import record_fields
 from dpfl_app.server_app import build_strategy, choose_noise, choose_record_model
 from dpfl_app.tools.study.record_dp import CohortDpSgd, record_level_training
 from dpfl_app.task import build_model, test
+from dpfl_app.tools.study.client_noise import ClientNoise, ClientNoiseRound
 from dpfl_app.tools.study.vectorised import VECTORISED_MODELS, CohortTrainer
 
 ENGINE = "inprocess"
@@ -112,7 +113,8 @@ def evaluate(net, state: dict, sets: dict[str, Tensors]) -> dict[str, float]:
 
 
 def run_study(run_config: dict, population: int, holdout: str = "test",
-              on_round=None, *, report_every: int = 1) -> dict:
+              on_round=None, *, report_every: int = 1,
+              client_noise: ClientNoise | None = None) -> dict:
     """One run of `rounds` rounds over `population` clients; results.json's shape plus
     `engine`. `on_round(record)` is called after each round.
 
@@ -120,6 +122,10 @@ def run_study(run_config: dict, population: int, holdout: str = "test",
     k-th round and the last (1: every round, as a Flower run reports; 0: the last
     only, for a sweep's table or a benchmark). The rounds between carry their clip
     norms and timings only: nothing is computed that nobody reads.
+
+    `client_noise`: noise-at=clients (tools/study/client_noise.py): the clients'
+    rotation, rounding and Skellam shares under a modular sum, calibrated for the
+    threshold and accounted with the survivors' noise, instead of the server's noise.
     """
     if holdout not in HOLDOUTS:
         raise ValueError(f"holdout={holdout!r}; allowed: {', '.join(HOLDOUTS)}")
@@ -133,12 +139,29 @@ def run_study(run_config: dict, population: int, holdout: str = "test",
     if cfg.get("server-optimizer", "sgd") != "sgd":  # the engine runs dp_fedavg_step's step
         raise ValueError(f"server-optimizer={cfg['server-optimizer']!r}: the study engine "
                          "runs only 'sgd'")
+    if client_noise is not None and (cfg["mechanism"] != "dp-fedavg" or cfg["max-epsilon"] > 0):
+        raise ValueError("noise-at=clients: the study engine runs it with mechanism=dp-fedavg "
+                         "and max-epsilon=0 (the shares are calibrated for target-epsilon)")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: one thread is fastest on a shared machine
     try:
-        return _run(cfg, dict(run_config), population, holdout, on_round, report_every)
+        return _run(cfg, dict(run_config), population, holdout, on_round, report_every,
+                    client_noise)
     finally:
         torch.set_num_threads(threads)
+
+
+def count_noise_std(cfg: dict) -> float:
+    """sigma_b of the clients' count shares: `clipped-count-stddev`, or Andrew et al.'s m/20."""
+    stddev = cfg["clipped-count-stddev"]
+    return cfg["clients"] / 20 if stddev == "auto" else float(stddev)
+
+
+def distributed_final(distributed: ClientNoiseRound) -> dict:
+    """The final figures of a noise-at=clients run: its own accountant's, amplified."""
+    summary = distributed.summary()
+    return {"epsilon": summary["with_sampling"] if summary["rounds"] else 0.0,
+            "accountant": "skellam-rdp", "accounting": summary}
 
 
 def planned_rounds(cfg: dict, ledger) -> int:
@@ -157,20 +180,28 @@ def planned_rounds(cfg: dict, ledger) -> int:
 
 
 def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
-         report_every: int) -> dict:
+         report_every: int, client_noise: ClientNoise | None) -> dict:
     start = time.perf_counter()
-    noise = choose_noise(cfg, population)
+    # noise-at=clients calibrates its own shares (client_noise.calibrate): the strategy
+    # is built for its sampler and RNG only, with the configured `noise`.
+    noise = choose_noise(cfg, population) if client_noise is None else cfg["noise"]
     strategy = build_strategy(cfg, population, noise)  # split, ledger, RNG: the ServerApp's
     ledger, m = strategy.ledger, cfg["clients"]
     sampling_rng, sampler = strategy.sampling_rng, strategy.sampler  # cohorts, as the strategy
     # Accounting happens once, here: epsilon depends on the configuration and the
     # number of rounds only, both known now (the accountant's cache keeps the value).
-    planned = planned_rounds(cfg, ledger)
-    if isinstance(ledger.model, AccountingModel):  # dp-ftrl's ledger computes its own
-        epsilon_after(ledger.model, planned, ledger.headline)
     torch.manual_seed(cfg["seed"])  # the ServerApp's initial model
     net = build_model(*model_spec(cfg))
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    distributed = None  # noise-at=clients: its own calibration and accountant
+    if client_noise is not None:
+        distributed = ClientNoiseRound(cfg, population, flatten(state).numel(), client_noise,
+                                       count_noise_std(cfg), strategy.rng)
+        noise, planned = distributed.noise_multiplier, cfg["rounds"]
+    else:
+        planned = planned_rounds(cfg, ledger)
+        if isinstance(ledger.model, AccountingModel):  # dp-ftrl's ledger computes its own
+            epsilon_after(ledger.model, planned, ledger.headline)
     trainer = CohortTrainer(build_model(*model_spec(cfg)),
                             vectorised=model_spec(cfg)[0] in VECTORISED_MODELS)
     record_model = choose_record_model(cfg)  # None: record-level DP-SGD off
@@ -204,20 +235,25 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
                                       cfg["seed"] + 1000 * server_round)
             models, bits = mod_clip(flatten(local, stacked=True), global_flat, clip)
         trained = time.perf_counter()
-        # The server's clip of every delta as one matrix operation, then the strategy's
-        # own release of the sum (its split, RNG, server step; dp-ftrl: correlated noise),
-        # as under secure aggregation: `dp_fedavg_step` with the cohort summed first.
-        deltas = [[clipped_sum(models - global_flat.numpy(), clip)]] if cohort else []
-        (new_model,), unclipped_fraction, clip = strategy.release(
-            [global_flat.numpy()], deltas, sum(bits), len(bits), clip, m)
+        if distributed is not None:  # the clients' shares under the modular sum
+            new_model, unclipped_fraction, clip, survivors = distributed.step(
+                global_flat.numpy(), models, bits, clip, server_round)
+        else:
+            # The server's clip of every delta as one matrix operation, then the strategy's
+            # own release of the sum (its split, RNG, server step; dp-ftrl: correlated
+            # noise), as under secure aggregation: `dp_fedavg_step` with the cohort summed.
+            deltas = [[clipped_sum(models - global_flat.numpy(), clip)]] if cohort else []
+            (new_model,), unclipped_fraction, clip = strategy.release(
+                [global_flat.numpy()], deltas, sum(bits), len(bits), clip, m)
+            ledger.compose_round()
         state = unflatten(new_model, state)
         stepped = time.perf_counter()
-        ledger.compose_round()
         record = {"round": server_round, "clip_norm": round_clip, "next_clip_norm": clip,
                   "noisy_unclipped_fraction": unclipped_fraction}
         reported = server_round == planned or (report_every and server_round % report_every == 0)
         if reported:
-            record["epsilon"] = ledger.epsilon_if_secret()
+            record["epsilon"] = (distributed.accountant.epsilons()["with_sampling"]
+                                 if distributed else ledger.epsilon_if_secret())
             if record_model:
                 record.update(record_fields(record_model, ledger.rounds))
         accounted = time.perf_counter()
@@ -228,7 +264,8 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
         record.update(train_s=trained - began, dp_s=stepped - trained,
                       account_s=accounted - stepped, eval_s=end - accounted, round_s=end - began)
         records.append(record)
-        diagnostics.append({"round": server_round, "num_sampled": len(cohort)})
+        diagnostics.append({"round": server_round, "num_sampled": len(cohort),
+                            **({"survivors": survivors} if distributed else {})})
         if on_round:
             on_round(record)
     loop_end, loop_cpu = time.perf_counter(), time.process_time() - loop_cpu
@@ -241,6 +278,7 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
              "epsilon": ledger.epsilon_if_secret() if records else 0.0,
              "epsilon_meaning": "accounted for this configuration run with secret noise",
              "accountant": ledger.headline,
+             **(distributed_final(distributed) if distributed else {}),
              "delta": cfg["target-delta"], "stop_reason": stop_reason,
              **(record_fields(record_model, ledger.rounds) if record_model else {}),
              # Set-up (calibration, accounting, data, model, warm-up, the initial

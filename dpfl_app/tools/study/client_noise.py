@@ -1,0 +1,203 @@
+"""noise-at=clients in the study engine: the clients' discrete pipeline, over a whole cohort.
+
+What each surviving client does in the protocol (`secagg.discrete.encode`),
+done here for every row of the cohort's matrix at once: clip the update to
+C_t; rotate it (`rotation.rotate_rows`, the round's public seed); scale by
+gamma_t and round under the norm bound B (`discrete.conditional_round_rows`);
+add its Skellam share (`privacy.skellam.noise_share`); reduce mod 2**b. The
+unmasked sum is the modular sum of those residues; the server's `decode`
+(centred lift, unscale, inverse rotation) and the release with the fixed
+denominator m (`mechanism.dp_fedavg_release` with no server noise) follow.
+
+Two shortcuts, both exact in distribution and checked by
+tests/tools/test_study_client_noise.py: the n survivors' shares are drawn as
+one Skellam(n v) vector (Skellam is closed under sums), and the sum of the
+residues mod 2**b is taken as the residue of the integer sum (reduction mod
+2**b is a ring homomorphism). `shares="each"` draws every client's share, as
+the protocol does, for that test.
+
+The noise is calibrated, as the protocol's, for the threshold t: each share
+has variance v = (z B)^2 / t, where z meets `target-epsilon` with only t
+survivors every round (`distributed_accounting.calibrate_params`). A round
+with n >= t survivors carries n v, and is accounted with it
+(`DistributedAccountant.compose_round(n)`); a round with n < t survivors
+releases nothing. `remove_excess=True` simulates what Dordis (Jiang et al.,
+EuroSys 2024) achieves and the protocol does not implement: the survivors'
+excess noise removed, so every sum carries exactly t v, accounted as such.
+It measures what calibrating for the threshold costs in accuracy.
+
+Adaptive clipping: the grid is fixed in units of the clip, gamma_t = gamma / C_t,
+so B, the shares and the modulus stay the same every round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from dpfl_app.privacy import skellam
+from dpfl_app.privacy.distributed import DistributedDpParams
+from dpfl_app.privacy.distributed_accounting import DistributedAccountant, calibrate_params
+from dpfl_app.privacy.mechanism import NoiseSplit, dp_fedavg_release
+from dpfl_app.secagg import discrete, floors, rotation
+
+SHARES = ("sum", "each")
+CHUNK_ROWS = 32  # rows encoded together: 32 x 4096 float64 = 1 MiB per array
+NO_SERVER_NOISE = NoiseSplit(0.0, 0.0, 0.0, 0.0, False)
+
+
+@dataclass(frozen=True)
+class ClientNoise:
+    """The study's settings for noise-at=clients.
+
+    bits: b, the modulus 2**b; threshold: t as a fraction of the expected cohort
+    m (t = ceil(threshold * m)); survival: each cohort member survives to the
+    unmasking with this probability, independently of its data; remove_excess:
+    the Dordis-style ideal (module doc); shares: "sum" or "each" (module doc).
+    """
+
+    bits: int = 18
+    threshold: float = 0.8
+    survival: float = 1.0
+    remove_excess: bool = False
+    shares: str = "sum"
+
+    def __post_init__(self):
+        checks = [("bits", 2 <= self.bits <= 62), ("threshold", 0 < self.threshold <= 1),
+                  ("survival", 0 < self.survival <= 1), ("shares", self.shares in SHARES)]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"client noise: {name}={getattr(self, name)!r} is out of range")
+
+
+def round_seed(seed: int) -> bytes:
+    """The public rotation seed of a study run (the protocol's server announces one)."""
+    return hashlib.sha256(b"dpfl_app study rotation seed" + int(seed).to_bytes(8, "big")).digest()
+
+
+def calibrate(cfg: dict, population: int, dim: int, noise: ClientNoise,
+              count_noise_std: float) -> tuple[DistributedDpParams, float]:
+    """(params at clip 1, z at t): the shares that meet cfg's target-epsilon after `rounds`
+    with only t survivors a round, amplified by the server's sampling (q = m / N)."""
+    if cfg["target-epsilon"] <= 0:
+        raise ValueError("noise-at=clients in the study needs target-epsilon > 0 "
+                         "(the shares are calibrated for it)")
+    m = cfg["clients"]
+    t = max(1, math.ceil(noise.threshold * m))
+    template = DistributedDpParams(clip=1.0, dim=dim, scale=1.0, bits=noise.bits,
+                                   share_variance=0.0, count_share_variance=0.0, threshold=t)
+    # The wrap-around bound holds at the largest cohort a round can have.
+    most = floors.poisson_cohort_bound(m) if cfg["sampling"] == "poisson" else m
+    return calibrate_params(template, cfg["target-epsilon"], cfg["target-delta"], cfg["rounds"],
+                            count_noise_std, min(most, population), cfg["sampling"],
+                            m / population)
+
+
+def at_clip(params: DistributedDpParams, clip: float) -> DistributedDpParams:
+    """The round's params: clip C_t and gamma_t = gamma C / C_t (the same integer grid)."""
+    return replace(params, clip=clip, scale=params.scale * params.clip / clip)
+
+
+def encoding(params: DistributedDpParams, seed: bytes, server_round: int) -> discrete.Encoding:
+    return discrete.Encoding(params.clip, params.scale, params.l2_sensitivity, params.bits,
+                             seed, server_round)
+
+
+def integer_updates(deltas: np.ndarray, enc: discrete.Encoding,
+                    rng: np.random.Generator) -> np.ndarray:
+    """`discrete.integer_update` of every row: clip, rotate, scale, round under B (int64)."""
+    deltas = np.asarray(deltas)
+    out = np.empty((len(deltas), rotation.padded_dim(deltas.shape[1])), dtype=np.int64)
+    for start in range(0, len(deltas), CHUNK_ROWS):  # a chunk's arrays stay in cache
+        x = _clip_rows(deltas[start:start + CHUNK_ROWS].astype(np.float64), enc.clip)
+        y = enc.scale * rotation.rotate_rows(x, enc.seed, enc.round_number)
+        y = _clip_rows(y, enc.scale * enc.clip)  # the rotation's float error, ~1e-15
+        out[start:start + CHUNK_ROWS] = discrete.conditional_round_rows(y, enc.norm_bound, rng)
+    return out
+
+
+def _clip_rows(rows: np.ndarray, bound: float) -> np.ndarray:
+    norms = np.linalg.norm(rows, axis=1)
+    with np.errstate(divide="ignore"):
+        factor = np.where(norms > bound, bound / norms, 1.0)
+    return rows * factor[:, None]
+
+
+def _skellam(size: int, variance: float, rng: np.random.Generator) -> np.ndarray:
+    """Skellam of `variance` as a sum of draws the sampler takes (it is closed under sums):
+    n shares each within `skellam.MAX_POISSON_MEAN` may sum beyond it."""
+    parts = max(1, math.ceil(variance / (2 * skellam.MAX_POISSON_MEAN)))
+    return sum(skellam.noise_share(size, variance / parts, rng) for _ in range(parts))
+
+
+def noised_integer_sum(rounded: np.ndarray, bits_unclipped, params: DistributedDpParams,
+                       noise: ClientNoise, noise_rng: np.random.Generator,
+                       total_variance: float | None = None) -> np.ndarray:
+    """sum_i (q_i + N_i, c_i + n_i) over the survivors, as signed integers (int64, d' + 1).
+
+    Its residue mod 2**b is what the server unmasks (`discrete.to_residues`).
+    `total_variance` (per update coordinate) replaces n v for the excess-removal
+    ideal; the count's noise is scaled alike.
+    """
+    n = len(rounded)
+    counts = 2 * np.asarray(bits_unclipped, dtype=np.int64) - 1
+    if noise.shares == "each":  # every client's own share, as in the protocol
+        return sum(np.concatenate([
+            q + skellam.noise_share(q.size, params.share_variance, noise_rng),
+            [c + skellam.noise_share(1, params.count_share_variance, noise_rng)[0]]])
+            for q, c in zip(rounded, counts))
+    shares = n if total_variance is None else total_variance / params.share_variance
+    return np.concatenate([
+        rounded.sum(axis=0) + _skellam(rounded.shape[1], shares * params.share_variance,
+                                       noise_rng),
+        [counts.sum() + _skellam(1, shares * params.count_share_variance, noise_rng)[0]]])
+
+
+class ClientNoiseRound:
+    """Runs a study's rounds with noise-at=clients and accounts them (the engine's hook)."""
+
+    def __init__(self, cfg: dict, population: int, dim: int, noise: ClientNoise,
+                 count_noise_std: float, rng: np.random.Generator):
+        self.cfg, self.noise, self.dim, self.rng = cfg, noise, dim, rng
+        self.params, self.noise_multiplier = calibrate(cfg, population, dim, noise,
+                                                       count_noise_std)
+        self.accountant = DistributedAccountant(self.params, cfg["target-delta"],
+                                                cfg["sampling"], cfg["clients"] / population)
+        self.seed = round_seed(cfg["seed"])
+        self.withheld = 0  # rounds with fewer than t survivors: nothing released
+        self.wraps = 0  # coordinates of a released sum that left the modulus
+
+    def step(self, global_flat: np.ndarray, models: np.ndarray, bits: list[int], clip: float,
+             server_round: int) -> tuple[np.ndarray, float, float, int]:
+        """(new model, noised unclipped fraction, next clip, survivors) of one round."""
+        cfg, params = self.cfg, at_clip(self.params, clip)
+        alive = self.rng.random(len(models)) < self.noise.survival
+        survivors = int(alive.sum())
+        t = params.threshold
+        if survivors < t:  # the protocol releases no sum below the threshold
+            self.withheld += 1
+            return global_flat, math.nan, clip, survivors
+        enc = encoding(params, self.seed, server_round)
+        rounded = integer_updates(np.asarray(models, dtype=np.float64)[alive] - global_flat,
+                                  enc, self.rng)
+        total = t * params.share_variance if self.noise.remove_excess else None
+        signed = noised_integer_sum(rounded, np.asarray(bits)[alive], params, self.noise,
+                                    self.rng, total)
+        residues = discrete.to_residues(signed, params.bits)  # what the server unmasks
+        self.wraps += int(np.count_nonzero(discrete.centred(residues, params.bits) != signed))
+        noised, centred_count = discrete.decode(residues, enc, self.dim)
+        (new_model,), fraction, next_clip = dp_fedavg_release(
+            [global_flat], [[noised]], centred_count + survivors / 2, survivors, clip,
+            cfg["clients"], NO_SERVER_NOISE, self.rng, server_lr=cfg["server-lr"],
+            target_quantile=cfg["target-quantile"], clip_lr=cfg["clip-lr"])
+        self.accountant.compose_round(t if self.noise.remove_excess else survivors)
+        return new_model, fraction, next_clip, survivors
+
+    def summary(self) -> dict:
+        """results.json's accounting entry for the run, plus the study's own counts."""
+        return {**self.accountant.to_dict(), "noise_multiplier_at_threshold": self.noise_multiplier,
+                "remove_excess": self.noise.remove_excess, "survival": self.noise.survival,
+                "withheld_rounds": self.withheld, "wrapped_coordinates": self.wraps}

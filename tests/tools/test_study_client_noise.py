@@ -1,0 +1,205 @@
+"""noise-at=clients in the study engine, against the building blocks it batches.
+
+The cohort's rows go through the same pipeline as one client's
+`discrete.integer_update` / `encode`; the shortcuts (one Skellam(n v) draw, the
+residue of the integer sum) are exact; with zero noise the round equals the
+central round within the quantization bound; the accountant sees the survivors'
+noise, and the excess-removal ideal carries exactly t shares.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from dpfl_app.privacy import distributed, mechanism, skellam
+from dpfl_app.privacy.distributed_accounting import DistributedAccountant
+from dpfl_app.secagg import discrete, rotation
+from dpfl_app.tools.bench import default_run_config
+from dpfl_app.tools.study import client_noise as cn
+
+SEED = b"public round seed, 32 bytes long"
+CFG = {"target-epsilon": 4.0, "target-delta": 1e-5, "rounds": 40, "clients": 50,
+       "sampling": "poisson", "seed": 7, "server-lr": 2.0, "target-quantile": 0.5,
+       "clip-lr": 0.2}
+DIM = 300
+
+
+def _cohort(n, dim=DIM, seed=0):
+    rng = np.random.default_rng(seed)
+    global_flat = rng.normal(size=dim).astype(np.float32)
+    norms = rng.uniform(0.2, 3.0, size=(n, 1))  # some rows above the clip, some below
+    rows = rng.normal(size=(n, dim))
+    models = (global_flat + rows / np.linalg.norm(rows, axis=1, keepdims=True) * norms)
+    return global_flat, models.astype(np.float32), list(rng.integers(0, 2, n))
+
+
+def test_batched_hadamard_and_rotation_equal_the_single_vector_ones():
+    rng = np.random.default_rng(1)
+    for size in (1, 2, 8, 512, 2048):
+        x = rng.integers(-1000, 1000, size=(3, size)).astype(np.float64)
+        expected = np.stack([rotation.hadamard(row) for row in x])
+        assert np.array_equal(rotation.hadamard_rows(x), expected)  # integers: exact
+        assert np.array_equal(rotation.hadamard(x), expected)  # the butterfly, batched
+    x = rng.normal(size=(4, 2410))
+    np.testing.assert_allclose(rotation.rotate_rows(x, SEED, 3),
+                               np.stack([rotation.rotate(row, SEED, 3) for row in x]),
+                               rtol=0, atol=1e-12)
+
+
+def test_rows_rounding_keeps_the_bound_on_forced_worst_cases():
+    """Every row under B, and the fallback towards zero where the redraws cannot fit."""
+    dim, scaled_clip = 1024, 300.0
+    bound = distributed.rounded_l2_bound(scaled_clip, dim)
+    worst = np.full(dim, math.floor(scaled_clip / math.sqrt(dim))) + 0.01
+    worst *= scaled_clip / np.linalg.norm(worst)
+    rng = np.random.default_rng(2)
+    rows = np.vstack([worst, -worst] + [v * scaled_clip / np.linalg.norm(v)
+                                        for v in rng.normal(size=(6, dim))])
+
+    class AlwaysUp:
+        def random(self, size):
+            return np.zeros(size)
+
+    for gen in (rng, AlwaysUp()):
+        q = discrete.conditional_round_rows(rows, bound, gen)
+        assert all(int(np.sum(r.astype(object) ** 2)) <= math.floor(bound**2) for r in q)
+        assert np.all(np.abs(q - rows) < 1)
+    q = discrete.conditional_round_rows(rows[:1], bound, AlwaysUp())
+    assert np.array_equal(q[0], np.trunc(worst).astype(np.int64))  # the fallback was taken
+
+
+def test_integer_updates_equal_each_clients_integer_update():
+    """With the deterministic bound (beta = 0) the first try always fits, so the rows draw
+    the same uniforms as the clients one after another: the same integers."""
+    global_flat, models, _ = _cohort(20)
+    params = distributed.DistributedDpParams(clip=1.0, dim=DIM, scale=50.0, bits=20,
+                                             share_variance=0.0, count_share_variance=0.0,
+                                             threshold=10, beta=0.0)
+    enc = cn.encoding(params, SEED, 4)
+    deltas = models.astype(np.float64) - global_flat
+    batched = cn.integer_updates(deltas, enc, np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    single = np.stack([discrete.integer_update(d, enc, rng) for d in deltas])
+    assert np.abs(batched - single).max() <= 1
+    assert np.mean(batched != single) < 1e-3  # only float ties of the two rotations differ
+
+
+def test_shortcuts_equal_the_protocols_per_client_residues():
+    """shares="each": the modular sum of every client's encoded residues is the residue of
+    the integer sum; shares="sum": one Skellam(n v) draw has the summed shares' law."""
+    params = distributed.DistributedDpParams(clip=1.0, dim=DIM, scale=80.0, bits=16,
+                                             share_variance=40.0, count_share_variance=9.0,
+                                             threshold=5)
+    global_flat, models, bits = _cohort(8)
+    enc = cn.encoding(params, SEED, 2)
+    deltas = models.astype(np.float64) - global_flat
+    rounded = cn.integer_updates(deltas, enc, np.random.default_rng(4))
+    each = cn.ClientNoise(bits=16, shares="each")
+    signed = cn.noised_integer_sum(rounded, bits, params, each, np.random.default_rng(5))
+    rng = np.random.default_rng(5)  # the same shares, drawn in the same order
+    residues = []
+    for q, bit in zip(rounded, bits):
+        share = skellam.noise_share(q.size, params.share_variance, rng)
+        count = skellam.noise_share(1, params.count_share_variance, rng)[0]
+        residues.append(discrete.to_residues(np.concatenate([q + share, [2 * bit - 1 + count]]),
+                                             16))
+    assert np.array_equal(discrete.modular_sum(residues, 16), discrete.to_residues(signed, 16))
+    # The one-draw shortcut: the noise of the sum has variance n v (4096 x 40 draws).
+    zero = np.zeros((8, 4096), dtype=np.int64)
+    noise = np.concatenate([cn.noised_integer_sum(zero, [1] * 8, params, cn.ClientNoise(),
+                                                  np.random.default_rng(s))[:-1]
+                            for s in range(40)])
+    # variance of a sample variance of 163,840 draws: ~2 V^2 / n, so 2% is > 5 sd
+    assert np.var(noise) == pytest.approx(8 * params.share_variance, rel=0.02)
+
+
+def _round(noise, cfg=CFG, population=100, rng_seed=0):
+    # sigma_b = 10: the count's noise takes a small part of the budget (the engine passes
+    # the central split's, raised with z as the server does)
+    return cn.ClientNoiseRound(cfg, population, DIM, noise, 10.0, np.random.default_rng(rng_seed))
+
+
+def test_zero_noise_equals_the_central_round_within_the_quantization_bound():
+    """Clients' pipeline with no noise against `dp_fedavg_step` with no noise."""
+    engine = _round(cn.ClientNoise(bits=20, threshold=0.5))
+    engine.params = replace(engine.params, share_variance=0.0, count_share_variance=0.0)
+    global_flat, models, bits = _cohort(40)
+    clip = 0.7
+    new, fraction, next_clip, survivors = engine.step(global_flat, models, bits, clip, 1)
+    (central,), c_fraction, c_next = mechanism.dp_fedavg_step(
+        [global_flat], [[row] for row in models], bits, clip, CFG["clients"],
+        mechanism.split_noise(0.0, CFG["clients"]), np.random.default_rng(0),
+        server_lr=CFG["server-lr"], target_quantile=CFG["target-quantile"],
+        clip_lr=CFG["clip-lr"])
+    assert survivors == 40
+    assert (fraction, next_clip) == (c_fraction, c_next)  # the count is exact without noise
+    params = cn.at_clip(engine.params, clip)
+    # each client's rounding moves each of d' coordinates by < 1 grid step of 1/gamma_t
+    bound = CFG["server-lr"] / CFG["clients"] * 40 * math.sqrt(params.padded_dim) / params.scale
+    step = np.linalg.norm(central.astype(np.float64) - global_flat)
+    error = np.linalg.norm(new.astype(np.float64) - central)
+    assert error <= bound
+    assert error < 0.05 * step  # and far below the step itself: nothing lost on the way
+    assert engine.wraps == 0
+
+
+def test_the_accountant_sees_the_survivors_and_nothing_below_the_threshold():
+    engine = _round(cn.ClientNoise(bits=18, threshold=0.8, survival=0.8), rng_seed=3)
+    global_flat, models, bits = _cohort(50)
+    survivors, released = [], []
+    model = global_flat
+    for server_round in range(1, 11):
+        new, _, _, n = engine.step(model, models, bits, 0.5, server_round)
+        survivors.append(n)
+        if n >= engine.params.threshold:
+            released.append(n)
+            assert not np.array_equal(new, model)
+        else:  # withheld: nothing released, the model unchanged
+            assert np.array_equal(new, model)
+        model = new
+    assert engine.accountant.survivors == released
+    assert engine.withheld == len(survivors) - len(released) > 0  # the draw hit both cases
+    reference = DistributedAccountant(engine.params, CFG["target-delta"], "poisson",
+                                      CFG["clients"] / 100)
+    for n in released:
+        reference.compose_round(n)
+    assert engine.summary()["with_sampling"] == reference.epsilons()["with_sampling"]
+    assert engine.summary()["noise_at"] == "clients"
+
+
+@pytest.mark.parametrize("remove_excess", [False, True])
+def test_a_sum_carries_the_survivors_noise_or_the_thresholds_with_excess_removed(remove_excess):
+    engine = _round(cn.ClientNoise(bits=24, threshold=0.5, remove_excess=remove_excess))
+    t, n = engine.params.threshold, 40
+    global_flat = np.zeros(DIM, dtype=np.float32)
+    models = np.zeros((n, DIM), dtype=np.float32)  # zero updates: the release is the noise
+    draws = []
+    for server_round in range(1, 21):
+        new, _, _, _ = engine.step(global_flat, models, [1] * n, 1.0, server_round)
+        draws.append(np.asarray(new, dtype=np.float64))
+    shares = t if remove_excess else n
+    # the noise per model coordinate: sqrt(shares v) / gamma, over m, times the server lr
+    expected = CFG["server-lr"] / CFG["clients"] * math.sqrt(
+        shares * engine.params.share_variance) / engine.params.scale
+    assert np.std(np.concatenate(draws)) == pytest.approx(expected, rel=0.05)  # 6,000 draws
+    assert engine.accountant.survivors == [shares] * 20
+
+
+def test_the_engine_runs_client_noise_and_reports_its_accounting():
+    from dpfl_app.tools.study.engine import run_study
+
+    config = default_run_config(**{"rounds": 3, "clients": 20, "target-epsilon": 8.0,
+                                   "lr": 0.05, "deterministic-noise": True})
+    study = run_study(config, 30, client_noise=cn.ClientNoise(bits=18, threshold=0.8))
+    accounting = study["final"]["accounting"]
+    assert accounting["noise_at"] == "clients"
+    assert accounting["params"]["threshold"] == 16 and accounting["params"]["bits"] == 18
+    survivors = [d["survivors"] for d in study["diagnostics"]]
+    assert accounting["survivors"] == [s for s in survivors if s >= 16]
+    assert 0 < study["final"]["epsilon"] <= 8.0
+    assert study["final"]["epsilon"] == accounting["with_sampling"]
+    assert accounting["client_bound"] >= accounting["without_sampling"] > 0
