@@ -66,7 +66,7 @@ def make_strategy(noise: float = 0.0, m: int = 4, population: int = 10, *,
     split = mechanism.split_noise(noise, m, count_stddev)
     ledger = PrivacyLedger(AccountingModel(sampling, noise, population, m, 1e-5))
     fedavg = FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1,
-                    fraction_evaluate=0.0)  # as server_app.build_strategy
+                    fraction_evaluate=0.0)  # as strategy.build.build_strategy
     noise_rng, sampling_rng = np.random.SeedSequence(seed).spawn(2)
     return DPFedAvgAdaptive(fedavg, split, m, ledger, np.random.default_rng(noise_rng),
                             sampling_rng=np.random.default_rng(sampling_rng),

@@ -120,7 +120,7 @@ def test_flower_traceback_for_an_input_error_is_dropped_but_kept_for_bugs():
 def test_too_small_simulation_fails_at_once_with_the_command_to_type():
     from flwr.superlink.grid import InMemoryGrid
 
-    from dpfl_app.server_app import is_simulation, simulation_population
+    from dpfl_app.strategy.population import is_simulation, simulation_population
     from dpfl_app.strategy.dp_fedavg import NotEnoughNodes
 
     class TwoNodeSimulation(InMemoryGrid):  # Flower's default local federation

@@ -73,7 +73,7 @@ def test_shared_files_and_the_log_carry_no_exact_counts(tmp_path, caplog):
 
 def test_a_deployment_without_population_says_its_node_count_is_released_and_not_covered():
     """population=0 outside a simulation: N is an exact, published count of nodes."""
-    from dpfl_app.server_app import population_assumption
+    from dpfl_app.strategy.population import population_assumption
 
     cfg = default_run_config(population=0)
     deployed = population_assumption(cfg, 10, simulation=False)

@@ -53,7 +53,7 @@ def test_deterministic_noise_is_announced_and_the_node_treats_it_as_no_guarantee
     """deterministic-noise=true: the noise is reproducible from the seed, epsilon = inf.
     The old announcement omitted it, and a node with max-epsilon=10 accepted (8.38)."""
     from dpfl_app.config import validate
-    from dpfl_app.server_app import build_strategy
+    from dpfl_app.strategy.build import build_strategy
     from tests.inprocess import default_run_config
 
     cfg = validate(default_run_config(**{"deterministic-noise": True, "population": 10,

@@ -152,7 +152,7 @@ def test_plan_cli_ratio_example_text_and_json(capsys):
 
 @pytest.mark.parametrize("sampling,headline", [("poisson", "pld"), ("fixed", "rdp")])
 def test_plan_defaults_to_the_accountant_of_the_runs_headline(capsys, sampling, headline):
-    from dpfl_app.server_app import choose_noise
+    from dpfl_app.strategy.build import choose_noise
 
     assert main(["plan", "-N", "10", "-T", "5", "--delta", "1e-5", "--target-epsilon", "8",
                  "--clients", "6", "--sampling", sampling, "--json"]) == 0

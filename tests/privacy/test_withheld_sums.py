@@ -19,7 +19,7 @@ from dp_accounting.pld import PLDAccountant
 from dpfl_app.client import policy as client_policy
 from dpfl_app.config import validate
 from dpfl_app.privacy.accounting import AccountingModel, epsilon_after, withheld_sum_bound
-from dpfl_app.server_app import build_strategy
+from dpfl_app.strategy.build import build_strategy
 from tests.inprocess import default_run_config
 
 DELTA = 1e-5

@@ -140,7 +140,7 @@ def test_ftrl_bands_sets_the_factorization_its_noise_and_its_announcement(bands)
     without amplification, k = ceil(T/b) participations); 0 lets the error choose (2 here)."""
     from dpfl_app.config import validate
     from dpfl_app.privacy import ftrl_accounting as fa
-    from dpfl_app.server_app import build_strategy, choose_noise
+    from dpfl_app.strategy.build import build_strategy, choose_noise
 
     cfg = validate(default_run_config(**{**FTRL, "rounds": 10, "target-epsilon": 4.0,
                                          "ftrl-bands": bands}))

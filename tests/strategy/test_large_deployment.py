@@ -88,7 +88,7 @@ def test_clients_are_told_the_real_runs_epsilon_not_the_simulated_one():
     """A real cohort of 5 of 10 simulating 1,000 of 100,000 (z = 1, 100 rounds): each
     real client gets noise multiplier z * 5/1000. The old announcement said 0.72."""
     from dpfl_app.client import policy as client_policy
-    from dpfl_app.server_app import build_strategy
+    from dpfl_app.strategy.build import build_strategy
 
     cfg = validate(default_run_config(**{"clients": 5, "noise": 1.0, "rounds": 100,
                                          **SIMULATED}))

@@ -45,7 +45,7 @@ def test_the_default_sgd_server_never_imports_torch_dynamo():
     whose first call imports torch._dynamo: seconds at the start of every run."""
     out = run_python("""
         import sys
-        from dpfl_app.server_app import build_strategy
+        from dpfl_app.strategy.build import build_strategy
         from tests.inprocess import default_run_config
         from dpfl_app.config import validate
         for name in ("sgd", "momentum"):

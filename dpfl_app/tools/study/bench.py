@@ -73,7 +73,7 @@ def run_config(workload: str, population: int, clients: int, rounds: int) -> dic
     """The engine's run-config: the workload's keys, its noise calibrated once here."""
     from dpfl_app.config import validate
     from dpfl_app.privacy.mechanism import split_noise
-    from dpfl_app.server_app import choose_noise
+    from dpfl_app.strategy.build import choose_noise
 
     cfg = default_run_config(**WORKLOADS[workload], clients=clients, rounds=rounds,
                              **{"deterministic-noise": True})

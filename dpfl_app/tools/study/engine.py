@@ -1,6 +1,6 @@
 """The study engine: the app's DP-FedAvg rounds in one process, cohorts trained in one batch.
 
-What runs is the app's own code: the run-config validation, `server_app`'s
+What runs is the app's own code: the run-config validation, `strategy.build`'s
 noise calibration (`choose_noise`) and strategy construction
 (`build_strategy`: the noise split, the `PrivacyLedger`, the seeded RNG), the
 strategy's cohort sampling (`strategy.sampling.SlotSampler`), the ClientApp's data
@@ -34,7 +34,7 @@ from dpfl_app.data.node_data import client_data
 from dpfl_app.privacy.accounting import AccountingModel, epsilon_after, max_rounds_within
 from dpfl_app.privacy.mechanism import clipped_sum
 from dpfl_app.privacy.record_report import record_fields
-from dpfl_app.server_app import build_strategy, choose_noise, choose_record_model
+from dpfl_app.strategy.build import build_strategy, choose_noise, choose_record_model
 from dpfl_app.tools.study.record_dp import CohortDpSgd, record_level_training
 from dpfl_app.task import build_model, test
 from dpfl_app.tools.study.client_noise import ClientNoise, ClientNoiseRound
