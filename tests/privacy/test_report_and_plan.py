@@ -72,12 +72,15 @@ def test_the_recipe_hint_gives_a_command_that_names_a_real_recipe_and_federation
 
     from dpfl_app.privacy.report import RECIPES_HINT
 
-    command = re.search(r"`(flwr run [^`]*)`", RECIPES_HINT).group(1)
-    assert "<" not in command, command
-    connection, recipe = re.fullmatch(r"flwr run \. (\S+) --run-config (\S+)", command).groups()
-    assert (ROOT / recipe).is_file(), recipe
+    commands = re.findall(r"`(flwr run [^`]*)`", RECIPES_HINT)
+    assert len(commands) == 2  # user-level (1,437 users) and record-level (10 sites)
     connections = tomllib.loads((ROOT / ".flwr" / "config.toml").read_text())["superlink"]
-    assert connection in connections, connection
+    for command in commands:
+        assert "<" not in command, command
+        connection, recipe = re.fullmatch(r"flwr run \. (\S+) --run-config (\S+)",
+                                          command).groups()
+        assert (ROOT / recipe).is_file(), recipe
+        assert connection in connections, connection
     assert re.search(r"\d+-\d+ min", RECIPES_HINT)  # how long a recipe takes
 
 
