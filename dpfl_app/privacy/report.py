@@ -18,7 +18,7 @@ RECIPES_HINT = ("To train privately, start from a recipe instead: the run-config
                 "`recipes/` reach ε = 1, 2, 4 or 8 on digits with 1,437 simulated users "
                 "(docs/recipes.md), e.g. "
                 "`flwr run . digits-1437 --run-config recipes/digits-eps2.toml`; "
-                "each takes 19-25 min on 2 CPU cores. With a few sites, such as these 10, "
+                "each takes 19-25 min on 2 CPU cores. With few sites (10 to 50), "
                 "protect each person's record at every site instead (docs/record-level.md): "
                 "`flwr run . digits-10 --run-config recipes/digits-record-eps4.toml` "
                 "(record-level ε = 4; about 4 min).")
