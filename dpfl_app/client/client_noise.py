@@ -42,9 +42,7 @@ def encode(config: dict, delta: np.ndarray, unclipped: int, clip: float,
     seed = config.get(ROTATION_SEED)
     if not isinstance(seed, bytes) or len(seed) < 16:
         raise ValueError("the server sent no rotation seed of at least 16 bytes")
-    enc = discrete.Encoding(clip=clip, scale=params.scale * params.clip / clip,
-                            norm_bound=params.l2_sensitivity, bits=params.bits, seed=seed,
-                            round_number=round_number)
+    enc = discrete.round_encoding(params, clip, seed, round_number)
     noise = skellam.noise_share(params.padded_dim, params.share_variance)
     count_noise = int(skellam.noise_share(1, params.count_share_variance)[0])
     residues = discrete.encode(delta, unclipped, enc, np.random.default_rng(), noise,

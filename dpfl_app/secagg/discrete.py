@@ -125,6 +125,15 @@ class Encoding(NamedTuple):
     round_number: int
 
 
+def round_encoding(params, clip: float, seed: bytes, round_number: int) -> Encoding:
+    """A round's encoding from the announced params (`privacy.distributed.DistributedDpParams`)
+    and the round's clip C_t: scale gamma C / C_t keeps the integer grid, and with it the
+    bound B, the same whatever C_t adaptive clipping reaches."""
+    return Encoding(clip=clip, scale=params.scale * params.clip / clip,
+                    norm_bound=params.l2_sensitivity, bits=params.bits, seed=seed,
+                    round_number=round_number)
+
+
 def integer_update(delta: np.ndarray, enc: Encoding, rng: np.random.Generator) -> np.ndarray:
     """Steps 1-3: clip to C, rotate, scale by gamma, round under B (int64, length d')."""
     x = np.asarray(delta, dtype=np.float64).ravel()

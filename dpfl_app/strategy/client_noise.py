@@ -62,10 +62,8 @@ class ClientNoiseDPFedAvg(SecureDPFedAvgAdaptive):
 
     def encoding(self, clip: float) -> discrete.Encoding:
         """This round's encoding: scale gamma C / C_t, so the integer grid does not move."""
-        p = self.client_noise
-        return discrete.Encoding(clip=clip, scale=p.scale * p.clip / clip,
-                                 norm_bound=p.l2_sensitivity, bits=p.bits, seed=self._seed,
-                                 round_number=self._round.round_id if self._round else 0)
+        return discrete.round_encoding(self.client_noise, clip, self._seed,
+                                       self._round.round_id if self._round else 0)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid):

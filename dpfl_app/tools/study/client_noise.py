@@ -102,8 +102,7 @@ def at_clip(params: DistributedDpParams, clip: float) -> DistributedDpParams:
 
 
 def encoding(params: DistributedDpParams, seed: bytes, server_round: int) -> discrete.Encoding:
-    return discrete.Encoding(params.clip, params.scale, params.l2_sensitivity, params.bits,
-                             seed, server_round)
+    return discrete.round_encoding(params, params.clip, seed, server_round)
 
 
 def integer_updates(deltas: np.ndarray, enc: discrete.Encoding,
