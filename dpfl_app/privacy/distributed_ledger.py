@@ -60,31 +60,86 @@ def plan(noise: float, count_stddev: float | None, dim: int, bits: int, threshol
     return ClientNoisePlan(params, split, contributors)
 
 
+def planned_epsilon(trial: ClientNoisePlan, rounds: int, delta: float, sampling: str,
+                    sampling_probability: float | None) -> float:
+    """epsilon after `rounds` rounds of t survivors each: amplified by the server's sampling
+    at `sampling_probability`, or (None) without amplification (a client's own bound)."""
+    p = trial.params
+    rdp = dacc.round_rdp(p, p.threshold, dacc.ADJACENCY[sampling])
+    if sampling_probability is not None:
+        rdp = dacc.amplified_rdp(rdp, sampling, sampling_probability)
+    return dacc.epsilon_from_rdp(rounds * rdp, delta)
+
+
+CALIBRATION_RANGE = (1e-3, 1e4)  # combined z searched
+
+
 def calibrate(target_epsilon: float, delta: float, rounds: int, sampling: str,
-              sampling_probability: float, count_stddev: float | None, dim: int, bits: int,
-              threshold: int, clients_per_round: int, contributors: int) -> ClientNoisePlan:
-    """The smallest combined z (1e-4 relative) whose amplified epsilon at t survivors in
-    every round meets the target, with the scale chosen for that z."""
+              sampling_probability: float | None, count_stddev: float | None, dim: int,
+              bits: int, threshold: int, clients_per_round: int,
+              contributors: int) -> ClientNoisePlan:
+    """The smallest combined z (1e-4 relative) whose epsilon at t survivors in every round
+    meets the target (`planned_epsilon`), with the scale chosen for that z (`plan`).
 
-    def epsilon(z: float) -> tuple[float, ClientNoisePlan]:
-        trial = plan(z, count_stddev, dim, bits, threshold, clients_per_round, contributors)
-        rdp = dacc.amplified_rdp(dacc.round_rdp(trial.params, threshold, dacc.ADJACENCY[sampling]),
-                                 sampling, sampling_probability)
-        return dacc.epsilon_from_rdp(rounds * rdp, delta), trial
+    epsilon falls as z grows, and a larger z needs a smaller scale to stay in the
+    modulus; past some z no scale fits (`choose_scale` raises). So bracket upwards
+    from z = 1 by doubling until the target holds, then bisect; every plan returned
+    was built, and its epsilon computed, with exactly the z it carries.
+    """
+    common = (count_stddev, dim, bits, threshold, clients_per_round, contributors)
 
-    lo, hi = 1e-3, 1e3
-    best_eps, best = epsilon(hi)
-    if best_eps > target_epsilon:
-        raise ValueError(f"noise-at=clients: no noise multiplier up to {hi} reaches "
-                         f"target-epsilon={target_epsilon}")
+    def meets(z: float) -> ClientNoisePlan | None:
+        trial = plan(z, *common)
+        eps = planned_epsilon(trial, rounds, delta, sampling, sampling_probability)
+        return trial if eps <= target_epsilon else None
+
+    lo, hi = CALIBRATION_RANGE
+    z, best = 1.0, None
+    while best is None:
+        if z > hi:
+            raise ValueError(f"noise-at=clients: no noise multiplier up to {hi:g} reaches "
+                             f"target-epsilon={target_epsilon}")
+        try:
+            best = meets(z)
+        except ValueError as error:  # no scale fits this much noise in 2**bits
+            raise ValueError(f"noise-at=clients: target-epsilon={target_epsilon} needs a noise "
+                             f"multiplier above {z / 2:.4g}, which {bits} bits cannot hold: "
+                             f"raise noise-bits ({error})") from None
+        if best is None:
+            lo, z = z, 2 * z
+    hi = z  # lo: the last z that missed the target (or the range's floor)
     while hi / lo > 1 + 1e-4:
         mid = math.sqrt(lo * hi)
-        eps, trial = epsilon(mid)
-        if eps <= target_epsilon:
+        trial = meets(mid)
+        if trial is not None:
             hi, best = mid, trial
         else:
             lo = mid
     return best
+
+
+def run_plan(cfg: dict, population: int, dim: int, contributors: int,
+             noise: float | None = None) -> ClientNoisePlan:
+    """A run's shares from its validated run config: the one calibration that the server
+    (`strategy.client_noise.plan_for`), and through it the clients' announcement and the
+    study engine, use.
+
+    `noise` given: the shares for that combined z; None: calibrated to `target-epsilon`
+    with t = `noise_threshold(noise-threshold, m)` survivors every round, amplified by
+    the server's sampling at q = m / N (the headline figure). The count's sigma_b is
+    `clipped-count-stddev`, or ("auto") Andrew et al.'s m/20, raised with z as
+    `mechanism.split_noise` does. `contributors`: the most clients whose inputs can
+    share a round's sum (the wrap-around bound holds there).
+    """
+    m = cfg["clients"]
+    stddev = cfg["clipped-count-stddev"]
+    common = {"count_stddev": None if stddev == "auto" else float(stddev), "dim": dim,
+              "bits": cfg["noise-bits"], "threshold": noise_threshold(cfg["noise-threshold"], m),
+              "clients_per_round": m, "contributors": contributors}
+    if noise is not None:
+        return plan(noise, **common)
+    return calibrate(cfg["target-epsilon"], cfg["target-delta"], cfg["rounds"], cfg["sampling"],
+                     m / population, **common)
 
 
 class DistributedLedger(PrivacyLedger):

@@ -134,22 +134,17 @@ def model_dim(cfg: dict) -> int:
     return sum(int(v.numel()) for v in build_model(*model_spec(cfg)).state_dict().values())
 
 
-def plan_for(cfg: dict, population: int, noise: float | None = None) -> ClientNoisePlan:
-    """The run's shares: for `noise`, or (None) calibrated to `target-epsilon` with t
-    survivors every round and the server's sampling (the headline figure)."""
+def most_contributors(cfg: dict, population: int) -> int:
+    """The most inputs a round's sum can hold: m (fixed), or the Poisson cohort's 1e-9 bound."""
     m = cfg["clients"]
-    threshold = distributed_ledger.noise_threshold(cfg["noise-threshold"], m)
-    # The most inputs a sum can hold: the cohort (Poisson: above this with prob. < 1e-9).
-    contributors = m if cfg["sampling"] == "fixed" else min(population,
-                                                             floors.poisson_cohort_bound(m))
-    stddev = cfg["clipped-count-stddev"]
-    common = {"count_stddev": None if stddev == "auto" else float(stddev), "dim": model_dim(cfg),
-              "bits": cfg["noise-bits"], "threshold": threshold, "clients_per_round": m,
-              "contributors": contributors}
-    if noise is not None:
-        return distributed_ledger.plan(noise, **common)
-    return distributed_ledger.calibrate(cfg["target-epsilon"], cfg["target-delta"],
-                                        cfg["rounds"], cfg["sampling"], m / population, **common)
+    return m if cfg["sampling"] == "fixed" else min(population, floors.poisson_cohort_bound(m))
+
+
+def plan_for(cfg: dict, population: int, noise: float | None = None) -> ClientNoisePlan:
+    """The run's shares (`distributed_ledger.run_plan`, the one calibration): for `noise`,
+    or (None) calibrated to `target-epsilon` with t survivors every round."""
+    return distributed_ledger.run_plan(cfg, population, model_dim(cfg),
+                                       most_contributors(cfg, population), noise)
 
 
 def client_noise_ledger(cfg: dict, model) -> distributed_ledger.DistributedLedger:
