@@ -92,8 +92,14 @@ class ClientNoiseDPFedAvg(SecureDPFedAvgAdaptive):
     def decode(self, total: np.ndarray, clip: float, dim: int, survivors: int):
         """The centred lift of the sum modulo 2**b, unscaled and rotated back; the noised
         count of unclipped updates as sum(b_i - 1/2) + n/2 (the release subtracts n/2)."""
-        residues = total & np.uint64(2**self.client_noise.bits - 1)
+        bits = self.client_noise.bits
+        residues = total & np.uint64(2**bits - 1)
         flat, centred_count = discrete.decode(residues, self.encoding(clip), dim)
+        # Operator only: how much of the modulus the noised sum used (near 1: wrap-around
+        # likely), and what the decode produced.
+        self._round_diagnostics["client_noise"] = {
+            "largest_centred": int(np.abs(discrete.centred(residues, bits)).max()),
+            "half_modulus": 2 ** (bits - 1), "decoded_values": int(flat.size)}
         return flat, centred_count + survivors / 2
 
     def release(self, global_nd: list[np.ndarray], deltas: list, unclipped, count: int,

@@ -92,6 +92,10 @@ def test_rounds_are_accounted_with_the_survivors_noise_down_to_the_threshold(tmp
         assert key in acc
     (diag,) = read_diagnostics(run_dir)
     assert diag["secure_aggregation"]["sum_released"] and diag["num_replies"] == 8
+    # the decode gave the model's d values; the noised sum's largest value, against 2^(b-1)
+    used = diag["client_noise"]
+    assert used["decoded_values"] == params.dim
+    assert used["half_modulus"] == 2 ** (params.bits - 1) and 0 < used["largest_centred"]
 
     report = (run_dir / "privacy.md").read_text()  # both figures, and the clients' bound
     assert "trusting the server's sampling" in report and "Without trusting" in report
