@@ -250,3 +250,19 @@ def test_study_options_need_client_noise_in_the_run_config():
     config = default_run_config(**{"rounds": 1, "clients": 20})
     with pytest.raises(ValueError, match="noise-at='clients'"):
         run_study(config, 30, client_noise=cn.ClientNoiseOptions(survival=0.9))
+
+
+def test_the_sweeps_study_engine_runs_client_noise_from_its_run_config(tmp_path):
+    """`dpfl sweep --engine inprocess --run-config "secure-aggregation=true noise-at='clients'"`:
+    the keys reach the study engine as they reach a Flower run."""
+    import json
+
+    from dpfl_app.tools.sweep import COMPLETED, run_inprocess
+
+    base = _small_config(rounds=2)
+    record = run_inprocess({"target-epsilon": 8.0}, 7, tmp_path / "run", base, 30, "test",
+                           "eps 8", report_every=0)
+    assert record["status"] == COMPLETED and 0 < record["epsilon"] <= 8.0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["final"]["accounting"]["noise_at"] == "clients"
+    assert results["final"]["accounting"]["params"]["bits"] == 18

@@ -48,7 +48,7 @@ Variant = tuple[str, dict, ClientNoiseOptions | None]  # name, run-config keys, 
 
 def client_noise_keys(bits: int, threshold: float, clients: int = 0) -> dict:
     """The run-config keys a client-noise variant adds to the recipe (a noise-at=clients
-    recipe is the central one with exactly these: tests/test_recipes_client_noise.py)."""
+    recipe is the central one with exactly these: tests/test_e2e_recipes.py)."""
     return {"secure-aggregation": True, "noise-at": "clients", "noise-bits": bits,
             "noise-threshold": threshold, **({"clients": clients} if clients else {})}
 
