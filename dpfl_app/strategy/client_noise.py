@@ -8,7 +8,7 @@ client sends its clipped, rotated, scaled, rounded update and its centred norm
 bit, each plus its own Skellam share, modulo 2**b, masked in that ring
 (`client/client_noise.py`). The server:
 
-- accepts only inputs of d' + 1 residues below 2**b;
+- accepts only inputs of d' + 1 residues below 2**b, packed b bits each;
 - releases a sum only when at least t clients' inputs are in it (the clients
   refuse to sign a smaller survivor set, so it could not unmask one anyway);
 - reduces the unmasked sum modulo 2**b, takes the centred lift, divides by
@@ -74,10 +74,12 @@ class ClientNoiseDPFedAvg(SecureDPFedAvgAdaptive):
         self._released, self._shares = False, 0
         return super().configure_train(server_round, arrays, config, grid)
 
-    def valid_input(self, vector: np.ndarray, dim: int) -> bool:
-        p = self.client_noise
-        return (vector.shape == (p.padded_dim + 1,) and vector.dtype == np.uint64
-                and bool(np.all(vector < np.uint64(2**p.bits))))
+    def read_input(self, vector: np.ndarray, dim: int) -> np.ndarray | None:
+        """d' + 1 residues below 2**b, packed b bits each (`discrete.pack`), or None."""
+        try:
+            return discrete.unpack(vector, self.client_noise.bits, self.client_noise.padded_dim + 1)
+        except ValueError:
+            return None
 
     def clipped_sum(self, replies: list[Message], reference: dict[str, np.ndarray],
                     clip: float) -> ClippedSum:
