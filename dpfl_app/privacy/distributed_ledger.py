@@ -126,7 +126,8 @@ def run_plan(cfg: dict, population: int, dim: int, contributors: int,
 
     `noise` given: the shares for that combined z; None: calibrated to `target-epsilon`
     with t = `noise_threshold(noise-threshold, m)` survivors every round, amplified by
-    the server's sampling at q = m / N (the headline figure). The count's sigma_b is
+    the server's sampling at q = m / N (the headline figure), or, with no target
+    (`target-epsilon` = 0), for the config's `noise`. The count's sigma_b is
     `clipped-count-stddev`, or ("auto") Andrew et al.'s m/20, raised with z as
     `mechanism.split_noise` does. `contributors`: the most clients whose inputs can
     share a round's sum (the wrap-around bound holds there).
@@ -136,6 +137,8 @@ def run_plan(cfg: dict, population: int, dim: int, contributors: int,
     common = {"count_stddev": None if stddev == "auto" else float(stddev), "dim": dim,
               "bits": cfg["noise-bits"], "threshold": noise_threshold(cfg["noise-threshold"], m),
               "clients_per_round": m, "contributors": contributors}
+    if noise is None and cfg["target-epsilon"] <= 0:
+        noise = cfg["noise"]
     if noise is not None:
         return plan(noise, **common)
     return calibrate(cfg["target-epsilon"], cfg["target-delta"], cfg["rounds"], cfg["sampling"],
