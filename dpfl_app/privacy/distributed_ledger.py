@@ -1,10 +1,12 @@
 """noise-at=clients: the run's Skellam parameters, and a ledger of the survivors' noise.
 
-`plan` turns the run's settings into the parameters every client gets in the
-announcement (`distributed.DistributedDpParams`, with clip 1: the scale is the
+`run_plan` turns the run's config into the parameters every client gets in the
+announcement: the one calibration that the server and the study engine share
+(`calibrate` for a target epsilon, `plan` for a given noise multiplier). The
+parameters (`distributed.DistributedDpParams`) have clip 1: the scale is the
 scaled clip gamma C, so the integer grid, the shares and the accounting are the
 same whatever clip norm C_t adaptive clipping reaches; a round encodes with
-scale gamma / C_t). The noise multiplier z means what it means with
+scale gamma / C_t. The noise multiplier z means what it means with
 noise-at=server: Andrew et al.'s split into the update's z_delta and the count's
 sigma_b (`mechanism.split_noise`), here reached with t = the threshold survivors
 and exceeded by sqrt(n / t) when n > t survive.
@@ -28,7 +30,7 @@ import numpy as np
 from dpfl_app.privacy import distributed_accounting as dacc
 from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger
 from dpfl_app.privacy.distributed import (
-    DistributedDpParams, choose_scale, log_wrap_probability)
+    DistributedDpParams, ModulusTooSmall, choose_scale, log_wrap_probability)
 from dpfl_app.privacy.mechanism import NoiseSplit, split_noise
 
 
@@ -101,7 +103,7 @@ def calibrate(target_epsilon: float, delta: float, rounds: int, sampling: str,
                              f"target-epsilon={target_epsilon}")
         try:
             best = meets(z)
-        except ValueError as error:  # no scale fits this much noise in 2**bits
+        except ModulusTooSmall as error:  # no scale fits this much noise in 2**bits
             raise ValueError(f"noise-at=clients: target-epsilon={target_epsilon} needs a noise "
                              f"multiplier above {z / 2:.4g}, which {bits} bits cannot hold: "
                              f"raise noise-bits ({error})") from None

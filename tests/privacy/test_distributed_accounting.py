@@ -283,3 +283,9 @@ def test_calibrated_params_meet_the_target_at_the_threshold_and_fit_the_modulus(
     less = ledger.plan(plan.split.noise_multiplier / 1.01, None, 2410, 18, 800, 1000, 1237)
     assert epsilon(less.params) > 4.0
     assert log_wrap_probability(params, 1237) <= math.log(1e-9)
+
+
+def test_calibration_passes_on_a_count_noise_that_is_too_small():
+    """A given sigma_b below z/2 is the user's key to fix, not the modulus."""
+    with pytest.raises(ValueError, match="clipped-count-stddev"):
+        ledger.calibrate(0.5, 1e-6, 100, "poisson", None, 0.2, 650, 30, 8, 10, 10)
