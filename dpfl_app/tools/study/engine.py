@@ -156,7 +156,7 @@ def run_study(run_config: dict, population: int, holdout: str = "test",
 
 
 def distributed_final(distributed: ClientNoiseRound) -> dict:
-    """The final figures of a noise-at=clients run: its own accountant's, amplified."""
+    """The final figures of a noise-at=clients run: the strategy ledger's, amplified."""
     summary = distributed.summary()
     return {"epsilon": summary["with_sampling"] if summary["rounds"] else 0.0,
             "accountant": "skellam-rdp", "accounting": summary}
