@@ -37,7 +37,7 @@ from dpfl_app.privacy.record_report import record_fields
 from dpfl_app.strategy.build import build_strategy, choose_noise, choose_record_model
 from dpfl_app.tools.study.record_dp import CohortDpSgd, record_level_training
 from dpfl_app.task import build_model, test
-from dpfl_app.tools.study.client_noise import ClientNoise, ClientNoiseRound
+from dpfl_app.tools.study.client_noise import ClientNoiseOptions, ClientNoiseRound
 from dpfl_app.tools.study.vectorised import VECTORISED_MODELS, CohortTrainer
 
 ENGINE = "inprocess"
@@ -114,7 +114,7 @@ def evaluate(net, state: dict, sets: dict[str, Tensors]) -> dict[str, float]:
 
 def run_study(run_config: dict, population: int, holdout: str = "test",
               on_round=None, *, report_every: int = 1,
-              client_noise: ClientNoise | None = None) -> dict:
+              client_noise: ClientNoiseOptions | None = None) -> dict:
     """One run of `rounds` rounds over `population` clients; results.json's shape plus
     `engine`. `on_round(record)` is called after each round.
 
@@ -123,9 +123,11 @@ def run_study(run_config: dict, population: int, holdout: str = "test",
     only, for a sweep's table or a benchmark). The rounds between carry their clip
     norms and timings only: nothing is computed that nobody reads.
 
-    `client_noise`: noise-at=clients (tools/study/client_noise.py): the clients'
-    rotation, rounding and Skellam shares under a modular sum, calibrated for the
-    threshold and accounted with the survivors' noise, instead of the server's noise.
+    With `noise-at = "clients"` (and `noise-bits`, `noise-threshold`) in the config, as
+    in a Flower run, the clients' rotation, rounding and Skellam shares under a modular
+    sum replace the server's noise (tools/study/client_noise.py), with the parameters
+    and the ledger of the strategy the ServerApp builds. `client_noise` sets what only
+    a study simulates there (survival, the excess-removal ideal, per-client draws).
     """
     if holdout not in HOLDOUTS:
         raise ValueError(f"holdout={holdout!r}; allowed: {', '.join(HOLDOUTS)}")
@@ -139,9 +141,11 @@ def run_study(run_config: dict, population: int, holdout: str = "test",
     if cfg.get("server-optimizer", "sgd") != "sgd":  # the engine runs dp_fedavg_step's step
         raise ValueError(f"server-optimizer={cfg['server-optimizer']!r}: the study engine "
                          "runs only 'sgd'")
-    if client_noise is not None and (cfg["mechanism"] != "dp-fedavg" or cfg["max-epsilon"] > 0):
-        raise ValueError("noise-at=clients: the study engine runs it with mechanism=dp-fedavg "
-                         "and max-epsilon=0 (the shares are calibrated for target-epsilon)")
+    if client_noise is not None and cfg["noise-at"] != "clients":
+        raise ValueError("client_noise options need noise-at='clients' in the run config")
+    if cfg["noise-at"] == "clients" and cfg["max-epsilon"] > 0:  # a run stops per survivors
+        raise ValueError("noise-at=clients: the study engine runs it with max-epsilon=0 "
+                         "(the rounds a Flower run completes depend on its survivors)")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: one thread is fastest on a shared machine
     try:
@@ -151,14 +155,8 @@ def run_study(run_config: dict, population: int, holdout: str = "test",
         torch.set_num_threads(threads)
 
 
-def count_noise_std(cfg: dict) -> float:
-    """sigma_b of the clients' count shares: `clipped-count-stddev`, or Andrew et al.'s m/20."""
-    stddev = cfg["clipped-count-stddev"]
-    return cfg["clients"] / 20 if stddev == "auto" else float(stddev)
-
-
 def distributed_final(distributed: ClientNoiseRound) -> dict:
-    """The final figures of a noise-at=clients run: its own accountant's, amplified."""
+    """The final figures of a noise-at=clients run: the strategy ledger's, amplified."""
     summary = distributed.summary()
     return {"epsilon": summary["with_sampling"] if summary["rounds"] else 0.0,
             "accountant": "skellam-rdp", "accounting": summary}
@@ -180,11 +178,9 @@ def planned_rounds(cfg: dict, ledger) -> int:
 
 
 def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
-         report_every: int, client_noise: ClientNoise | None) -> dict:
+         report_every: int, client_noise: ClientNoiseOptions | None) -> dict:
     start = time.perf_counter()
-    # noise-at=clients calibrates its own shares (client_noise.calibrate): the strategy
-    # is built for its sampler and RNG only, with the configured `noise`.
-    noise = choose_noise(cfg, population) if client_noise is None else cfg["noise"]
+    noise = choose_noise(cfg, population)  # noise-at=clients: z of the clients' shares at t
     strategy = build_strategy(cfg, population, noise)  # split, ledger, RNG: the ServerApp's
     ledger, m = strategy.ledger, cfg["clients"]
     sampling_rng, sampler = strategy.sampling_rng, strategy.sampler  # cohorts, as the strategy
@@ -193,11 +189,11 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
     torch.manual_seed(cfg["seed"])  # the ServerApp's initial model
     net = build_model(*model_spec(cfg))
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    distributed = None  # noise-at=clients: its own calibration and accountant
-    if client_noise is not None:
-        distributed = ClientNoiseRound(cfg, population, flatten(state).numel(), client_noise,
-                                       count_noise_std(cfg), strategy.rng)
-        noise, planned = distributed.noise_multiplier, cfg["rounds"]
+    distributed = None  # noise-at=clients: the server's announced shares and its ledger
+    if cfg["noise-at"] == "clients":
+        distributed = ClientNoiseRound(cfg, ledger, flatten(state).numel(),
+                                       client_noise or ClientNoiseOptions(), strategy.rng)
+        planned = cfg["rounds"]
     else:
         planned = planned_rounds(cfg, ledger)
         if isinstance(ledger.model, AccountingModel):  # dp-ftrl's ledger computes its own
@@ -252,8 +248,7 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
                   "noisy_unclipped_fraction": unclipped_fraction}
         reported = server_round == planned or (report_every and server_round % report_every == 0)
         if reported:
-            record["epsilon"] = (distributed.accountant.epsilons()["with_sampling"]
-                                 if distributed else ledger.epsilon_if_secret())
+            record["epsilon"] = ledger.epsilon_if_secret()  # noise-at=clients: with sampling
             if record_model:
                 record.update(record_fields(record_model, ledger.rounds))
         accounted = time.perf_counter()
