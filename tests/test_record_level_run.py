@@ -89,3 +89,15 @@ def test_a_site_with_a_budget_below_the_plan_is_refused_in_every_round(run):
     for rnd in diagnostics:
         reasons = json.dumps(rnd["rejected"])
         assert "record-level budget: the plan" in reasons, rnd
+
+
+def test_the_issues_command_is_the_epsilon_4_recipe():
+    """`--run-config "target-record-epsilon=4 noise=0"` on the defaults runs the recipe."""
+    import tomllib
+
+    from dpfl_app.config import validate
+    from tests.flwr_harness import PROJECT
+
+    recipe = tomllib.loads((PROJECT / "recipes" / "digits-record-eps4.toml").read_text())
+    command = {"target-record-epsilon": 4, "noise": 0}
+    assert validate(default_run_config(**recipe)) == validate(default_run_config(**command))
