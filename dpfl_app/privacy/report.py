@@ -21,7 +21,8 @@ RECIPES_HINT = ("To train privately, start from a recipe instead: the run-config
                 "each takes 19-25 min on 2 CPU cores. With few sites (10 to 50), "
                 "protect each person's record at every site instead (docs/record-level.md): "
                 "`flwr run . digits-10 --run-config recipes/digits-record-eps4.toml` "
-                "(record-level ε = 4; about 4 min).")
+                "(record-level ε = 4: the same as `--run-config "
+                "\"target-record-epsilon=4 noise=0\"` on 10 SuperNodes; about 2 min).")
 
 
 def strength(epsilon: float) -> str:
