@@ -19,7 +19,7 @@ from dpfl_app.data.datasets import CLIENT_VAL_FRACTION, DATASETS, PARTITIONINGS,
 from dpfl_app.privacy import SAMPLING_MODES
 from dpfl_app.data.registry import is_hub_id
 from dpfl_app.data.settings import ClientSettings, node_source
-from dpfl_app.client.errors import ConfigError
+from dpfl_app.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def test_a_calibrated_sigma_is_cached_in_node_state_and_meets_the_target():
 @pytest.mark.parametrize("key,value", [("record-noise", -1.0), ("record-sampling-rate", 0.0),
                                        ("record-clip", 0.0)])
 def test_bad_record_values_fail_on_the_node_too(key, value):
-    from dpfl_app.client.errors import ConfigError
+    from dpfl_app.errors import ConfigError
 
     with pytest.raises(ConfigError, match=key):
         validate(default_run_config(**{**RECORD, key: value}))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dpfl_app.config import validate
-from dpfl_app.client.errors import ConfigError
+from dpfl_app.errors import ConfigError
 from dpfl_app.privacy import mechanism
 from dpfl_app.run.outputs import read_diagnostics
 from dpfl_app.privacy.accounting import AccountingModel, epsilon_after
