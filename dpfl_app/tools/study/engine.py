@@ -6,7 +6,8 @@ noise calibration (`choose_noise`) and strategy construction
 strategy's cohort sampling (`strategy.sampling.SlotSampler`), the ClientApp's data
 (`node_data.client_data`) and loader seeds, the clip and norm bit of Flower's
 `adaptiveclipping_mod`, the server's clip (`mechanism.clipped_sum`: `clip_to_norm`
-of the cohort as one matrix), the strategy's own `release` (dp-fedavg's
+of the cohort as one matrix; neither where the strategy has no user-level clip,
+`config.user_level_clip_on`), the strategy's own `release` (dp-fedavg's
 `dp_fedavg_release`, or dp-ftrl's correlated noise) and the server's test-set
 evaluation (`task.test`). What is left out is what Flower
 adds: messages, the SuperLink, actors. With `deterministic-noise=true` it
@@ -229,7 +230,10 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
                 local = trainer.train(state, [data[p] for p in cohort], cfg["local-epochs"],
                                       cfg["batch-size"], cfg["lr"],
                                       cfg["seed"] + 1000 * server_round)
-            models, bits = mod_clip(flatten(local, stacked=True), global_flat, clip)
+            if strategy.user_level_clip:
+                models, bits = mod_clip(flatten(local, stacked=True), global_flat, clip)
+            else:  # record-level DP alone (config.user_level_clip_on): sent unclipped
+                models = flatten(local, stacked=True).numpy()
         trained = time.perf_counter()
         if distributed is not None:  # the clients' shares under the modular sum
             new_model, unclipped_fraction, clip, survivors = distributed.step(
@@ -238,7 +242,9 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
             # The server's clip of every delta as one matrix operation, then the strategy's
             # own release of the sum (its split, RNG, server step; dp-ftrl: correlated
             # noise), as under secure aggregation: `dp_fedavg_step` with the cohort summed.
-            deltas = [[clipped_sum(models - global_flat.numpy(), clip)]] if cohort else []
+            rows = models - global_flat.numpy()
+            deltas = [] if not cohort else [[rows.sum(0, dtype=np.float64) if clip is None
+                                             else clipped_sum(rows, clip)]]
             (new_model,), unclipped_fraction, clip = strategy.release(
                 [global_flat.numpy()], deltas, sum(bits), len(bits), clip, m)
             ledger.compose_round()
