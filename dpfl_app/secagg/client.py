@@ -161,13 +161,14 @@ def share_keys(state: State, request: dict, identity: Identity) -> tuple[State, 
     seed_shares = shamir.create_shares(seed, t, peers)
     key_shares = shamir.create_shares(state["s_sk"], t, peers)
     c_sk = X25519PrivateKey.from_private_bytes(state["c_sk"])
-    ciphertexts = []
-    for peer, c_pk, seed_share, key_share in zip(peers, request["c_pks"], seed_shares,
-                                                 key_shares):
-        plaintext = share_keys_plaintext_concat(state["index"], peer, seed_share, key_share)
-        ciphertexts.append(encrypt(masks.encryption_key(c_sk, c_pk), plaintext))
+    # One agreement per neighbour: the same key decrypts its shares at stage 3.
+    fernet_keys = [masks.encryption_key(c_sk, c_pk) for c_pk in request["c_pks"]]
+    ciphertexts = [encrypt(key, share_keys_plaintext_concat(state["index"], peer, seed_share,
+                                                            key_share))
+                   for peer, key, seed_share, key_share in zip(peers, fernet_keys, seed_shares,
+                                                               key_shares)]
     state = {**state, "stage": "share_keys", "seed": seed, "peers": peers,
-             "peer_c_pks": list(request["c_pks"]), "peer_s_pks": list(request["s_pks"]),
+             "peer_share_keys": fernet_keys, "peer_s_pks": list(request["s_pks"]),
              "peer_id_keys": verification_keys}
     return state, {"dst": peers, "ciphertexts": ciphertexts}
 
@@ -175,17 +176,16 @@ def share_keys(state: State, request: dict, identity: Identity) -> tuple[State, 
 def receive_shares(state: State, request: dict) -> State:
     """Stage 3, first half: decrypt and keep the neighbours' shares (before training)."""
     _expect(state, "share_keys", request["round"])
-    index, known = state["index"], dict(zip(state["peers"], state["peer_c_pks"]))
+    index, known = state["index"], dict(zip(state["peers"], state["peer_share_keys"]))
     if not set(request["src"]) <= set(known) or len(set(request["src"])) != len(request["src"]):
         raise SecAggRefusal(f"shares from clients that did not share keys: {request['src']}")
     if len(request["src"]) < state["threshold"]:
         raise SecAggRefusal(f"only {len(request['src'])} neighbours shared keys, fewer than "
                             f"threshold {state['threshold']}")
-    c_sk = X25519PrivateKey.from_private_bytes(state["c_sk"])
     seed_shares, key_shares = [], []
     for src, ciphertext in zip(request["src"], request["ciphertexts"]):
         try:
-            plaintext = decrypt(masks.encryption_key(c_sk, known[src]), ciphertext)
+            plaintext = decrypt(known[src], ciphertext)
         except InvalidToken:
             raise SecAggRefusal(f"the share from client {src} failed authentication") from None
         sender, receiver, seed_share, key_share = share_keys_plaintext_separate(plaintext)

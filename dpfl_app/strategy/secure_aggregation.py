@@ -28,6 +28,8 @@ withheld depends on the number of survivors, so it is not logged either.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -54,6 +56,7 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
         self._nodes: dict[int, int] = {}  # secagg index -> node id
         self._lost: set[int] = set()  # indices that failed a stage they were asked for
         self._refusals: list[dict] = []  # operator-only: {"node_id", "reason"} per refusal
+        self._train_sent = 0.0  # when the train messages left (stage_seconds)
 
     def __repr__(self) -> str:
         return super().__repr__() + ", SecAgg+ secure aggregation"
@@ -68,7 +71,10 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
                     for index, request in requests.items()]
         by_node = {node: index for index, node in self._nodes.items()}
         answers = {}
-        for reply in self._grid.send_and_receive(messages, timeout=self.stage_timeout):
+        started = time.perf_counter()
+        replies = self._grid.send_and_receive(messages, timeout=self.stage_timeout)
+        self._stage_seconds(stage, time.perf_counter() - started)
+        for reply in replies:
             index = by_node.get(reply.metadata.src_node_id)
             if index is None or index in answers:
                 continue
@@ -78,6 +84,11 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
                 answers[index] = dict(reply.content.config_records[RECORD])
         self._lost |= set(requests) - set(answers)
         return answers
+
+    def _stage_seconds(self, stage: str, seconds: float) -> None:
+        """Operator diagnostics: the wall time of each exchange (where a round's time goes)."""
+        diag = self._round_diagnostics.setdefault("secure_aggregation", {})
+        diag.setdefault("stage_seconds", {})[stage] = round(seconds, 4)
 
     def _refuse(self, node_id: int, reason: str) -> None:
         self._refusals.append({"node_id": node_id, "reason": f"secure aggregation {reason}"})
@@ -126,6 +137,7 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
             train.append(Message(content, msg.metadata.dst_node_id, "train.secagg",
                                  group_id=str(rnd.round_id)))
         self._lost |= set(self._nodes) - set(rnd.shared)
+        self._train_sent = time.perf_counter()
         return train
 
     # --- stage 4 -------------------------------------------------------------
@@ -135,6 +147,7 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
         rnd = self._round
         if rnd is None:
             return ClippedSum([], 0, 0, len(self._lost), self._refusals, released=False)
+        self._stage_seconds("train.secagg", time.perf_counter() - self._train_sent)
         dim = sum(a.size for a in reference.values())
         by_node = {node: index for index, node in self._nodes.items()}
         for reply in replies:

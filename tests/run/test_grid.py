@@ -72,3 +72,20 @@ def test_delegates_the_rest_and_wraps_only_flowers_http_grid():
     assert fast_polling(inner) is inner  # not an HttpGrid: left alone
     with pytest.raises(ValueError):
         FastPollingGrid(inner, first_wait=1.0, max_wait=0.5)
+
+
+def test_wraps_the_simulations_in_memory_grid_never_slower_than_flower():
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(),
+                               ObjectStoreFactory())
+    inner = InMemoryGrid(factory)  # what `flwr run .` hands the ServerApp in simulation
+    wrapped = fast_polling(inner)
+    assert isinstance(wrapped, FastPollingGrid)
+    assert wrapped.first_wait == pytest.approx(0.01)
+    assert wrapped.max_wait == pytest.approx(inner.pull_interval) == pytest.approx(0.1)
+    assert wrapped.state is inner.state  # the rest is the same grid

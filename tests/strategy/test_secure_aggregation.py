@@ -79,6 +79,12 @@ def test_secure_and_plain_rounds_end_at_the_same_model_within_the_bound(tmp_path
         np.abs(a).max()) * 2.0**-23
     assert 0 < np.linalg.norm(a - b) <= bound or np.array_equal(a, b)
     assert np.linalg.norm(a - b) < 1e-3 * np.linalg.norm(a)
+    # Where a secure round's time goes: each exchange's wall time, for the operator only.
+    (diag,) = _diagnostics(tmp_path, "secure")
+    stages = diag["secure_aggregation"]["stage_seconds"]
+    assert set(stages) == {"secagg_setup", "secagg_share_keys", "train.secagg",
+                           "secagg_consistency", "secagg_unmask"}
+    assert all(0 < seconds < diag["seconds"] for seconds in stages.values())
 
 
 @pytest.mark.parametrize("stage", ["query.secagg_share_keys", "train.secagg",

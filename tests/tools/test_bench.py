@@ -89,6 +89,26 @@ def test_bench_times_one_tiny_flwr_run(tmp_path):
     json.dumps(result)  # what the CLI writes
 
 
+
+def test_secure_rounds_stage_seconds_skip_round_1_and_are_printed(tmp_path):
+    """(s): each exchange's mean wall time after round 1, from the operator diagnostics."""
+    from dpfl_app.run.outputs import DIAGNOSTICS_FILE
+    from dpfl_app.tools.bench.simulation import _stage_seconds
+
+    rounds = [{"secagg_setup": 9.0, "train.secagg": 9.0},  # round 1: start-up, left out
+              {"secagg_setup": 0.1, "train.secagg": 0.5},
+              {"secagg_setup": 0.3, "train.secagg": 0.7}]
+    (tmp_path / DIAGNOSTICS_FILE).write_text("".join(
+        json.dumps({"round": i, "secure_aggregation": {"stage_seconds": stages}}) + "\n"
+        for i, stages in enumerate(rounds, 1)))
+    stages = _stage_seconds(tmp_path)
+    assert stages == {"secagg_setup": pytest.approx(0.2), "train.secagg": pytest.approx(0.6)}
+    assert _stage_seconds(None) == {}
+    (line,) = bench.stage_lines([{"population": 100, "clients": 50, "b": {"round_s": 0.5},
+                                  "s": {"stage_s": stages}}])
+    assert "secagg_setup 0.200" in line and "train.secagg 0.600" in line
+    assert bench.stage_lines([{"population": 100, "clients": 50, "b": {"round_s": 0.5}}]) == []
+
 # --- the partition disk cache ------------------------------------------------
 def test_a_cache_hit_gives_identical_tensors_without_repartitioning(cache_dir, monkeypatch):
     expected = data.load_client_data("digits", 3, 10)

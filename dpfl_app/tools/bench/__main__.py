@@ -123,6 +123,18 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def stage_lines(results: list[dict]) -> list[str]:
+    """Where a secure round's time goes: each exchange's mean wall time after round 1."""
+    lines = []
+    for r in results:
+        stages = r.get("s", {}).get("stage_s") or {}
+        if stages:
+            parts = ", ".join(f"{name} {seconds:.3f}" for name, seconds in stages.items())
+            lines.append(f"(s) N={r['population']} m={r['clients']}: s per exchange: {parts}; "
+                         f"plain round {_fmt(r['b'].get('round_s'), 3)}")
+    return lines
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dpfl bench", description=__doc__,
                                      formatter_class=HelpFormatter)
@@ -167,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     report["machine"]["load_average_end"] = os.getloadavg()
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(table(report["scales"]))
+    for line in stage_lines(report["scales"]):
+        print(line)
     if args.cold_start:
         print()
         print(coldstart.table(report["cold_start"]))

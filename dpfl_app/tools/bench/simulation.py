@@ -134,11 +134,25 @@ def run_app(home: Path, population: int, run_config: str, rounds: int,
         fed.stop()
     stamps = [t - launched for t in watched["round_written"]]
     server_start = watched["server_start"]
-    return {"status": watched["status"], "submit_s": submitted,
+    run_dir = next((p for p in out.iterdir() if p.is_dir()), None)
+    return {"stage_s": _stage_seconds(run_dir), "status": watched["status"], "submit_s": submitted,
             "server_start_s": server_start - launched if server_start else None,
             "round_done_s": stamps, "first_round_s": stamps[0] if stamps else None,
             "round_s": _steady(stamps), "total_s": watched["ended"] - launched,
             "peak_rss_mb": sampler.peak_rss / 2**20, "cpu_s": cpu, "log_bytes": log_bytes}
+
+
+def _stage_seconds(run_dir: Path | None) -> dict[str, float]:
+    """Secure aggregation: the mean wall time of each exchange after round 1, from the
+    operator diagnostics (empty for a plain run)."""
+    from dpfl_app.run.outputs import read_diagnostics  # pylint: disable=import-outside-toplevel
+
+    stages: dict[str, list[float]] = defaultdict(list)
+    for record in (read_diagnostics(run_dir) if run_dir is not None else [])[1:]:
+        for stage, seconds in record.get("secure_aggregation", {}).get(
+                "stage_seconds", {}).items():
+            stages[stage].append(seconds)
+    return {stage: round(sum(v) / len(v), 3) for stage, v in stages.items()}
 
 
 def _watch(out: Path, status, deadline: float, status_interval: float = 10.0) -> dict:
