@@ -7,8 +7,9 @@ strategy's cohort sampling (`strategy.sampling.SlotSampler`), the ClientApp's da
 (`node_data.client_data`) and loader seeds, the clip and norm bit of Flower's
 `adaptiveclipping_mod`, the server's clip (`mechanism.clipped_sum`: `clip_to_norm`
 of the cohort as one matrix), the strategy's own `release` (dp-fedavg's
-`dp_fedavg_release`, or dp-ftrl's correlated noise) and the server's test-set
-evaluation (`task.test`). What is left out is what Flower
+`dp_fedavg_release`, or dp-ftrl's correlated noise) with its `server-optimizer`
+step (dp-ftrl: server momentum in the factorization's workload, as in the
+ServerApp) and the server's test-set evaluation (`task.test`). What is left out is what Flower
 adds: messages, the SuperLink, actors. With `deterministic-noise=true` it
 draws from the RNG in the strategy's order, so it samples the same cohorts and
 adds the same noise as the ServerApp with the same seed (nodes in partition
@@ -35,6 +36,7 @@ from dpfl_app.privacy.accounting import AccountingModel, epsilon_after, max_roun
 from dpfl_app.privacy.mechanism import clipped_sum
 from dpfl_app.privacy.record_report import record_fields
 from dpfl_app.strategy.build import build_strategy, choose_noise, choose_record_model
+from dpfl_app.strategy.server_optimizer import ServerOptimizer
 from dpfl_app.tools.study.record_dp import CohortDpSgd, record_level_training
 from dpfl_app.task import build_model, test
 from dpfl_app.tools.study.client_noise import ClientNoise, ClientNoiseRound
@@ -136,12 +138,11 @@ def run_study(run_config: dict, population: int, holdout: str = "test",
         raise ValueError("the study engine needs demo partitions (node-data='partitions')")
     if cfg.get("audit-canaries", 0):  # canaries join the strategy's sum; not simulated here
         raise ValueError("audit-canaries: the study engine runs no privacy audit; use flwr")
-    if cfg.get("server-optimizer", "sgd") != "sgd":  # the engine runs dp_fedavg_step's step
-        raise ValueError(f"server-optimizer={cfg['server-optimizer']!r}: the study engine "
-                         "runs only 'sgd'")
-    if client_noise is not None and (cfg["mechanism"] != "dp-fedavg" or cfg["max-epsilon"] > 0):
-        raise ValueError("noise-at=clients: the study engine runs it with mechanism=dp-fedavg "
-                         "and max-epsilon=0 (the shares are calibrated for target-epsilon)")
+    if client_noise is not None and (cfg["mechanism"] != "dp-fedavg" or cfg["max-epsilon"] > 0
+                                     or cfg["server-optimizer"] != "sgd"):
+        raise ValueError("noise-at=clients: the study engine runs it with mechanism=dp-fedavg, "
+                         "max-epsilon=0 (the shares are calibrated for target-epsilon) and "
+                         "server-optimizer='sgd'")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: one thread is fastest on a shared machine
     try:
@@ -193,6 +194,11 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
     torch.manual_seed(cfg["seed"])  # the ServerApp's initial model
     net = build_model(*model_spec(cfg))
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    if strategy.server_optimizer is not None:  # the engine steps one flat vector: the same
+        # optimizer over it (momentum and Adam are elementwise, so the same step)
+        strategy.server_optimizer = ServerOptimizer(
+            cfg["server-optimizer"], [flatten(state).numpy()], cfg["server-lr"],
+            cfg["server-momentum"])
     distributed = None  # noise-at=clients: its own calibration and accountant
     if client_noise is not None:
         distributed = ClientNoiseRound(cfg, population, flatten(state).numel(), client_noise,
