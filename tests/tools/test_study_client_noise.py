@@ -203,3 +203,13 @@ def test_the_engine_runs_client_noise_and_reports_its_accounting():
     assert 0 < study["final"]["epsilon"] <= 8.0
     assert study["final"]["epsilon"] == accounting["with_sampling"]
     assert accounting["client_bound"] >= accounting["without_sampling"] > 0
+
+
+def test_the_engine_refuses_client_noise_with_a_server_optimizer_it_does_not_step():
+    """noise-at=clients takes the plain step (its own decode and release): momentum is refused
+    in one line before anything trains, not silently replaced by sgd."""
+    from dpfl_app.tools.study.engine import run_study
+
+    config = default_run_config(**{"rounds": 3, "clients": 20, "server-optimizer": "momentum"})
+    with pytest.raises(ValueError, match=r"noise-at=clients: .* server-optimizer='sgd'"):
+        run_study(config, 30, client_noise=cn.ClientNoise(bits=18, threshold=0.8))
