@@ -13,7 +13,9 @@ privacy policy (`dpfl_app.client.policy`: a node that requires secure aggregatio
 refuses the plain `train` message whatever the server announces) and, under dp-ftrl, the node's own
 participation record (`dpfl_app.client.participation`). With record-level DP on
 (`record-noise` or `target-record-epsilon`), `site_ledger.record_budget_mod` checks and
-charges the site's own ledger, and training is DP-SGD (`dpfl_app.client.dp_sgd`). Torch,
+charges the site's own ledger, and training is DP-SGD (`dpfl_app.client.dp_sgd`); with
+record-level DP alone the update is not clipped at user level (`config.user_level_clip_on`;
+secure aggregation keeps the clip as its quantization range). Torch,
 the model and the data are
 imported only where training or evaluation needs them, so that the
 secure-aggregation stages start fast in a fresh process.
@@ -26,7 +28,7 @@ from flwr.clientapp import ClientApp
 
 from dpfl_app.client import secagg as secagg_client
 from dpfl_app.client.secagg import masking_mod, plain_policy_mod, policy_mod
-from dpfl_app.client.mods import zero_safe_adaptiveclipping_mod
+from dpfl_app.client.mods import user_level_clipping_mod, zero_safe_adaptiveclipping_mod
 from dpfl_app.client.participation import min_separation_mod
 from dpfl_app.run import console
 from dpfl_app.client.site_ledger import record_budget_mod
@@ -48,7 +50,7 @@ def _model_and_data(msg: Message, context: Context):
 
 
 @app.train(mods=[plain_policy_mod, min_separation_mod, record_budget_mod,
-                  zero_safe_adaptiveclipping_mod])
+                  user_level_clipping_mod])
 def train_fn(msg: Message, context: Context) -> Message:
     """Train the global model on this client's data and reply with the new weights."""
     from dpfl_app.data.datasets import loader  # pylint: disable=import-outside-toplevel

@@ -19,7 +19,7 @@ from dpfl_app.data.datasets import CLIENT_VAL_FRACTION, DATASETS, PARTITIONINGS,
 from dpfl_app.privacy import SAMPLING_MODES
 from dpfl_app.data.registry import is_hub_id
 from dpfl_app.data.settings import ClientSettings, node_source
-from dpfl_app.client.errors import ConfigError
+from dpfl_app.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -247,6 +247,26 @@ def _check_mechanism(cfg: dict[str, Any]) -> None:
 def record_level_on(cfg: dict[str, Any]) -> bool:
     """Whether each site runs DP-SGD: `record-noise` > 0 or `target-record-epsilon` > 0."""
     return cfg["record-noise"] > 0 or cfg["target-record-epsilon"] > 0
+
+
+def user_level_dp_on(cfg: dict[str, Any]) -> bool:
+    """Whether the server adds user-level noise: `noise` > 0 or `target-epsilon` > 0."""
+    return cfg["noise"] > 0 or cfg["target-epsilon"] > 0
+
+
+def user_level_clip_on(cfg: dict[str, Any]) -> bool:
+    """Whether clients clip their updates to the adaptive norm C_t (and the server releases
+    the noised count of unclipped updates that moves C_t).
+
+    Off for record-level DP alone (DP-SGD at the sites, no user-level noise): each site's
+    own noise bounds what its update reveals about any record, and a clip with no server
+    noise protects nothing while it costs accuracy. The clients (client/mods.py), the
+    strategy (strategy/build.py) and the study engine all ask this one predicate.
+    Kept where the clip serves something else: secure aggregation (C_t is the quantization
+    range of the masked sum), dp-ftrl and the privacy audit (both built on C_t).
+    """
+    return (user_level_dp_on(cfg) or not record_level_on(cfg) or cfg["secure-aggregation"]
+            or cfg["mechanism"] != "dp-fedavg" or cfg["audit-canaries"] > 0)
 
 
 

@@ -207,7 +207,8 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
                                 float_residual=recorder.float_residual(),
                                 record_level=record_level_lines(
                                     record_model, strategy.ledger.rounds, cfg["record-clip"])
-                                if record_model else None)
+                                if record_model else None,
+                                user_level_clip=strategy.user_level_clip)
     outputs.write_atomic(run_dir / "privacy.md", report.encode())
     for line in console.report_lines(report, run_dir / "privacy.md", cfg["verbose"]):
         log(INFO, "%s", line)

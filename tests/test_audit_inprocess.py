@@ -15,7 +15,7 @@ def test_an_audit_run_reports_beside_the_accounted_epsilon_and_survives_a_resume
                                                                                   caplog):
     caplog.set_level(logging.INFO)
     cfg = default_run_config(**{"output-dir": str(tmp_path), "deterministic-noise": True,
-                                "rounds": 3, "audit-canaries": 40})
+                                "rounds": 3, "audit-canaries": 40, "clients": 6})
     with pytest.raises(ServerCrash):
         run_server(cfg, crash_after_train_round=1)
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]

@@ -105,7 +105,7 @@ def test_readme_keys_in_brief_show_the_defaults_of_pyproject():
     'flwr run . --stream --run-config "target-epsilon=8"',
     "flwr run . digits-1437 --run-config recipes/digits-eps2.toml",
     'flwr run . --stream --run-config "audit-canaries=1000"',
-    "flwr run . digits-10 --run-config recipes/digits-record-eps4.toml",
+    'flwr run . --stream --run-config "target-record-epsilon=4 noise=0"',
     "flwr run . --stream --run-config \"tracking='mlflow'\"",
     "dpfl deploy --nodes 3",
     "dpfl stop-superlink",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dpfl_app.secagg import quantize
-from tests.test_e2e_secure_aggregation import _final
+from tests.flwr_harness import run_each
 
 pytestmark = pytest.mark.e2e
 
@@ -18,15 +18,9 @@ def test_zero_noise_at_the_clients_equals_zero_noise_at_the_server_through_flwr_
     """Noise 0, every node in the round (fixed sampling of all 10): the two runs differ
     only by the clients' rounding on the rotated grid and the fixed-point quantization."""
     common = "noise=0.0 rounds=1 clients=10 sampling='fixed' secure-aggregation=true"
-    runs = {}
-    for where in ("server", "clients"):
-        out = tmp_path / where
-        run_id = federation.submit(f"{common} noise-at='{where}' output-dir='{out}'")
-        status = federation.wait(run_id, timeout=900)
-        logs = federation.logs(run_id)
-        assert status == "finished:completed", logs[-3000:]
-        runs[where] = _final(out)
-    (server_results, server), (client_results, clients) = runs["server"], runs["clients"]
+    runs = run_each(federation, tmp_path, common,
+                    {where: f"noise-at='{where}'" for where in ("server", "clients")})
+    (server_results, server, _), (client_results, clients, _) = runs["server"], runs["clients"]
     assert client_results["replies"] == [10]
     assert client_results["accounting"]["noise_at"] == "clients"
     assert client_results["accounting"]["survivors"] == [10]

@@ -2,45 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
-import torch
-
-from dpfl_app.run.outputs import read_diagnostics
 
 from dpfl_app.secagg import quantize
+from tests.flwr_harness import run_each
 
 pytestmark = pytest.mark.e2e
-
-
-def _final(out):
-    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
-    model = torch.load(run_dir / "final_model.pt", weights_only=True)
-    flat = np.concatenate([v.double().numpy().ravel() for v in model.values()])
-    results = json.loads((run_dir / "results.json").read_text())
-    diagnostics = read_diagnostics(run_dir)  # exact counts: operator-only
-    results["replies"] = [d["num_replies"] for d in diagnostics]
-    results["protocol"] = [d.get("secure_aggregation") for d in diagnostics]
-    return results, flat
 
 
 def test_secure_aggregation_on_and_off_end_at_the_same_model(federation, tmp_path):
     """Noise 0, same seed, every node in every round (fixed sampling of all 10), so
     both runs see the same cohorts whatever node IDs the simulation assigns."""
     common = "noise=0.0 rounds=2 clients=10 sampling='fixed' deterministic-noise=true"
-    runs = {}
-    for secure in ("false", "true"):
-        out = tmp_path / secure
-        run_id = federation.submit(f"{common} secure-aggregation={secure} output-dir='{out}'")
-        status = federation.wait(run_id, timeout=900)
-        logs = federation.logs(run_id)
-        assert status == "finished:completed", logs[-3000:]
-        runs[secure] = _final(out)
-        assert "secure aggregation:" not in logs  # protocol counts: diagnostics only
-    (plain_results, plain), (secure_results, secure) = runs["false"], runs["true"]
+    runs = run_each(federation, tmp_path, common,
+                    {secure: f"secure-aggregation={secure}" for secure in ("false", "true")})
+    for run in runs.values():
+        assert "secure aggregation:" not in run.logs  # protocol counts: diagnostics only
+    (plain_results, plain, _), (secure_results, secure, _) = runs["false"], runs["true"]
     assert secure_results["replies"] == [10, 10]
     assert [(p["masked_inputs"], p["sum_released"]) for p in secure_results["protocol"]] == [
         (10, True), (10, True)]

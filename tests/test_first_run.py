@@ -20,7 +20,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from dpfl_app.client.errors import ConfigError
+from dpfl_app.errors import ConfigError
 from dpfl_app.run import outcome
 from dpfl_app.tools.federation import FederationError, LocalFederation, alive
 from tests.fresh_python import run_python
@@ -56,7 +56,7 @@ def test_validating_a_run_config_imports_no_torch():
     res = run_python("""
         import sys, tomllib
         from dpfl_app.config import validate
-        from dpfl_app.client.errors import ConfigError
+        from dpfl_app.errors import ConfigError
         cfg = tomllib.load(open("pyproject.toml", "rb"))["tool"]["flwr"]["app"]["config"]
         validate(cfg)
         try:

@@ -74,6 +74,12 @@ def test_rounds_csv_and_privacy_md_carry_the_record_level_epsilon_with_its_unit(
     assert "the server and the other sites included" in report
     assert "no user-level guarantee" in report and "Which unit to choose" in report
     assert "should NOT be considered private" not in report  # the record-level guarantee holds
+    # record-level DP alone: no user-level clip, no clipped count, no user-level claim
+    assert "no user-level ε is claimed" in report
+    assert results["accounting"]["user_level_clip"] is False
+    assert results["final"]["user_level_epsilon_claimed"] is False
+    assert all(r["clip_norm"] is None and r["noisy_unclipped_fraction"] is None
+               for r in results["rounds"])
 
 
 def test_a_site_with_a_budget_below_the_plan_is_refused_in_every_round(run):
@@ -83,3 +89,15 @@ def test_a_site_with_a_budget_below_the_plan_is_refused_in_every_round(run):
     for rnd in diagnostics:
         reasons = json.dumps(rnd["rejected"])
         assert "record-level budget: the plan" in reasons, rnd
+
+
+def test_the_issues_command_is_the_epsilon_4_recipe():
+    """`--run-config "target-record-epsilon=4 noise=0"` on the defaults runs the recipe."""
+    import tomllib
+
+    from dpfl_app.config import validate
+    from tests.flwr_harness import PROJECT
+
+    recipe = tomllib.loads((PROJECT / "recipes" / "digits-record-eps4.toml").read_text())
+    command = {"target-record-epsilon": 4, "noise": 0}
+    assert validate(default_run_config(**recipe)) == validate(default_run_config(**command))

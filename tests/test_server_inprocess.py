@@ -84,7 +84,7 @@ def test_target_epsilon_calibrates_the_noise(tmp_path):
 
 
 def test_dropped_clients_keep_the_fixed_denominator(tmp_path):
-    cfg = _config(tmp_path, rounds=2, sampling="fixed")
+    cfg = _config(tmp_path, rounds=2, sampling="fixed", clients=6)
     run_server(cfg, drop_nodes={1, 2, 3, 4, 5})
     run_dir, results = _results(tmp_path)
     diagnostics = read_diagnostics(run_dir)  # exact counts: operator only
@@ -113,7 +113,7 @@ def test_deterministic_noise_reports_no_guarantee_everywhere(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     run_server(_config(tmp_path, rounds=2, **{"deterministic-noise": True}))
     run_dir, results = _results(tmp_path)
-    model = AccountingModel("poisson", 0.3, 10, 6, 1e-5)
+    model = AccountingModel("poisson", 0.3, 10, 10, 1e-5)  # the default: all 10 every round
     assert results["config"]["seed"] is not None
     assert results["config"]["model"] == "digits-linear"  # the model it trained, not "auto"
     assert results["final"]["epsilon"] == results["final"]["epsilon_rdp"] == "inf"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
-from dpfl_app.client.errors import ConfigError
+from dpfl_app.errors import ConfigError
 from dpfl_app.privacy.accounting import AccountingModel, epsilon_after
 from dpfl_app.run.recorder import RunRecorder
 from tests.inprocess import ServerCrash, default_run_config, run_server

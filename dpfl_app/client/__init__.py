@@ -5,9 +5,7 @@
 - `policy.py`: a SuperNode's privacy policy (`max-epsilon`, `trust-sampling`,
   `require-secure-aggregation`), checked on every train message;
 - `secagg.py`: the secure-aggregation stages over the Message API (the protocol
-  itself is `dpfl_app.secagg`);
-- `errors.py`: the error types for bad input, raised on both sides (a leaf module
-  with no imports, so that every layer can raise them).
+  itself is `dpfl_app.secagg`).
 
 client/ never imports strategy/, run/ or tools/, and nothing here imports torch:
 the secure-aggregation stages must start fast in a fresh ClientApp process.

@@ -14,6 +14,10 @@ clipped by value"). In a simulation every ClientApp writes into the run's log,
 so counting those lines per round counts the sampled clients: an exact,
 un-noised participation count in a file users share. This module drops that
 one line from Flower's logger; the clip norm it shows is in the round line.
+
+`user_level_clipping_mod` runs that clip only where the run has one
+(`config.user_level_clip_on`): with record-level DP alone the site's update
+leaves unclipped, as the server expects it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from flwr.app import Context, Message
 from flwr.clientapp.mod import adaptiveclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
+
+from dpfl_app.config import user_level_clip_on, validate
 
 MOD_LINE = "adaptiveclipping_mod:"  # how Flower's per-call line starts (flwr 1.42)
 
@@ -67,3 +73,11 @@ def zero_safe_adaptiveclipping_mod(msg: Message, ctxt: Context,
         metrics = next(iter(reply.content.metric_records.values()))
         metrics[KEY_NORM_BIT] = 0  # Flower's bit means "clipped"; a norm of 0 never is
         return reply
+
+
+def user_level_clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """`zero_safe_adaptiveclipping_mod` when the run clips at user level; otherwise the
+    update goes out as trained (record-level DP alone: no clip, no norm bit)."""
+    if user_level_clip_on(validate(dict(ctxt.run_config))):
+        return zero_safe_adaptiveclipping_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)

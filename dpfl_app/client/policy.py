@@ -31,6 +31,8 @@ from typing import Any
 ANNOUNCED = ("dp-sampling", "dp-noise", "dp-population", "dp-clients", "dp-rounds", "dp-delta",
              "dp-secure-aggregation", "dp-deterministic-noise")
 POLICY_KEYS = ("max-epsilon", "require-secure-aggregation", "trust-sampling")
+# The one vocabulary of a yes/no value, in node config and in the announcement.
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
 def announcement(model, rounds: int, secure: bool, deterministic: bool = False) -> dict[str, Any]:
@@ -57,7 +59,7 @@ def announced_epsilon(config: dict[str, Any], trust_sampling: bool = True) -> fl
     every one of the T rounds; W then is m for both samplings). A bigger announced N
     can then lower nothing; m still sets W, and a node checks m against its neighbourhood.
     """
-    if _flag(config.get("dp-deterministic-noise", False)):
+    if flag(config.get("dp-deterministic-noise", False), "dp-deterministic-noise"):
         return math.inf
     if config.get("dp-noise-at") == "clients":  # its own bound: t shares, no amplification
         from dpfl_app.client.client_noise import own_epsilon
@@ -74,34 +76,63 @@ def announced_epsilon(config: dict[str, Any], trust_sampling: bool = True) -> fl
     if not trust_sampling:
         population = clients
     withheld = (withheld_sum_bound(sampling, population, clients)
-                if _flag(config["dp-secure-aggregation"]) else 0)
+                if flag(config["dp-secure-aggregation"], "dp-secure-aggregation") else 0)
     model = AccountingModel(sampling, float(config["dp-noise"]), population, clients,
                             float(config["dp-delta"]), withheld)
     return epsilon_after(model, int(config["dp-rounds"]), headline_accountant(model))
 
 
-def _flag(value: Any) -> bool:
-    return value is True or str(value).strip().lower() in ("true", "1", "yes")
+def flag(value: Any, key: str) -> bool:
+    """A yes/no value: a bool, or TRUE / FALSE as text (node config given as text).
+
+    Anything else is a ValueError naming the key, never a silent false: a misspelt
+    require-secure-aggregation must not turn the requirement off.
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE + FALSE:
+        return text in TRUE
+    raise ValueError(f"{key}={value!r} is invalid; allowed: true or false")
+
+
+def node_policy(node_config: dict[str, Any]) -> tuple[float, bool, bool]:
+    """max-epsilon (0: none), require-secure-aggregation, trust-sampling.
+
+    ValueError: one line naming the node-config key that is malformed.
+    """
+    value = node_config.get("max-epsilon", 0) or 0
+    try:
+        max_epsilon = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"max-epsilon={value!r} is invalid; allowed: a number "
+                         "(0: no limit)") from None
+    return (max_epsilon,
+            flag(node_config.get("require-secure-aggregation", False),
+                 "require-secure-aggregation"),
+            flag(node_config.get("trust-sampling", True), "trust-sampling"))
 
 
 def refusal(config: dict[str, Any], node_config: dict[str, Any]) -> str | None:
     """The reason this node refuses the announced mechanism, or None to take part."""
-    max_epsilon = float(node_config.get("max-epsilon", 0) or 0)
-    require_secure = _flag(node_config.get("require-secure-aggregation", False))
+    try:
+        max_epsilon, require_secure, trust_sampling = node_policy(node_config)
+    except ValueError as error:  # refuse: a node must not train under a policy it misread
+        return f"privacy policy: node-config {error}"
     if max_epsilon <= 0 and not require_secure:
         return None
     missing = [key for key in ANNOUNCED if key not in config]
     if missing:
         return f"privacy policy: the server did not announce {', '.join(missing)}"
-    if require_secure and not _flag(config["dp-secure-aggregation"]):
+    try:
+        secure = flag(config["dp-secure-aggregation"], "dp-secure-aggregation")
+        deterministic = flag(config["dp-deterministic-noise"], "dp-deterministic-noise")
+    except ValueError as error:
+        return f"privacy policy: the server announced {error}"
+    if require_secure and not secure:
         return ("privacy policy: node-config require-secure-aggregation=true, but the server "
                 "does not use secure aggregation")
     if max_epsilon > 0:
-        trust = node_config.get("trust-sampling", True)
-        if str(trust).strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
-            return (f"privacy policy: node-config trust-sampling={trust!r} is invalid; "
-                    "allowed: true or false")
-        trust_sampling = _flag(trust)
         try:  # noise-at=clients: the node's own bound, never amplified
             epsilon = announced_epsilon(config, trust_sampling)
         except ValueError as error:  # noise-at=clients: a parameter missing or out of range
@@ -110,7 +141,7 @@ def refusal(config: dict[str, Any], node_config: dict[str, Any]) -> str | None:
             shown = f"{epsilon:.3f}"
             if math.isinf(epsilon):
                 shown = ("inf (deterministic noise: reproducible from the run's seed)"
-                         if _flag(config["dp-deterministic-noise"]) else "inf (no noise)")
+                         if deterministic else "inf (no noise)")
             if config.get("dp-noise-at") == "clients":
                 return (f"privacy policy: the announced client noise (Skellam share variance "
                         f"{config['dp-share-variance']}, at least t={config['dp-noise-threshold']}"
@@ -127,8 +158,11 @@ def refusal(config: dict[str, Any], node_config: dict[str, Any]) -> str | None:
 
 
 def has_policy(node_config: dict[str, Any]) -> bool:
-    return (float(node_config.get("max-epsilon", 0) or 0) > 0
-            or _flag(node_config.get("require-secure-aggregation", False)))
+    try:
+        max_epsilon, require_secure, _ = node_policy(node_config)
+    except ValueError:  # a malformed policy is still a policy (refusal refuses it)
+        return True
+    return max_epsilon > 0 or require_secure
 
 
 def plain_train_refusal(node_config: dict[str, Any]) -> str | None:
@@ -137,7 +171,11 @@ def plain_train_refusal(node_config: dict[str, Any]) -> str | None:
     Whatever the server announces: the plain reply carries the update (and the train
     loss and example count) in the clear.
     """
-    if _flag(node_config.get("require-secure-aggregation", False)):
+    try:
+        _, require_secure, _ = node_policy(node_config)
+    except ValueError as error:
+        return f"privacy policy: node-config {error}"
+    if require_secure:
         return ("privacy policy: node-config require-secure-aggregation=true, and this is a "
                 "plain train message, whose reply would carry the update in the clear")
     return None

@@ -12,7 +12,7 @@ registered with `@app.<category>("<action>")`):
   the masked vector only (no metrics: a loss or a bit in the clear would leak).
   With `noise-at=clients` the encoding is `client_noise.encode`: the rotated,
   scaled, rounded update plus this client's Skellam shares, modulo 2**b, masked
-  in that ring.
+  in that ring, and sent packed, b bits a coordinate (`discrete.pack`).
 
 The protocol itself is `dpfl_app.secagg.client`; its state lives in
 `context.state` between messages. A refusal is an error reply, which the
@@ -38,7 +38,7 @@ from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from dpfl_app.client import client_noise, policy as client_policy
-from dpfl_app.secagg import CIPHERTEXTS, RECORD, ROUND, SRC, client, quantize
+from dpfl_app.secagg import CIPHERTEXTS, RECORD, ROUND, SRC, client, discrete, quantize
 from dpfl_app.secagg.identity import (Identity, IdentityError, load_pinned_keys,
                                       load_private_key, private_bytes)
 
@@ -168,6 +168,8 @@ def masking_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     else:
         encoded = quantize.encode_update(delta, unclipped, clip, np.random.default_rng())
     state, vector = client.masked_input(state, encoded, bits)
+    if bits < 64:  # residues mod 2**b: b bits each on the wire, not a 64-bit word
+        vector = discrete.pack(vector, bits)
     _save(context, state)
     return Message(RecordDict({RECORD: ArrayRecord({"masked": Array(vector)})}), reply_to=msg)
 

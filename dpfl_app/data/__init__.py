@@ -1,5 +1,5 @@
 """Data: the dataset registry, partitions, their cache, and a site's own data.
 
 Used by the ClientApp (training data) and the ServerApp (test set). May import
-only Flower's datasets stack and `dpfl_app.client.errors`; never strategy/, run/ or tools/.
+only Flower's datasets stack and `dpfl_app.errors`; never strategy/, run/ or tools/.
 """

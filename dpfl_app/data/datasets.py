@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from dpfl_app.data.memory_cache import PARTITIONS
-from dpfl_app.client.errors import DataUnavailable
+from dpfl_app.errors import DataUnavailable
 from dpfl_app.data.registry import (  # noqa: F401  (DATASETS, DatasetSpec: re-export)
     COLOUR, DATASETS, GREY, GREY_MODES, DatasetSpec, get_spec,
 )

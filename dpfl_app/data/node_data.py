@@ -25,7 +25,7 @@ import functools
 from pathlib import Path
 
 from dpfl_app.data.settings import ClientSettings
-from dpfl_app.client.errors import ConfigError
+from dpfl_app.errors import ConfigError
 # data.py's private helpers are reused, not copied: the same column check,
 # image decoding, offline switch and demo partitions as the Hub datasets.
 from dpfl_app.data.datasets import (

@@ -138,6 +138,10 @@ def log_wrap_probability(params: DistributedDpParams, contributors: int) -> floa
     return min(0.0, float(np.logaddexp(math.log(p.padded_dim) + update, count)))
 
 
+class ModulusTooSmall(ValueError):
+    """No scale keeps the sum of the clients' noise inside 2**bits (`choose_scale`)."""
+
+
 def choose_scale(params: DistributedDpParams, noise_multiplier: float, count_noise_std: float,
                  contributors: int, log_wrap_target: float = math.log(1e-9)) -> DistributedDpParams:
     """The largest scale gamma whose wrap-around bound stays below the target, with shares
@@ -151,7 +155,7 @@ def choose_scale(params: DistributedDpParams, noise_multiplier: float, count_noi
 
     lo, hi = 1e-12 / params.clip, 2.0 ** params.bits / params.clip
     if not fits(lo):
-        raise ValueError(f"distributed DP: {params.bits} bits cannot hold the sum of "
+        raise ModulusTooSmall(f"distributed DP: {params.bits} bits cannot hold the sum of "
                          f"{contributors} clients' noise without wrap-around; raise bits")
     for _ in range(200):  # bisection in log space
         mid = math.sqrt(lo * hi)

@@ -59,7 +59,7 @@ from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 from scipy.special import gammaln
 
 from dpfl_app.privacy import skellam
-from dpfl_app.privacy.distributed import DistributedDpParams, choose_scale, with_noise
+from dpfl_app.privacy.distributed import DistributedDpParams
 
 ORDERS = tuple(range(2, 257)) + (320, 384, 448, 512, 768, 1024)  # integers, as the theorems need
 AMPLIFIED_MAX_ORDER = 256  # Theorem 9 needs eps(j) at every j <= alpha: ORDERS is dense up to here
@@ -192,62 +192,6 @@ class DistributedAccountant:
         return {"noise_at": "clients", "params": self.params.to_dict(), "sampling": self.sampling,
                 "adjacency": self.adjacency, "sampling_probability": self.q,
                 "survivors": list(self.survivors), **self.epsilons()}
-
-
-def calibrate_noise_multiplier(target_epsilon: float, delta: float, rounds: int,
-                               params: DistributedDpParams, count_noise_std: float,
-                               sampling: str = "poisson",
-                               sampling_probability: float | None = None) -> float:
-    """The smallest central-equivalent z at the threshold meeting the target over `rounds`.
-
-    With `sampling_probability` None, the client's own bound (no amplification);
-    otherwise the amplified figure with only t survivors every round (the worst
-    case the protocol allows). Bisection on log z to 1e-4 relative, returning the
-    upper end, so the target holds.
-    """
-    adjacency = _adjacency(sampling)
-
-    def epsilon(z: float) -> float:
-        rdp = round_rdp(with_noise(params, z, count_noise_std), params.threshold, adjacency)
-        if sampling_probability is not None:
-            rdp = amplified_rdp(rdp, sampling, sampling_probability)
-        return epsilon_from_rdp(rounds * rdp, delta)
-
-    lo, hi = 1e-3, 1e4
-    if epsilon(hi) > target_epsilon:
-        raise ValueError(f"distributed DP: no noise multiplier up to {hi} reaches "
-                         f"epsilon={target_epsilon}: the count noise alone exceeds it; raise it")
-    while hi / lo > 1 + 1e-4:
-        mid = math.sqrt(lo * hi)
-        lo, hi = (lo, mid) if epsilon(mid) <= target_epsilon else (mid, hi)
-    return hi
-
-
-
-def calibrate_params(template: DistributedDpParams, target_epsilon: float, delta: float,
-                     rounds: int, count_noise_std: float, contributors: int,
-                     sampling: str = "poisson", sampling_probability: float | None = None,
-                     log_wrap_target: float = math.log(1e-9)
-                     ) -> tuple[DistributedDpParams, float]:
-    """(params, z): the scale and shares that meet the target at the threshold, and the
-    central-equivalent z they carry at t survivors.
-
-    The two choices depend on each other: the scale is the largest whose sum of
-    `contributors` shares stays in the modulus (`choose_scale`, for a given z),
-    and z depends on the scale through the rounding's inflation B / (gamma C).
-    So alternate, raising z until the params built with it need no more; z only
-    grows, and the last params were built with a z that meets the target.
-    """
-    z = 1.0
-    for _ in range(12):
-        params = choose_scale(template, z, count_noise_std, contributors, log_wrap_target)
-        needed = calibrate_noise_multiplier(target_epsilon, delta, rounds, params,
-                                            count_noise_std, sampling, sampling_probability)
-        if needed <= z:
-            return params, z
-        z = needed * (1 + 1e-4)
-    raise ValueError(f"distributed DP: the scale and noise for epsilon={target_epsilon} "
-                     "did not settle; raise bits")
 
 
 def client_refusal(params: DistributedDpParams, rounds: int, delta: float, max_epsilon: float,

@@ -1,10 +1,12 @@
 """noise-at=clients: the run's Skellam parameters, and a ledger of the survivors' noise.
 
-`plan` turns the run's settings into the parameters every client gets in the
-announcement (`distributed.DistributedDpParams`, with clip 1: the scale is the
+`run_plan` turns the run's config into the parameters every client gets in the
+announcement: the one calibration that the server and the study engine share
+(`calibrate` for a target epsilon, `plan` for a given noise multiplier). The
+parameters (`distributed.DistributedDpParams`) have clip 1: the scale is the
 scaled clip gamma C, so the integer grid, the shares and the accounting are the
 same whatever clip norm C_t adaptive clipping reaches; a round encodes with
-scale gamma / C_t). The noise multiplier z means what it means with
+scale gamma / C_t. The noise multiplier z means what it means with
 noise-at=server: Andrew et al.'s split into the update's z_delta and the count's
 sigma_b (`mechanism.split_noise`), here reached with t = the threshold survivors
 and exceeded by sqrt(n / t) when n > t survive.
@@ -28,7 +30,7 @@ import numpy as np
 from dpfl_app.privacy import distributed_accounting as dacc
 from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger
 from dpfl_app.privacy.distributed import (
-    DistributedDpParams, choose_scale, log_wrap_probability)
+    DistributedDpParams, ModulusTooSmall, choose_scale, log_wrap_probability)
 from dpfl_app.privacy.mechanism import NoiseSplit, split_noise
 
 
@@ -60,31 +62,89 @@ def plan(noise: float, count_stddev: float | None, dim: int, bits: int, threshol
     return ClientNoisePlan(params, split, contributors)
 
 
+def planned_epsilon(trial: ClientNoisePlan, rounds: int, delta: float, sampling: str,
+                    sampling_probability: float | None) -> float:
+    """epsilon after `rounds` rounds of t survivors each: amplified by the server's sampling
+    at `sampling_probability`, or (None) without amplification (a client's own bound)."""
+    p = trial.params
+    rdp = dacc.round_rdp(p, p.threshold, dacc.ADJACENCY[sampling])
+    if sampling_probability is not None:
+        rdp = dacc.amplified_rdp(rdp, sampling, sampling_probability)
+    return dacc.epsilon_from_rdp(rounds * rdp, delta)
+
+
+CALIBRATION_RANGE = (1e-3, 1e4)  # combined z searched
+
+
 def calibrate(target_epsilon: float, delta: float, rounds: int, sampling: str,
-              sampling_probability: float, count_stddev: float | None, dim: int, bits: int,
-              threshold: int, clients_per_round: int, contributors: int) -> ClientNoisePlan:
-    """The smallest combined z (1e-4 relative) whose amplified epsilon at t survivors in
-    every round meets the target, with the scale chosen for that z."""
+              sampling_probability: float | None, count_stddev: float | None, dim: int,
+              bits: int, threshold: int, clients_per_round: int,
+              contributors: int) -> ClientNoisePlan:
+    """The smallest combined z (1e-4 relative) whose epsilon at t survivors in every round
+    meets the target (`planned_epsilon`), with the scale chosen for that z (`plan`).
 
-    def epsilon(z: float) -> tuple[float, ClientNoisePlan]:
-        trial = plan(z, count_stddev, dim, bits, threshold, clients_per_round, contributors)
-        rdp = dacc.amplified_rdp(dacc.round_rdp(trial.params, threshold, dacc.ADJACENCY[sampling]),
-                                 sampling, sampling_probability)
-        return dacc.epsilon_from_rdp(rounds * rdp, delta), trial
+    epsilon falls as z grows, and a larger z needs a smaller scale to stay in the
+    modulus; past some z no scale fits (`choose_scale` raises). So bracket upwards
+    from z = 1 by doubling until the target holds, then bisect; every plan returned
+    was built, and its epsilon computed, with exactly the z it carries.
+    """
+    common = (count_stddev, dim, bits, threshold, clients_per_round, contributors)
 
-    lo, hi = 1e-3, 1e3
-    best_eps, best = epsilon(hi)
-    if best_eps > target_epsilon:
-        raise ValueError(f"noise-at=clients: no noise multiplier up to {hi} reaches "
-                         f"target-epsilon={target_epsilon}")
+    def meets(z: float) -> ClientNoisePlan | None:
+        trial = plan(z, *common)
+        eps = planned_epsilon(trial, rounds, delta, sampling, sampling_probability)
+        return trial if eps <= target_epsilon else None
+
+    lo, hi = CALIBRATION_RANGE
+    z, best = 1.0, None
+    while best is None:
+        if z > hi:
+            raise ValueError(f"noise-at=clients: no noise multiplier up to {hi:g} reaches "
+                             f"target-epsilon={target_epsilon}")
+        try:
+            best = meets(z)
+        except ModulusTooSmall as error:  # no scale fits this much noise in 2**bits
+            raise ValueError(f"noise-at=clients: target-epsilon={target_epsilon} needs a noise "
+                             f"multiplier above {z / 2:.4g}, which {bits} bits cannot hold: "
+                             f"raise noise-bits ({error})") from None
+        if best is None:
+            lo, z = z, 2 * z
+    hi = z  # lo: the last z that missed the target (or the range's floor)
     while hi / lo > 1 + 1e-4:
         mid = math.sqrt(lo * hi)
-        eps, trial = epsilon(mid)
-        if eps <= target_epsilon:
+        trial = meets(mid)
+        if trial is not None:
             hi, best = mid, trial
         else:
             lo = mid
     return best
+
+
+def run_plan(cfg: dict, population: int, dim: int, contributors: int,
+             noise: float | None = None) -> ClientNoisePlan:
+    """A run's shares from its validated run config: the one calibration that the server
+    (`strategy.client_noise.plan_for`), and through it the clients' announcement and the
+    study engine, use.
+
+    `noise` given: the shares for that combined z; None: calibrated to `target-epsilon`
+    with t = `noise_threshold(noise-threshold, m)` survivors every round, amplified by
+    the server's sampling at q = m / N (the headline figure), or, with no target
+    (`target-epsilon` = 0), for the config's `noise`. The count's sigma_b is
+    `clipped-count-stddev`, or ("auto") Andrew et al.'s m/20, raised with z as
+    `mechanism.split_noise` does. `contributors`: the most clients whose inputs can
+    share a round's sum (the wrap-around bound holds there).
+    """
+    m = cfg["clients"]
+    stddev = cfg["clipped-count-stddev"]
+    common = {"count_stddev": None if stddev == "auto" else float(stddev), "dim": dim,
+              "bits": cfg["noise-bits"], "threshold": noise_threshold(cfg["noise-threshold"], m),
+              "clients_per_round": m, "contributors": contributors}
+    if noise is None and cfg["target-epsilon"] <= 0:
+        noise = cfg["noise"]
+    if noise is not None:
+        return plan(noise, **common)
+    return calibrate(cfg["target-epsilon"], cfg["target-delta"], cfg["rounds"], cfg["sampling"],
+                     m / population, **common)
 
 
 class DistributedLedger(PrivacyLedger):

@@ -343,6 +343,16 @@ def dp_fedavg_step(
     )
 
 
+def server_step(global_model: Sequence[np.ndarray], mean: list[np.ndarray], server_lr: float,
+                step: Callable[[Sequence[np.ndarray], list[np.ndarray]], list[np.ndarray]]
+                | None = None) -> list[np.ndarray]:
+    """The next model from the released mean: `step` (a server optimizer) or the plain
+    w + server_lr * mean. Post-processing, no privacy cost."""
+    if step is not None:
+        return step(global_model, mean)
+    return [np.asarray(g + server_lr * u, dtype=g.dtype) for g, u in zip(global_model, mean)]
+
+
 def dp_fedavg_release(
     global_model: Sequence[np.ndarray],
     clipped_deltas: Sequence[Sequence[np.ndarray]],
@@ -374,12 +384,7 @@ def dp_fedavg_release(
     mean = noised_mean_update(clipped_deltas, clients_per_round,
                               noise_scale * update_noise_stddev(split, clip_norm), rng,
                               global_model, sum_bound=clients_per_round * clip_norm)
-    # A step along the released mean: post-processing, no privacy cost.
-    if step is not None:
-        new_model = step(global_model, mean)
-    else:
-        new_model = [np.asarray(g + server_lr * u, dtype=g.dtype)
-                     for g, u in zip(global_model, mean)]
+    new_model = server_step(global_model, mean, server_lr, step)
     fraction = noisy_unclipped_fraction_of_count(unclipped_count, num_contributors,
                                                  clients_per_round,
                                                  noise_scale * split.count_stddev, rng)

@@ -21,7 +21,8 @@ RECIPES_HINT = ("To train privately, start from a recipe instead: the run-config
                 "each takes 19-25 min on 2 CPU cores. With few sites (10 to 50), "
                 "protect each person's record at every site instead (docs/record-level.md): "
                 "`flwr run . digits-10 --run-config recipes/digits-record-eps4.toml` "
-                "(record-level ε = 4; about 4 min).")
+                "(record-level ε = 4: the same as `--run-config "
+                "\"target-record-epsilon=4 noise=0\"` on 10 SuperNodes; about 2 min).")
 
 
 def strength(epsilon: float) -> str:
@@ -186,7 +187,7 @@ def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | No
                    audit: dict | None = None, secure_aggregation: bool = False,
                    assumptions: list[str] = (), simulation: str | None = None,
                    float_residual: dict | None = None,
-                   record_level: list[str] | None = None) -> str:
+                   record_level: list[str] | None = None, user_level_clip: bool = True) -> str:
     """Markdown privacy report for the rounds composed in `ledger`, with the audit if any.
 
     `assumptions` are sentences the guarantee rests on (e.g. how N was chosen).
@@ -194,6 +195,7 @@ def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | No
     the deployment `ledger` accounts for; it then opens the report.
     `record_level`: the record-level guarantee's lines (record_report.py), shown
     beside the user-level one when the run asked for record-level DP-SGD.
+    `user_level_clip=False`: record-level DP alone, whose updates were not clipped.
     """
     model, rounds, acc = ledger.model, ledger.rounds, ledger.headline
     eps = ledger.epsilon()
@@ -225,7 +227,14 @@ def privacy_report(ledger: PrivacyLedger, rounds_run: int, stop_reason: str | No
     if assumptions:
         lines += ["", "**Assumptions:** " + " ".join(assumptions)]
     lines += ["", f"**Strength:** {cat}."]
-    if model.noise_multiplier == 0 and record_level:
+    if not user_level_clip:
+        lines += ["", "**No user-level clip and no user-level noise: there is no user-level "
+                      "guarantee, and no user-level ε is claimed (ε = ∞).** Each site sent its "
+                      "DP-SGD update unclipped and no clipped count was released: a clip without "
+                      "server noise would cost accuracy and protect nothing. The record-level "
+                      "guarantee above stands: each site's own noise bounds what its update "
+                      "reveals about any record."]
+    elif model.noise_multiplier == 0 and record_level:
         lines += ["", "**The server added no noise (noise multiplier z = 0): there is no "
                       "user-level guarantee (ε = ∞).** The record-level guarantee above stands."]
     elif model.noise_multiplier == 0:

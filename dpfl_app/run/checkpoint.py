@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dpfl_app.client.errors import ConfigError
+from dpfl_app.errors import ConfigError
 from dpfl_app.run.outputs import write_atomic, write_json
 
 FILENAME = "checkpoint.pt"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from flwr.supercore import log
 
-from dpfl_app.client.errors import ConfigError, DataUnavailable
+from dpfl_app.errors import ConfigError, DataUnavailable
 from dpfl_app.run import console
 
 # The user's to fix, and their message says how: shown without a traceback.

@@ -107,7 +107,8 @@ class RunRecorder:
                 f"{self.cfg['target-delta']:g} | "
                 + (f"{record_log_text(self.record_model, self.strategy.ledger.rounds)} | "
                    if record else "") +
-                f"clip norm {rec['clip_norm']:.4f} -> {rec['next_clip_norm']:.4f}")
+                (f"clip norm {rec['clip_norm']:.4f} -> {rec['next_clip_norm']:.4f}"
+                 if rec["clip_norm"] is not None else "no user-level clip"))
 
     def float_residual(self) -> dict | None:
         """What numpy's Gaussian sampler adds to (epsilon, delta), bounded (mechanism.py)."""
@@ -161,7 +162,10 @@ class RunRecorder:
                 "completed all rounds" if last is not self.initial
                 and last["round"] == self.cfg["rounds"] else "in progress or interrupted"),
         }
-        accounting = {**accounting_record(self.strategy.ledger), **self.accounting_extra}
+        accounting = {**accounting_record(self.strategy.ledger), **self.accounting_extra,
+                      "user_level_clip": self.strategy.user_level_clip}
+        if not self.strategy.user_level_clip:  # record-level DP alone: nothing to claim
+            final["user_level_epsilon_claimed"] = False
         if self.record_model is not None:
             rounds = self.strategy.ledger.rounds
             final.update(record_fields(self.record_model, rounds),

@@ -37,7 +37,7 @@ from typing import Any
 
 from flwr.supercore import log
 
-from dpfl_app.client.errors import ConfigError
+from dpfl_app.errors import ConfigError
 from dpfl_app.run import console
 from dpfl_app.run.outputs import ROUND_COLUMNS
 

@@ -9,7 +9,7 @@ The protocol's arithmetic and bookkeeping, free of Flower messages and of torch:
 - `server`: the server's bookkeeping: routing, which shares to ask for, the unmasked sum.
 
 Import rule (tests/test_layout.py): this folder imports nothing of ours but
-itself and `dpfl_app.client.errors`; it may import numpy, `cryptography` and Flower's
+itself and `dpfl_app.errors`; it may import numpy, `cryptography` and Flower's
 cryptographic primitives (`flwr.common.secure_aggregation.crypto`,
 `flwr.supercore.primitives.asymmetric`), never strategy/, run/ or tools/.
 The Flower adapters live in `dpfl_app/strategy/secure_aggregation.py` (server)

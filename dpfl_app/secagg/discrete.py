@@ -107,6 +107,37 @@ def modular_sum(vectors, bits: int) -> np.ndarray:
     return total
 
 
+def packed_size(count: int, bits: int) -> int:
+    """Bytes of `count` residues of `bits` bits, packed: ceil(count * bits / 8)."""
+    return math.ceil(count * bits / 8)
+
+
+def pack(residues: np.ndarray, bits: int) -> np.ndarray:
+    """Residues in [0, 2**bits) -> `packed_size` bytes (uint8): each residue's low `bits`
+    bits, least significant first, one after another; the last byte's unused bits are 0.
+    What a masked input costs on the wire (8 bytes per coordinate unpacked)."""
+    _check_bits(bits)
+    words = np.ascontiguousarray(residues, dtype="<u8")
+    if words.ndim != 1 or np.any(words >> np.uint64(bits)):
+        raise ValueError(f"pack takes a vector of residues below 2**{bits}")
+    planes = np.unpackbits(words.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
+    return np.packbits(planes[:, :bits].ravel(), bitorder="little")
+
+
+def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """`pack`'s inverse: `count` residues (uint64) from exactly `packed_size(count, bits)`
+    bytes; ValueError for any other length or type (a malformed input)."""
+    _check_bits(bits)
+    packed = np.asarray(packed)
+    if packed.dtype != np.uint8 or packed.shape != (packed_size(count, bits),):
+        raise ValueError(f"expected {packed_size(count, bits)} packed bytes (uint8), got "
+                         f"{packed.shape} {packed.dtype}")
+    planes = np.zeros((count, 64), dtype=np.uint8)
+    planes[:, :bits] = np.unpackbits(packed, bitorder="little")[:count * bits].reshape(count,
+                                                                                       bits)
+    return np.packbits(planes, axis=1, bitorder="little").view("<u8").ravel().astype(np.uint64)
+
+
 def centred(residues: np.ndarray, bits: int) -> np.ndarray:
     """The centred lift: a residue mod 2**bits -> the integer in [-2^(bits-1), 2^(bits-1))."""
     _check_bits(bits)

@@ -87,6 +87,7 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
     """FedAvg (sampling, evaluation) inside our DP wrapper (clipping, noise, accounting)."""
     from flwr.serverapp.strategy import FedAvg
 
+    from dpfl_app.config import user_level_clip_on
     from dpfl_app.privacy import mechanism
     from dpfl_app.privacy.accounting import AccountingModel, PrivacyLedger
     from dpfl_app.client import policy as client_policy
@@ -129,6 +130,11 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
         from dpfl_app.strategy.client_noise import ClientNoiseDPFedAvg, client_noise_ledger
         ledger = client_noise_ledger(cfg, model.replace(withheld_inputs=0))
         cls, secure["client_noise"] = ClientNoiseDPFedAvg, ledger.params
+    user_clip = user_level_clip_on(cfg)
+    if not user_clip:
+        log(INFO, "record-level DP alone (noise=0, target-epsilon=0): no user-level clip. Each "
+            "site sends its DP-SGD update unclipped and no clipped count is released; the "
+            "record-level noise bounds the privacy, and no user-level epsilon is claimed")
     strategy = cls(
         fedavg, split, cfg["clients"], ledger, generators.noise,
         sampling_rng=generators.sampling,
@@ -139,6 +145,7 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
         **(secure if cfg["secure-aggregation"] else {}),
         server_optimizer=server_optimizer(cfg),
         noise_scale=big.noise_scale, sampling_population=population,
+        user_level_clip=user_clip,
     )
     # The secure strategy's smallest summed cohort, if it has one (a client floor).
     ledger.no_dropout_floor = max(2, int(getattr(strategy, "min_cohort", 2)))

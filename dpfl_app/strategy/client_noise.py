@@ -8,7 +8,7 @@ client sends its clipped, rotated, scaled, rounded update and its centred norm
 bit, each plus its own Skellam share, modulo 2**b, masked in that ring
 (`client/client_noise.py`). The server:
 
-- accepts only inputs of d' + 1 residues below 2**b;
+- accepts only inputs of d' + 1 residues below 2**b, packed b bits each;
 - releases a sum only when at least t clients' inputs are in it (the clients
   refuse to sign a smaller survivor set, so it could not unmask one anyway);
 - reduces the unmasked sum modulo 2**b, takes the centred lift, divides by
@@ -74,10 +74,12 @@ class ClientNoiseDPFedAvg(SecureDPFedAvgAdaptive):
         self._released, self._shares = False, 0
         return super().configure_train(server_round, arrays, config, grid)
 
-    def valid_input(self, vector: np.ndarray, dim: int) -> bool:
-        p = self.client_noise
-        return (vector.shape == (p.padded_dim + 1,) and vector.dtype == np.uint64
-                and bool(np.all(vector < np.uint64(2**p.bits))))
+    def read_input(self, vector: np.ndarray, dim: int) -> np.ndarray | None:
+        """d' + 1 residues below 2**b, packed b bits each (`discrete.pack`), or None."""
+        try:
+            return discrete.unpack(vector, self.client_noise.bits, self.client_noise.padded_dim + 1)
+        except ValueError:
+            return None
 
     def clipped_sum(self, replies: list[Message], reference: dict[str, np.ndarray],
                     clip: float) -> ClippedSum:
@@ -92,8 +94,14 @@ class ClientNoiseDPFedAvg(SecureDPFedAvgAdaptive):
     def decode(self, total: np.ndarray, clip: float, dim: int, survivors: int):
         """The centred lift of the sum modulo 2**b, unscaled and rotated back; the noised
         count of unclipped updates as sum(b_i - 1/2) + n/2 (the release subtracts n/2)."""
-        residues = total & np.uint64(2**self.client_noise.bits - 1)
+        bits = self.client_noise.bits
+        residues = total & np.uint64(2**bits - 1)
         flat, centred_count = discrete.decode(residues, self.encoding(clip), dim)
+        # Operator only: how much of the modulus the noised sum used (near 1: wrap-around
+        # likely), and what the decode produced.
+        self._round_diagnostics["client_noise"] = {
+            "largest_centred": int(np.abs(discrete.centred(residues, bits)).max()),
+            "half_modulus": 2 ** (bits - 1), "decoded_values": int(flat.size)}
         return flat, centred_count + survivors / 2
 
     def release(self, global_nd: list[np.ndarray], deltas: list, unclipped, count: int,
@@ -134,22 +142,17 @@ def model_dim(cfg: dict) -> int:
     return sum(int(v.numel()) for v in build_model(*model_spec(cfg)).state_dict().values())
 
 
-def plan_for(cfg: dict, population: int, noise: float | None = None) -> ClientNoisePlan:
-    """The run's shares: for `noise`, or (None) calibrated to `target-epsilon` with t
-    survivors every round and the server's sampling (the headline figure)."""
+def most_contributors(cfg: dict, population: int) -> int:
+    """The most inputs a round's sum can hold: m (fixed), or the Poisson cohort's 1e-9 bound."""
     m = cfg["clients"]
-    threshold = distributed_ledger.noise_threshold(cfg["noise-threshold"], m)
-    # The most inputs a sum can hold: the cohort (Poisson: above this with prob. < 1e-9).
-    contributors = m if cfg["sampling"] == "fixed" else min(population,
-                                                             floors.poisson_cohort_bound(m))
-    stddev = cfg["clipped-count-stddev"]
-    common = {"count_stddev": None if stddev == "auto" else float(stddev), "dim": model_dim(cfg),
-              "bits": cfg["noise-bits"], "threshold": threshold, "clients_per_round": m,
-              "contributors": contributors}
-    if noise is not None:
-        return distributed_ledger.plan(noise, **common)
-    return distributed_ledger.calibrate(cfg["target-epsilon"], cfg["target-delta"],
-                                        cfg["rounds"], cfg["sampling"], m / population, **common)
+    return m if cfg["sampling"] == "fixed" else min(population, floors.poisson_cohort_bound(m))
+
+
+def plan_for(cfg: dict, population: int, noise: float | None = None) -> ClientNoisePlan:
+    """The run's shares (`distributed_ledger.run_plan`, the one calibration): for `noise`,
+    or (None) calibrated to `target-epsilon` with t survivors every round."""
+    return distributed_ledger.run_plan(cfg, population, model_dim(cfg),
+                                       most_contributors(cfg, population), noise)
 
 
 def client_noise_ledger(cfg: dict, model) -> distributed_ledger.DistributedLedger:

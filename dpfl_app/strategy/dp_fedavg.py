@@ -118,6 +118,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         noise_scale: float = 1.0,
         sampling_population: int | None = None,
         canaries: CanaryAudit | None = None,
+        user_level_clip: bool = True,
     ) -> None:
         # Flower's base stores the *clipped* target; ours is the unclipped
         # quantile gamma of Andrew et al. The pair is kept consistent.
@@ -145,6 +146,11 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         # policy (dpfl_app.client.policy); set by the ServerApp.
         self.announcement: dict = {}
         self.canaries = canaries  # the privacy audit's canary clients, or None
+        # False (config.user_level_clip_on): record-level DP alone. No C_t is sent, the
+        # replies are summed unclipped, and no count of unclipped updates is released.
+        self.user_level_clip = user_level_clip
+        if not user_level_clip:
+            self.clipping_norm = None
         self.round_offset = 0  # rounds already run before a resume
         self.records: list[dict] = []  # one per round, only released quantities
         self.diagnostics: list[dict] = []  # one per round, exact counts: operator only
@@ -153,7 +159,7 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         # must store the ledger durably (the server's crash safety).
         self.on_round_charged: Callable[[], None] | None = None
         self.current_arrays: ArrayRecord | None = None
-        self._round_clip = initial_clip
+        self._round_clip = self.clipping_norm
         self._cohort: set[int] = set()
         self._round_diagnostics: dict = {}
 
@@ -173,9 +179,12 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         log(INFO, "\t│\t├── noise multiplier z=%.4g (update z_delta=%.4g, clipped count "
             "sigma_b=%.4g)", self.split.noise_multiplier, self.split.update_noise_multiplier,
             self.split.count_stddev, **banner)
-        log(INFO, "\t│\t├── initial clip norm %.4g, target unclipped quantile %.4g, "
-            "clip learning rate %.4g", self._round_clip, self.target_quantile,
-            self.clip_norm_lr, **banner)
+        if self.user_level_clip:
+            log(INFO, "\t│\t├── initial clip norm %.4g, target unclipped quantile %.4g, "
+                "clip learning rate %.4g", self._round_clip, self.target_quantile,
+                self.clip_norm_lr, **banner)
+        else:
+            log(INFO, "\t│\t├── no user-level clip (record-level DP alone)", **banner)
         log(INFO, "\t│\t└── %s sampling of m=%d of N=%d clients; unweighted mean of the "
             "clipped updates divided by m (not weighted by num-examples)", self.sampling,
             self.num_sampled_clients, self.population, **banner)
@@ -193,7 +202,8 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         self.current_arrays = arrays
         self._round_clip = self.clipping_norm
         server_round += self.round_offset  # clients see the run's round, also after a resume
-        config[KEY_CLIPPING_NORM] = self._round_clip
+        if self.user_level_clip:
+            config[KEY_CLIPPING_NORM] = self._round_clip
         for key, value in self.announcement.items():
             config[key] = value
         wait_for_nodes(grid, 1, self.node_wait_timeout)
@@ -246,7 +256,8 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
             "rounds_accounted": self.ledger.rounds,  # > round after a crash lost a release
             "clip_norm": clip,
             "next_clip_norm": self.clipping_norm,
-            "noise_std": self.noise_scale * mechanism.update_noise_stddev(self.split, clip) / m,
+            "noise_std": 0.0 if clip is None else
+                         self.noise_scale * mechanism.update_noise_stddev(self.split, clip) / m,
             "noisy_unclipped_fraction": unclipped_fraction,
             "epsilon": eps[eps["headline"]],
             "epsilon_rdp": eps["rdp"],
@@ -270,7 +281,15 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
 
     def release(self, global_nd: list[np.ndarray], deltas: list, unclipped: int, count: int,
                 clip: float, m: int) -> tuple[list[np.ndarray], float, float]:
-        """The round's noised release and model step (dp-ftrl overrides the noise)."""
+        """The round's noised release and model step (dp-ftrl overrides the noise).
+
+        Without a user-level clip (`clip` None): the plain mean with the fixed denominator
+        m, no noise, no count released (fraction and next clip None).
+        """
+        if clip is None:
+            mean = mechanism.noised_mean_update(deltas, m, 0.0, self.rng, global_nd)
+            return mechanism.server_step(global_nd, mean, self.server_lr, self.server_optimizer.step
+                                         if self.server_optimizer else None), None, None
         return mechanism.dp_fedavg_release(
             global_nd, deltas, unclipped, count,
             clip, m, self.split, self.rng, server_lr=self.server_lr,
@@ -285,8 +304,11 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
 
         The secure-aggregation strategy overrides this with the unmasked sum.
         """
-        accepted, rejected = screen_replies(replies, reference, self._cohort)
-        deltas = clipped_deltas([r.arrays for r in accepted], list(reference.values()), clip)
+        accepted, rejected = screen_replies(replies, reference, self._cohort,
+                                            norm_bit=clip is not None)
+        models, global_nd = [r.arrays for r in accepted], list(reference.values())
+        deltas = (clipped_deltas(models, global_nd, clip) if clip is not None else
+                  [[a - g for a, g in zip(model, global_nd)] for model in models])
         return ClippedSum(deltas, sum(r.unclipped for r in accepted), len(accepted),
                           len(rejected),
                           [{"node_id": bad.node_id, "reason": bad.reason} for bad in rejected])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dpfl_app.client.errors import ConfigError
+from dpfl_app.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import time
 
 from flwr.serverapp import Grid
 
-from dpfl_app.client.errors import ConfigError
+from dpfl_app.errors import ConfigError
 
 
 def population_size(cfg: dict, online: int, state: dict | None) -> int:

@@ -37,8 +37,10 @@ def _node(msg: Message) -> int:
     return msg.metadata.src_node_id
 
 
-def screen_reply(msg: Message, reference: dict[str, np.ndarray]) -> AcceptedReply | RejectedReply:
-    """Accept `msg` only if it is exactly the model's arrays, finite, with a norm bit."""
+def screen_reply(msg: Message, reference: dict[str, np.ndarray],
+                 norm_bit: bool = True) -> AcceptedReply | RejectedReply:
+    """Accept `msg` only if it is exactly the model's arrays, finite, with a norm bit
+    (none with `norm_bit=False`: a run without a user-level clip; `unclipped` is then 0)."""
     if msg.has_error():
         return RejectedReply(_node(msg), f"client error: {msg.error.reason}")
     content = msg.content
@@ -61,6 +63,8 @@ def screen_reply(msg: Message, reference: dict[str, np.ndarray]) -> AcceptedRepl
             )
         if not np.all(np.isfinite(arr)):
             return RejectedReply(_node(msg), f"array {name!r} has NaN or inf values")
+    if not norm_bit:
+        return AcceptedReply(_node(msg), arrays, 0)
     metrics = next(iter(content.metric_records.values()))
     if KEY_NORM_BIT not in metrics:
         return RejectedReply(_node(msg), f"metric {KEY_NORM_BIT!r} is missing")
@@ -72,7 +76,8 @@ def screen_reply(msg: Message, reference: dict[str, np.ndarray]) -> AcceptedRepl
 
 
 def screen_replies(
-    replies: list[Message], reference: dict[str, np.ndarray], cohort: set[int]
+    replies: list[Message], reference: dict[str, np.ndarray], cohort: set[int],
+    norm_bit: bool = True,
 ) -> tuple[list[AcceptedReply], list[RejectedReply]]:
     """Split replies into accepted and rejected, keeping their order.
 
@@ -86,7 +91,7 @@ def screen_replies(
         elif node in seen:
             result = RejectedReply(node, "duplicate: this node already replied this round")
         else:
-            result = screen_reply(msg, reference)
+            result = screen_reply(msg, reference, norm_bit)
         seen.add(node)
         (accepted if isinstance(result, AcceptedReply) else rejected).append(result)
     return accepted, rejected

@@ -143,9 +143,9 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
                 self._refuse(reply.metadata.src_node_id, f"train: {reply.error.reason}")
                 continue
             record = reply.content.array_records.get(RECORD)
-            vector = record["masked"].numpy() if record is not None and "masked" in record \
-                else None
-            if index is None or vector is None or not self.valid_input(vector, dim):
+            vector = self.read_input(record["masked"].numpy(), dim) \
+                if record is not None and "masked" in record else None
+            if index is None or vector is None:
                 self._refuse(reply.metadata.src_node_id, "train: malformed masked input")
                 continue
             rnd.receive_input(index, vector)
@@ -169,9 +169,10 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
                           self._refusals)
 
     # --- the encoding (noise-at=clients overrides these: strategy/client_noise.py) ------
-    def valid_input(self, vector: np.ndarray, dim: int) -> bool:
-        """A masked input of the expected shape and type: the d fixed-point words and the bit."""
-        return vector.shape == (dim + 1,) and vector.dtype == np.uint64
+    def read_input(self, vector: np.ndarray, dim: int) -> np.ndarray | None:
+        """A masked input of the expected shape and type (the d fixed-point words and the
+        bit), or None (malformed)."""
+        return vector if vector.shape == (dim + 1,) and vector.dtype == np.uint64 else None
 
     def decode(self, total: np.ndarray, clip: float, dim: int, survivors: int):
         """The unmasked sum -> (flat sum of the clipped deltas, sum of the norm bits)."""

@@ -10,7 +10,7 @@ from flwr.clientapp.mod import adaptiveclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from dpfl_app.client_app import app as client_app
-from dpfl_app.client.mods import zero_safe_adaptiveclipping_mod
+from dpfl_app.client.mods import user_level_clipping_mod, zero_safe_adaptiveclipping_mod
 from dpfl_app.config import model_spec, validate
 from dpfl_app.task import build_model
 from tests.inprocess import default_run_config
@@ -102,3 +102,28 @@ def test_real_client_app_with_a_vanishing_learning_rate_replies_normally():
     assert reply.content["metrics"][KEY_NORM_BIT] == 0
     for key in sent:
         np.testing.assert_array_equal(reply.content["arrays"][key].numpy(), sent[key].numpy())
+
+
+def test_a_record_only_site_sends_its_update_unclipped():
+    """Record-level DP alone: the ClientApp's DP-SGD update leaves without the user-level clip
+    (and without a norm bit), even if a message carries a clip norm; before, it was clipped."""
+    cfg = default_run_config(**{"noise": 0.0, "record-noise": 1.0, "local-epochs": 1})
+    torch.manual_seed(0)
+    sent = ArrayRecord(build_model(*model_spec(validate(dict(cfg)))).state_dict())
+    reply = client_app(_train_message(sent, clip=1e-3), _context(cfg))
+    assert not reply.has_error(), reply.error
+    assert KEY_NORM_BIT not in reply.content["metrics"]
+    delta = [reply.content["arrays"][k].numpy() - sent[k].numpy() for k in sent]
+    assert np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in delta)) > 0.1
+
+
+def test_secure_aggregation_keeps_the_clip_of_a_record_only_site():
+    """Under secure aggregation C_t is the quantization range: the mod still clips."""
+    def far_reply(msg, ctxt):
+        arrays = ArrayRecord({k: Array(v.numpy() + 10.0) for k, v in msg.content["arrays"].items()})
+        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"n": 1})}),
+                       reply_to=msg)
+
+    cfg = default_run_config(**{"noise": 0.0, "record-noise": 1.0, "secure-aggregation": True})
+    reply = user_level_clipping_mod(_train_message(_arrays(), clip=0.1), _context(cfg), far_reply)
+    assert reply.content["metrics"][KEY_NORM_BIT] == 1

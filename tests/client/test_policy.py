@@ -171,7 +171,31 @@ def test_trust_sampling_true_is_the_default():
                 is None)
 
 
-def test_a_malformed_trust_sampling_is_refused_with_one_line_naming_it():
-    reason = client_policy.refusal(_announced(), {"max-epsilon": 4.0, "trust-sampling": "maybe"})
-    assert reason == ("privacy policy: node-config trust-sampling='maybe' is invalid; "
-                      "allowed: true or false")
+@pytest.mark.parametrize("key,value", [
+    ("trust-sampling", "maybe"), ("require-secure-aggregation", "ture"),
+    ("max-epsilon", "four")])
+def test_a_malformed_policy_key_is_refused_with_one_line_naming_it(key, value):
+    """Before, a misspelt require-secure-aggregation read as false: the node trained
+    without the secure aggregation it asked for."""
+    allowed = "a number (0: no limit)" if key == "max-epsilon" else "true or false"
+    line = f"privacy policy: node-config {key}={value!r} is invalid; allowed: {allowed}"
+    policy = {"max-epsilon": 4.0, key: value}
+    assert client_policy.refusal(_announced(secure=False), policy) == line
+    assert client_policy.plain_train_refusal(policy) == line
+    assert client_policy.has_policy({key: value})
+
+
+def test_one_vocabulary_of_yes_and_no_for_node_config_and_announcement():
+    for text in client_policy.TRUE + ("True", " YES ", True):
+        assert client_policy.flag(text, "k") is True
+    for text in client_policy.FALSE + ("False", " No ", False):
+        assert client_policy.flag(text, "k") is False
+    with pytest.raises(ValueError, match=r"^k='' is invalid; allowed: true or false$"):
+        client_policy.flag("", "k")
+
+
+def test_a_malformed_announced_flag_is_refused():
+    announced = {**_announced(secure=True), "dp-secure-aggregation": "sort of"}
+    assert client_policy.refusal(announced, {"require-secure-aggregation": True}) == (
+        "privacy policy: the server announced dp-secure-aggregation='sort of' is invalid; "
+        "allowed: true or false")

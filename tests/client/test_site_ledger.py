@@ -10,7 +10,8 @@ from dpfl_app.privacy.record_level import RecordLevelModel, record_epsilon
 from dpfl_app.client.site_ledger import LEDGER_KEY, record_budget_mod, trained_models
 from tests.inprocess import default_run_config
 
-RECORD = {"noise": 0.0, "record-noise": 1.0, "rounds": 3, "local-epochs": 2}
+RECORD = {"noise": 0.0, "record-noise": 1.0, "record-sampling-rate": 0.1, "rounds": 3,
+          "local-epochs": 2}
 PLAN = RecordLevelModel(1.0, 0.1, 2, 1e-5)
 
 
@@ -85,7 +86,7 @@ def test_a_calibrated_sigma_is_cached_in_node_state_and_meets_the_target():
 @pytest.mark.parametrize("key,value", [("record-noise", -1.0), ("record-sampling-rate", 0.0),
                                        ("record-clip", 0.0)])
 def test_bad_record_values_fail_on_the_node_too(key, value):
-    from dpfl_app.client.errors import ConfigError
+    from dpfl_app.errors import ConfigError
 
     with pytest.raises(ConfigError, match=key):
         validate(default_run_config(**{**RECORD, key: value}))

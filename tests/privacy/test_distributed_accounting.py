@@ -12,6 +12,7 @@ from scipy import special, stats
 
 from dpfl_app.privacy import distributed, skellam
 from dpfl_app.privacy import distributed_accounting as accounting
+from dpfl_app.privacy import distributed_ledger as ledger
 
 
 def _params(**changes):
@@ -96,20 +97,22 @@ def test_sensitivities_include_the_rounding():
 
 @pytest.mark.parametrize("q", [None, 0.05])
 def test_calibration_is_tight(q):
-    params = _params()
-    z = accounting.calibrate_noise_multiplier(8.0, 1e-6, 30, params, 50.0, "poisson", q)
+    """The one calibration (`distributed_ledger.calibrate`): the target holds with t survivors
+    every round, and 0.1 % less combined noise misses it."""
+    plan = ledger.calibrate(8.0, 1e-6, 30, "poisson", q, 5.0, 650, 20, 8, 10, 10)
 
-    def epsilon(mult):
-        rdp = accounting.round_rdp(distributed.with_noise(params, mult, 50.0), params.threshold)
-        rdp = rdp if q is None else accounting.mixture_rdp(rdp, q)
-        return accounting.epsilon_from_rdp(30 * rdp, 1e-6)
+    def epsilon(z):
+        trial = ledger.plan(z, 5.0, 650, 20, 8, 10, 10)
+        return ledger.planned_epsilon(trial, 30, 1e-6, "poisson", q)
 
+    z = plan.split.noise_multiplier
     assert epsilon(z) <= 8.0 < epsilon(z * 0.999)
+    assert plan == ledger.plan(z, 5.0, 650, 20, 8, 10, 10)  # built with the z it carries
 
 
-def test_calibration_says_when_the_count_noise_is_too_small():
-    with pytest.raises(ValueError, match="count noise"):
-        accounting.calibrate_noise_multiplier(1.0, 1e-6, 100, _params(), 0.5)
+def test_calibration_says_when_the_bits_cannot_hold_the_noise():
+    with pytest.raises(ValueError, match="raise noise-bits"):
+        ledger.calibrate(0.5, 1e-6, 100, "poisson", None, None, 650, 8, 8, 10, 10)
 
 
 def test_with_noise_sets_the_threshold_sum_to_the_multiplier():
@@ -259,21 +262,30 @@ def test_state_dict_restores_the_same_epsilons():
 
 
 def test_calibrated_params_meet_the_target_at_the_threshold_and_fit_the_modulus():
-    """`calibrate_params`: epsilon <= target with t survivors every round, amplified; the
-    wrap-around bound holds at the most contributors; and 1% less noise misses the target."""
-    from dpfl_app.privacy.distributed import DistributedDpParams, log_wrap_probability, with_noise
+    """The ε = 4 recipe's N = 1,437, m = 1,000, t = 800 at b = 18: epsilon <= target with t
+    survivors every round, amplified; the wrap-around bound holds at the most contributors
+    (the Poisson cohort's bound); 1 % less noise misses the target. (The server's earlier
+    calibration started its search at z = 1,000, which 18 bits cannot hold, and failed.)"""
+    from dpfl_app.privacy.distributed import log_wrap_probability
 
-    template = DistributedDpParams(clip=1.0, dim=2410, scale=1.0, bits=16, share_variance=0.0,
-                                   count_share_variance=0.0, threshold=80)
-    params, z = accounting.calibrate_params(template, 4.0, 1e-5, 40, 5.0, 140, "poisson", 0.7)
-    assert params.noise_multiplier(80) == pytest.approx(z)
+    plan = ledger.calibrate(4.0, 1e-5, 40, "poisson", 1000 / 1437, None, 2410, 18, 800, 1000,
+                            1237)
+    params = plan.params
+    assert params.noise_multiplier(800) == pytest.approx(plan.split.update_noise_multiplier)
 
     def epsilon(p):
-        accountant = accounting.DistributedAccountant(p, 1e-5, "poisson", 0.7)
+        accountant = accounting.DistributedAccountant(p, 1e-5, "poisson", 1000 / 1437)
         for _ in range(40):
-            accountant.compose_round(80)
+            accountant.compose_round(800)
         return accountant.epsilons()["with_sampling"]
 
     assert 3.9 < epsilon(params) <= 4.0
-    assert epsilon(with_noise(params, z / 1.01, 5.0)) > 4.0
-    assert log_wrap_probability(params, 140) <= math.log(1e-9)
+    less = ledger.plan(plan.split.noise_multiplier / 1.01, None, 2410, 18, 800, 1000, 1237)
+    assert epsilon(less.params) > 4.0
+    assert log_wrap_probability(params, 1237) <= math.log(1e-9)
+
+
+def test_calibration_passes_on_a_count_noise_that_is_too_small():
+    """A given sigma_b below z/2 is the user's key to fix, not the modulus."""
+    with pytest.raises(ValueError, match="clipped-count-stddev"):
+        ledger.calibrate(0.5, 1e-6, 100, "poisson", None, 0.2, 650, 30, 8, 10, 10)

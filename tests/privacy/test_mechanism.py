@@ -81,8 +81,7 @@ def test_privacy_package_imports_no_flower():
     code = ("import sys; import dpfl_app.privacy.mechanism, dpfl_app.privacy.accounting, "
             "dpfl_app.privacy.calibration, dpfl_app.privacy.report; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'))")
-    out = run_python(code)
-    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+    _prints_an_empty_list(code)
 
 
 def test_accounting_leaves_the_root_logger_alone():
@@ -91,6 +90,11 @@ def test_accounting_leaves_the_root_logger_alone():
     code = ("import logging; from dpfl_app.privacy.accounting import AccountingModel, "
             "epsilon_after; m = AccountingModel('poisson', 0.3, 10, 6, 1e-5); "
             "epsilon_after(m, 5, 'rdp'); epsilon_after(m, 5, 'pld'); print(logging.root.handlers)")
+    _prints_an_empty_list(code)
+
+
+def _prints_an_empty_list(code: str) -> None:
+    """`code` in a fresh interpreter, which must succeed and print []."""
     out = run_python(code)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 

@@ -43,7 +43,7 @@ def exact_pair_epsilon(p: float, z: float, rounds: int) -> float:
 def _ledger(sampling: str, n: int, m: int, z: float, rounds: int):
     """The run's ledger, or None when the configuration is refused in one line (the
     issue allows either): secure aggregation's client floors refuse a cohort of m=2."""
-    from dpfl_app.client.errors import ConfigError
+    from dpfl_app.errors import ConfigError
     from dpfl_app.secagg import floors
 
     run_config = default_run_config(**{

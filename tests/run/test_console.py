@@ -14,7 +14,7 @@ import logging
 import flwr.supercore.exit.exit as flower_exit
 import pytest
 
-from dpfl_app.client.errors import DataUnavailable
+from dpfl_app.errors import DataUnavailable
 from dpfl_app.run import console, outcome
 from tests.inprocess import default_run_config, run_server
 

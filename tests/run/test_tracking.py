@@ -14,7 +14,7 @@ import logging
 import pytest
 
 from dpfl_app.config import TRACKERS, validate
-from dpfl_app.client.errors import ConfigError
+from dpfl_app.errors import ConfigError
 from dpfl_app.run import tracking
 from dpfl_app.run.outputs import ROUND_COLUMNS, read_diagnostics
 from tests.inprocess import ServerCrash, default_run_config, run_server

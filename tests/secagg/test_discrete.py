@@ -202,3 +202,24 @@ def test_masking_in_the_b_bit_ring_hides_the_carries_that_a_64_bit_sum_would_sho
     learned = (naive - values.sum(axis=0)) // 2**bits
     assert np.array_equal(learned, (values < 0).sum(axis=0))
     assert len(set(learned.tolist())) > 1  # and it varies with the inputs
+
+
+@pytest.mark.parametrize("bits", [2, 7, 8, 18, 20, 33, 62])
+def test_packing_round_trips_in_exactly_ceil_n_b_over_8_bytes(bits):
+    """A masked input travels as b bits a coordinate; the server gets the same residues."""
+    rng = np.random.default_rng(bits)
+    for count in (1, 5, 4097):
+        residues = rng.integers(0, 2**bits, size=count, dtype=np.uint64)
+        residues[0] = 2**bits - 1  # every bit set: nothing spills into the next residue
+        packed = discrete.pack(residues, bits)
+        assert packed.dtype == np.uint8 and packed.size == math.ceil(count * bits / 8)
+        assert np.array_equal(discrete.unpack(packed, bits, count), residues)
+
+
+def test_packing_refuses_what_is_not_a_b_bit_vector_and_unpacking_a_wrong_length():
+    with pytest.raises(ValueError, match="below 2\\*\\*18"):
+        discrete.pack(np.array([2**18], dtype=np.uint64), 18)
+    packed = discrete.pack(np.arange(10, dtype=np.uint64), 18)
+    for bad in (packed[:-1], np.append(packed, 0).astype(np.uint8), packed.astype(np.uint64)):
+        with pytest.raises(ValueError, match="packed bytes"):
+            discrete.unpack(bad, 18, 10)

@@ -92,6 +92,10 @@ def test_rounds_are_accounted_with_the_survivors_noise_down_to_the_threshold(tmp
         assert key in acc
     (diag,) = read_diagnostics(run_dir)
     assert diag["secure_aggregation"]["sum_released"] and diag["num_replies"] == 8
+    # the decode gave the model's d values; the noised sum's largest value, against 2^(b-1)
+    used = diag["client_noise"]
+    assert used["decoded_values"] == params.dim
+    assert used["half_modulus"] == 2 ** (params.bits - 1) and 0 < used["largest_centred"]
 
     report = (run_dir / "privacy.md").read_text()  # both figures, and the clients' bound
     assert "trusting the server's sampling" in report and "Without trusting" in report
@@ -162,3 +166,22 @@ def test_the_canary_audit_stays_below_the_accounted_epsilon_and_flags_a_tenth_of
         assert audit["epsilon_ci95"][0] <= audit["accounted_epsilon"]
     else:
         assert audit["verdict"] == "above" and audit["epsilon"] > 2 * audit["accounted_epsilon"]
+
+
+def test_the_server_reads_only_packed_b_bit_inputs():
+    """A masked input travels as ceil((d' + 1) b / 8) bytes (what `bytes_per_client` reports);
+    the old 64-bit words, or a wrong length, are malformed (the in-process runs above show
+    that the clients send what the server reads)."""
+    from dpfl_app.secagg import discrete
+    from dpfl_app.strategy.client_noise import ClientNoiseDPFedAvg
+
+    params = DistributedDpParams(clip=1.0, dim=650, scale=100.0, bits=18, share_variance=1.0,
+                                 count_share_variance=1.0, threshold=8)
+    strategy = ClientNoiseDPFedAvg.__new__(ClientNoiseDPFedAvg)  # read_input needs only this
+    strategy.client_noise = params
+    residues = np.random.default_rng(0).integers(0, 2**18, size=1025, dtype=np.uint64)
+    packed = discrete.pack(residues, 18)
+    assert packed.size == params.bytes_per_client
+    assert np.array_equal(strategy.read_input(packed, 650), residues)
+    assert strategy.read_input(residues, 650) is None
+    assert strategy.read_input(packed[:-1], 650) is None

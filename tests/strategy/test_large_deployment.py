@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dpfl_app.config import validate
-from dpfl_app.client.errors import ConfigError
+from dpfl_app.errors import ConfigError
 from dpfl_app.privacy import mechanism
 from dpfl_app.run.outputs import read_diagnostics
 from dpfl_app.privacy.accounting import AccountingModel, epsilon_after
@@ -37,9 +37,9 @@ def test_deployment_from_the_keys():
     cfg = validate(default_run_config(**SIMULATED))
     big = deployment(cfg, 10)
     assert (big.population, big.clients_per_round) == (100_000, 1_000)
-    assert big.noise_scale == pytest.approx(6 / 1000) and big.simulated
+    assert big.noise_scale == pytest.approx(10 / 1000) and big.simulated  # m = 10
     own = deployment(validate(default_run_config()), 10)
-    assert (own.population, own.clients_per_round, own.noise_scale) == (10, 6, 1.0)
+    assert (own.population, own.clients_per_round, own.noise_scale) == (10, 10, 1.0)
     assert not own.simulated
     with pytest.raises(ConfigError, match="'simulate-population' = 100000 is smaller"):
         deployment(cfg, 200_000)
@@ -47,8 +47,8 @@ def test_deployment_from_the_keys():
 
 @pytest.mark.parametrize("keys,message", [
     ({"simulate-population": 1000}, "set both"),
-    ({"simulate-population": 1000, "simulate-clients": 3}, "between clients=6"),
-    ({"simulate-population": 1000, "simulate-clients": 2000}, "between clients=6"),
+    ({"simulate-population": 1000, "simulate-clients": 3}, "between clients=10"),
+    ({"simulate-population": 1000, "simulate-clients": 2000}, "between clients=10"),
 ])
 def test_inconsistent_simulation_keys_are_refused(keys, message):
     with pytest.raises(ConfigError, match=message):
@@ -113,7 +113,7 @@ def test_every_simulated_epsilon_is_labelled_as_simulated(tmp_path, caplog):
     assert final["epsilon_is"].startswith("SIMULATED")
     assert results["accounting"]["epsilon_is"].startswith("SIMULATED")
     assert final["epsilon_this_run"] == pytest.approx(epsilon_after(
-        AccountingModel("poisson", 1.0 * 6 / 1000, 10, 6, 1e-5), 1, "pld"), rel=1e-9)
+        AccountingModel("poisson", 1.0 * 10 / 1000, 10, 10, 1e-5), 1, "pld"), rel=1e-9)
     lines = [r.getMessage() for r in caplog.records]
     (round_line,) = [line for line in lines if line.startswith("round 1/1")]
     assert "SIMULATED deployment's epsilon so far" in round_line

@@ -14,7 +14,7 @@ import pytest
 from flwr.app import ConfigRecord
 
 from dpfl_app.config import validate
-from dpfl_app.client.errors import ConfigError
+from dpfl_app.errors import ConfigError
 from tests.fakes import FakeGrid, clipped_reply, error_reply, make_strategy, records, set_source
 from tests.inprocess import default_run_config
 

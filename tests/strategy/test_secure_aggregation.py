@@ -23,7 +23,7 @@ from tests.inprocess import default_run_config, run_server
 
 def _config(tmp_path, name, **overrides):
     base = {"output-dir": str(tmp_path / name), "rounds": 1, "sampling": "fixed",
-            "deterministic-noise": True}
+            "clients": 6, "deterministic-noise": True}
     return default_run_config(**{**base, **overrides})
 
 

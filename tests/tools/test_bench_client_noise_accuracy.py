@@ -7,13 +7,15 @@ import json
 from dpfl_app.tools.bench import client_noise_accuracy as bench
 
 
-def test_variants_name_their_settings():
-    names = dict(bench.variants(18, [0.8], ideal=True, clients=1437))
-    assert names["central"] is None
-    plain, ideal = names["clients m=1437 t=0.8m b=18"], names["clients m=1437 t=0.8m b=18 ideal"]
-    assert (plain.bits, plain.threshold, plain.remove_excess) == (18, 0.8, False)
-    assert ideal.remove_excess
-    assert "central" not in dict(bench.variants(18, [0.8], False, central=False))
+def test_variants_name_their_settings_and_set_the_run_config_keys():
+    named = {name: (keys, options) for name, keys, options in
+             bench.variants(18, [0.8], ideal=True, clients=1437)}
+    assert named["central"] == ({}, None)
+    plain, ideal = named["clients m=1437 t=0.8m b=18"], named["clients m=1437 t=0.8m b=18 ideal"]
+    assert plain == ({"secure-aggregation": True, "noise-at": "clients", "noise-bits": 18,
+                      "noise-threshold": 0.8, "clients": 1437}, None)
+    assert ideal[0] == plain[0] and ideal[1].remove_excess
+    assert "central" not in {v[0] for v in bench.variants(18, [0.8], False, central=False)}
 
 
 def test_table_gives_mean_and_sd_per_recipe_and_variant(tmp_path):

@@ -15,7 +15,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from dpfl_app.privacy import distributed, mechanism, skellam
+from dpfl_app.privacy import distributed, distributed_ledger, mechanism, skellam
+from dpfl_app.privacy.accounting import AccountingModel
 from dpfl_app.privacy.distributed_accounting import DistributedAccountant
 from dpfl_app.secagg import discrete, rotation
 from dpfl_app.tools.bench import default_run_config
@@ -24,7 +25,9 @@ from dpfl_app.tools.study import client_noise as cn
 SEED = b"public round seed, 32 bytes long"
 CFG = {"target-epsilon": 4.0, "target-delta": 1e-5, "rounds": 40, "clients": 50,
        "sampling": "poisson", "seed": 7, "server-lr": 2.0, "target-quantile": 0.5,
-       "clip-lr": 0.2}
+       "clip-lr": 0.2, "noise-bits": 18, "noise-threshold": 0.8,
+       # sigma_b = 10: the count's noise takes a small part of the budget
+       "clipped-count-stddev": 10.0}
 DIM = 300
 
 
@@ -98,7 +101,7 @@ def test_shortcuts_equal_the_protocols_per_client_residues():
     enc = cn.encoding(params, SEED, 2)
     deltas = models.astype(np.float64) - global_flat
     rounded = cn.integer_updates(deltas, enc, np.random.default_rng(4))
-    each = cn.ClientNoise(bits=16, shares="each")
+    each = cn.ClientNoiseOptions(shares="each")
     signed = cn.noised_integer_sum(rounded, bits, params, each, np.random.default_rng(5))
     rng = np.random.default_rng(5)  # the same shares, drawn in the same order
     residues = []
@@ -110,22 +113,26 @@ def test_shortcuts_equal_the_protocols_per_client_residues():
     assert np.array_equal(discrete.modular_sum(residues, 16), discrete.to_residues(signed, 16))
     # The one-draw shortcut: the noise of the sum has variance n v (4096 x 40 draws).
     zero = np.zeros((8, 4096), dtype=np.int64)
-    noise = np.concatenate([cn.noised_integer_sum(zero, [1] * 8, params, cn.ClientNoise(),
+    noise = np.concatenate([cn.noised_integer_sum(zero, [1] * 8, params, cn.ClientNoiseOptions(),
                                                   np.random.default_rng(s))[:-1]
                             for s in range(40)])
     # variance of a sample variance of 163,840 draws: ~2 V^2 / n, so 2% is > 5 sd
     assert np.var(noise) == pytest.approx(8 * params.share_variance, rel=0.02)
 
 
-def _round(noise, cfg=CFG, population=100, rng_seed=0):
-    # sigma_b = 10: the count's noise takes a small part of the budget (the engine passes
-    # the central split's, raised with z as the server does)
-    return cn.ClientNoiseRound(cfg, population, DIM, noise, 10.0, np.random.default_rng(rng_seed))
+def _round(options=cn.ClientNoiseOptions(), population=100, rng_seed=0, **keys):
+    """The study's round with the server's plan and ledger for CFG with `keys` changed."""
+    cfg = {**CFG, **keys}
+    plan = distributed_ledger.run_plan(cfg, population, DIM, contributors=population)
+    model = AccountingModel(cfg["sampling"], plan.split.noise_multiplier, population,
+                            cfg["clients"], cfg["target-delta"])
+    return cn.ClientNoiseRound(cfg, distributed_ledger.DistributedLedger(model, plan.params), DIM,
+                               options, np.random.default_rng(rng_seed))
 
 
 def test_zero_noise_equals_the_central_round_within_the_quantization_bound():
     """Clients' pipeline with no noise against `dp_fedavg_step` with no noise."""
-    engine = _round(cn.ClientNoise(bits=20, threshold=0.5))
+    engine = _round(**{"noise-bits": 20, "noise-threshold": 0.5})
     engine.params = replace(engine.params, share_variance=0.0, count_share_variance=0.0)
     global_flat, models, bits = _cohort(40)
     clip = 0.7
@@ -148,7 +155,7 @@ def test_zero_noise_equals_the_central_round_within_the_quantization_bound():
 
 
 def test_the_accountant_sees_the_survivors_and_nothing_below_the_threshold():
-    engine = _round(cn.ClientNoise(bits=18, threshold=0.8, survival=0.8), rng_seed=3)
+    engine = _round(cn.ClientNoiseOptions(survival=0.8), rng_seed=3)
     global_flat, models, bits = _cohort(50)
     survivors, released = [], []
     model = global_flat
@@ -161,8 +168,8 @@ def test_the_accountant_sees_the_survivors_and_nothing_below_the_threshold():
         else:  # withheld: nothing released, the model unchanged
             assert np.array_equal(new, model)
         model = new
-    assert engine.accountant.survivors == released
-    assert engine.withheld == len(survivors) - len(released) > 0  # the draw hit both cases
+    assert engine.ledger.accountant.survivors == released
+    assert engine.ledger.withheld_rounds == len(survivors) - len(released) > 0  # both cases
     reference = DistributedAccountant(engine.params, CFG["target-delta"], "poisson",
                                       CFG["clients"] / 100)
     for n in released:
@@ -173,7 +180,8 @@ def test_the_accountant_sees_the_survivors_and_nothing_below_the_threshold():
 
 @pytest.mark.parametrize("remove_excess", [False, True])
 def test_a_sum_carries_the_survivors_noise_or_the_thresholds_with_excess_removed(remove_excess):
-    engine = _round(cn.ClientNoise(bits=24, threshold=0.5, remove_excess=remove_excess))
+    engine = _round(cn.ClientNoiseOptions(remove_excess=remove_excess),
+                    **{"noise-bits": 24, "noise-threshold": 0.5})
     t, n = engine.params.threshold, 40
     global_flat = np.zeros(DIM, dtype=np.float32)
     models = np.zeros((n, DIM), dtype=np.float32)  # zero updates: the release is the noise
@@ -186,15 +194,22 @@ def test_a_sum_carries_the_survivors_noise_or_the_thresholds_with_excess_removed
     expected = CFG["server-lr"] / CFG["clients"] * math.sqrt(
         shares * engine.params.share_variance) / engine.params.scale
     assert np.std(np.concatenate(draws)) == pytest.approx(expected, rel=0.05)  # 6,000 draws
-    assert engine.accountant.survivors == [shares] * 20
+    assert engine.ledger.accountant.survivors == [shares] * 20
 
 
-def test_the_engine_runs_client_noise_and_reports_its_accounting():
+CLIENT_NOISE_KEYS = {"secure-aggregation": True, "noise-at": "clients", "noise-bits": 18,
+                     "noise-threshold": 0.8}
+
+
+def _small_config(**keys):
+    return default_run_config(**{"rounds": 3, "clients": 20, "target-epsilon": 8.0, "lr": 0.05,
+                                 **CLIENT_NOISE_KEYS, **keys})
+
+
+def test_the_engine_runs_client_noise_from_the_run_config_and_reports_its_accounting():
     from dpfl_app.tools.study.engine import run_study
 
-    config = default_run_config(**{"rounds": 3, "clients": 20, "target-epsilon": 8.0,
-                                   "lr": 0.05, "deterministic-noise": True})
-    study = run_study(config, 30, client_noise=cn.ClientNoise(bits=18, threshold=0.8))
+    study = run_study(_small_config(), 30)
     accounting = study["final"]["accounting"]
     assert accounting["noise_at"] == "clients"
     assert accounting["params"]["threshold"] == 16 and accounting["params"]["bits"] == 18
@@ -203,6 +218,54 @@ def test_the_engine_runs_client_noise_and_reports_its_accounting():
     assert 0 < study["final"]["epsilon"] <= 8.0
     assert study["final"]["epsilon"] == accounting["with_sampling"]
     assert accounting["client_bound"] >= accounting["without_sampling"] > 0
+    assert study["rounds"][-1]["epsilon"] == study["final"]["epsilon"]
+
+
+@pytest.mark.parametrize("keys", [{"sampling": "poisson"},
+                                  {"sampling": "fixed", "noise-bits": 20,
+                                   "noise-threshold": 0.5, "target-epsilon": 4.0},
+                                  {"target-epsilon": 0.0, "noise": 1.5}])
+def test_the_study_engine_and_the_server_announce_the_same_parameters(keys):
+    """One calibration: the study runs with exactly what the ServerApp's strategy announces
+    to the clients for the same config (and accounts with the same z)."""
+    from dpfl_app.config import validate
+    from dpfl_app.strategy.build import build_strategy, choose_noise
+    from dpfl_app.tools.study.engine import run_study
+
+    config = _small_config(rounds=1, **keys)
+    cfg = validate(dict(config))
+    noise = choose_noise(cfg, 30)
+    server = build_strategy(cfg, 30, noise)
+    study = run_study(config, 30, report_every=0)
+    assert study["final"]["accounting"]["params"] == server.ledger.params.to_dict()
+    assert study["noise"] == noise == server.ledger.model.noise_multiplier
+    announced = distributed.announced_params(server.announcement)
+    assert announced.share_variance == server.ledger.params.share_variance
+    assert announced.threshold == study["final"]["accounting"]["params"]["threshold"]
+
+
+def test_study_options_need_client_noise_in_the_run_config():
+    from dpfl_app.tools.study.engine import run_study
+
+    config = default_run_config(**{"rounds": 1, "clients": 20})
+    with pytest.raises(ValueError, match="noise-at='clients'"):
+        run_study(config, 30, client_noise=cn.ClientNoiseOptions(survival=0.9))
+
+
+def test_the_sweeps_study_engine_runs_client_noise_from_its_run_config(tmp_path):
+    """`dpfl sweep --engine inprocess --run-config "secure-aggregation=true noise-at='clients'"`:
+    the keys reach the study engine as they reach a Flower run."""
+    import json
+
+    from dpfl_app.tools.sweep import COMPLETED, run_inprocess
+
+    base = _small_config(rounds=2)
+    record = run_inprocess({"target-epsilon": 8.0}, 7, tmp_path / "run", base, 30, "test",
+                           "eps 8", report_every=0)
+    assert record["status"] == COMPLETED and 0 < record["epsilon"] <= 8.0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["final"]["accounting"]["noise_at"] == "clients"
+    assert results["final"]["accounting"]["params"]["bits"] == 18
 
 
 def test_the_engine_refuses_client_noise_with_a_server_optimizer_it_does_not_step():
@@ -210,6 +273,7 @@ def test_the_engine_refuses_client_noise_with_a_server_optimizer_it_does_not_ste
     in one line before anything trains, not silently replaced by sgd."""
     from dpfl_app.tools.study.engine import run_study
 
-    config = default_run_config(**{"rounds": 3, "clients": 20, "server-optimizer": "momentum"})
-    with pytest.raises(ValueError, match=r"noise-at=clients: .* server-optimizer='sgd'"):
-        run_study(config, 30, client_noise=cn.ClientNoise(bits=18, threshold=0.8))
+    config = _small_config(rounds=1, **{"server-optimizer": "momentum"})
+    with pytest.raises(ValueError, match=r"noise-at=clients: .* server-optimizer='sgd', not "
+                                         r"'momentum'"):
+        run_study(config, 30)

@@ -40,3 +40,16 @@ def test_a_study_run_reports_the_record_level_epsilon_of_its_rounds():
         record_epsilon(model, 1), record_epsilon(model, 2)]
     assert result["final"]["record_epsilon"] == record_epsilon(model, 2)
     assert result["final"]["test_accuracy"] > 0.1
+
+
+def test_a_record_only_study_sends_its_updates_unclipped():
+    """No user-level clip (config.user_level_clip_on): the initial clip norm changes nothing,
+    no clip norm or clipped count is reported. With a clip of 1e-4 the old engine froze."""
+    base = {"noise": 0.0, "record-noise": 1.5, "rounds": 2, "clients": 3, "local-epochs": 1,
+            "record-sampling-rate": 0.5, "deterministic-noise": True}
+    tiny, large = (run_study(default_run_config(**base, **{"initial-clip": clip}), 3)
+                   for clip in (1e-4, 100.0))
+    assert tiny["final"]["test_accuracy"] == large["final"]["test_accuracy"]
+    assert tiny["final"]["test_accuracy"] > tiny["initial"]["test_accuracy"] + 0.2
+    assert all(r["clip_norm"] is None and r["noisy_unclipped_fraction"] is None
+               for r in tiny["rounds"])

@@ -8,10 +8,12 @@
 
 For every seed (the same seeds for every variant) and recipe, one run of each
 variant: `central` (the recipe as it is: the server adds the Gaussian noise),
-`clients t=F` (Skellam shares calibrated for t = ceil(F m) survivors, b bits,
-every cohort member surviving) and, with `--ideal`, `clients t=F ideal` (the
-survivors' excess noise removed, as Dordis would: what calibrating for the
-threshold costs). Variants alternate within a seed, so a load change hits all
+`clients t=F` (the recipe with the run-config keys `secure-aggregation=true`,
+`noise-at="clients"`, `noise-bits=b`, `noise-threshold=F` and, with --clients,
+`clients=M`: what `CLIENT_NOISE_KEYS` adds; Skellam shares calibrated for
+t = ceil(F m) survivors, every cohort member surviving) and, with `--ideal`,
+`clients t=F ideal` (the survivors' excess noise removed, as Dordis would: what
+calibrating for the threshold costs). Variants alternate within a seed, so a load change hits all
 alike. Each run appends one JSON line to FILE; `--table` prints mean and
 standard deviation of the final test accuracy per recipe and variant, with
 epsilon, b and bytes per client.
@@ -28,7 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from dpfl_app.tools.bench import default_run_config
-from dpfl_app.tools.study.client_noise import ClientNoise
+from dpfl_app.tools.study.client_noise import ClientNoiseOptions
 from dpfl_app.tools.study.engine import run_study
 
 POPULATION = 1437  # the recipes' federation: one digits image per user
@@ -41,33 +43,43 @@ def _seeds(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
+Variant = tuple[str, dict, ClientNoiseOptions | None]  # name, run-config keys, study options
+
+
+def client_noise_keys(bits: int, threshold: float, clients: int = 0) -> dict:
+    """The run-config keys a client-noise variant adds to the recipe (a noise-at=clients
+    recipe is the central one with exactly these: tests/test_e2e_recipes.py)."""
+    return {"secure-aggregation": True, "noise-at": "clients", "noise-bits": bits,
+            "noise-threshold": threshold, **({"clients": clients} if clients else {})}
+
+
 def variants(bits: int, thresholds: list[float], ideal: bool, central: bool = True,
-             clients: int = 0) -> list[tuple[str, ClientNoise | None]]:
-    """(name, settings) of each variant; `clients` > 0 replaces the recipe's m in the
-    client-noise variants (named with it)."""
-    out: list[tuple[str, ClientNoise | None]] = [("central", None)] if central else []
+             clients: int = 0) -> list[Variant]:
+    """(name, run-config keys, study options) of each variant; `clients` > 0 replaces the
+    recipe's m in the client-noise variants (named with it)."""
+    out: list[Variant] = [("central", {}, None)] if central else []
     cohort = f" m={clients}" if clients else ""
     for t in thresholds:
-        out.append((f"clients{cohort} t={t:g}m b={bits}", ClientNoise(bits=bits, threshold=t)))
+        keys = client_noise_keys(bits, t, clients)
+        out.append((f"clients{cohort} t={t:g}m b={bits}", keys, None))
         if ideal:
-            out.append((f"clients{cohort} t={t:g}m b={bits} ideal",
-                        ClientNoise(bits=bits, threshold=t, remove_excess=True)))
+            out.append((f"clients{cohort} t={t:g}m b={bits} ideal", keys,
+                        ClientNoiseOptions(remove_excess=True)))
     return out
 
 
-def one_run(recipe: Path, seed: int, name: str, noise: ClientNoise | None,
-            clients: int = 0) -> dict:
-    cfg = default_run_config(**tomllib.loads(recipe.read_text()), seed=seed)
-    if clients and noise is not None:
-        cfg["clients"] = clients
-    result = run_study(cfg, POPULATION, report_every=0, client_noise=noise)
+def one_run(recipe: Path, seed: int, name: str, keys: dict,
+            options: ClientNoiseOptions | None = None) -> dict:
+    cfg = default_run_config(**{**tomllib.loads(recipe.read_text()), **keys}, seed=seed)
+    result = run_study(cfg, POPULATION, report_every=0, client_noise=options)
     final = result["final"]
     row = {"recipe": recipe.stem, "seed": seed, "variant": name,
            "test_accuracy": final["test_accuracy"], "epsilon": final["epsilon"],
            "loop_s": final["loop_s"], "load": os.getloadavg()[0]}
-    if noise is not None:
+    if cfg["noise-at"] == "clients":
         accounting = final["accounting"]
-        row.update(bits=noise.bits, bytes_per_client=accounting["params"]["bytes_per_client"],
+        row.update(bits=cfg["noise-bits"],
+                   bytes_per_client=accounting["params"]["bytes_per_client"],
                    z_at_threshold=accounting["noise_multiplier_at_threshold"],
                    epsilon_without_sampling=accounting["without_sampling"],
                    client_bound=accounting["client_bound"],
@@ -128,10 +140,10 @@ def main(argv=None) -> None:
         out.read_text().splitlines() if out.exists() else [])) if r}  # resume
     for seed in _seeds(args.seeds):
         for recipe in [Path(r) for r in args.recipes.split(",")]:
-            for name, noise in chosen:
+            for name, keys, options in chosen:
                 if (recipe.stem, seed, name) in done:
                     continue
-                row = one_run(recipe, seed, name, noise, args.clients)
+                row = one_run(recipe, seed, name, keys, options)
                 with open(out, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)

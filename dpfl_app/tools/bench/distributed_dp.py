@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 from dpfl_app.privacy import calibration, distributed, mechanism, skellam
-from dpfl_app.privacy import distributed_accounting as accounting
+from dpfl_app.privacy import distributed_ledger
 from dpfl_app.secagg import discrete, rotation
 
 SEED = b"benchmark rotation seed 32 bytes"
@@ -89,8 +89,9 @@ def time_overhead(model: str, images: int, epochs: int, bits: int, clients: int,
     Each rep trains the app's model with `task.train` (the ClientApp's step, on
     `images` random inputs of the dataset's shape) from the same start, then
     encodes the real update it produced as a client of a round does: a Skellam
-    share from the CSPRNG and `discrete.encode` (clip, rotate, scale, round, add,
-    mod 2**b), at the scale and share a cohort of `clients` needs (threshold 0.8 m,
+    share from the CSPRNG, `discrete.encode` (clip, rotate, scale, round, add,
+    mod 2**b) and `discrete.pack` (b bits a coordinate; masking, which the other
+    modes do too, is left out), at the scale and share a cohort of `clients` needs (threshold 0.8 m,
     z = 6.3: the eps = 4 recipe's). Medians; `ratio` = encode / training.
     """
     import torch  # pylint: disable=import-outside-toplevel
@@ -121,7 +122,7 @@ def time_overhead(model: str, images: int, epochs: int, bits: int, clients: int,
         t2 = time.perf_counter()
         share = skellam.noise_share(params.padded_dim, params.share_variance)  # the CSPRNG
         count = int(skellam.noise_share(1, params.count_share_variance)[0])
-        discrete.encode(delta, 1, enc, rng, share, count)
+        discrete.pack(discrete.encode(delta, 1, enc, rng, share, count), bits)  # the wire
         t3 = time.perf_counter()
         train_s.append(t1 - t0)
         encode_s.append(t3 - t2)
@@ -139,17 +140,16 @@ def noise_table(population, clients, rounds, delta, epsilon, fraction, bits_list
         z_central = calibration.calibrate_noise(epsilon, delta, rounds, population, clients,
                                                 sampling, "pld" if sampling == "poisson" else "rdp")
     split = mechanism.split_noise(z_central, clients)
-    t = max(1, int(fraction * clients))
+    t = distributed_ledger.noise_threshold(fraction, clients)
     rows = []
     for bits in bits_list:
-        template = distributed.DistributedDpParams(clip=1.0, dim=dim, scale=1.0, bits=bits,
-                                                   share_variance=0.0, count_share_variance=0.0,
-                                                   threshold=t)
         row = {"bits": bits, "t": t, "z_central_update": split.update_noise_multiplier}
         for name, rate in (("sampled", q), ("client", None)):
-            # the scale depends on z (noise fills the modulus), z on B / gamma C
-            params, z = accounting.calibrate_params(template, epsilon, delta, rounds,
-                                                    split.count_stddev, clients, sampling, rate)
+            # the app's one calibration: the scale depends on z (noise fills the modulus),
+            # z on B / gamma C
+            plan = distributed_ledger.calibrate(epsilon, delta, rounds, sampling, rate, None,
+                                                dim, bits, t, clients, clients)
+            params, z = plan.params, plan.split.update_noise_multiplier
             inflation = params.l2_sensitivity / (params.scale * params.clip)
             std_all = (clients * params.share_variance) ** 0.5 / params.scale
             row[name] = {"z_at_t": z, "scale": params.scale, "inflation": inflation,

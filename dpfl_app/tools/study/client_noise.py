@@ -16,15 +16,17 @@ residues mod 2**b is taken as the residue of the integer sum (reduction mod
 2**b is a ring homomorphism). `shares="each"` draws every client's share, as
 the protocol does, for that test.
 
-The noise is calibrated, as the protocol's, for the threshold t: each share
-has variance v = (z B)^2 / t, where z meets `target-epsilon` with only t
-survivors every round (`distributed_accounting.calibrate_params`). A round
-with n >= t survivors carries n v, and is accounted with it
-(`DistributedAccountant.compose_round(n)`); a round with n < t survivors
-releases nothing. `remove_excess=True` simulates what Dordis (Jiang et al.,
-EuroSys 2024) achieves and the protocol does not implement: the survivors'
-excess noise removed, so every sum carries exactly t v, accounted as such.
-It measures what calibrating for the threshold costs in accuracy.
+The noise is the protocol's own: the run config's `noise-at = "clients"`,
+`noise-bits` and `noise-threshold` go through the strategy that `build_strategy`
+makes for a Flower run, whose `DistributedLedger` holds the parameters the
+server announces (`distributed_ledger.run_plan`: each share has variance
+v = (z B)^2 / t, z meeting `target-epsilon` with only t survivors every round)
+and accounts the rounds. A round with n >= t survivors carries n v, and is
+accounted with it; a round with n < t survivors releases nothing.
+`remove_excess=True` simulates what Dordis (Jiang et al., EuroSys 2024)
+achieves and the protocol does not implement: the survivors' excess noise
+removed, so every sum carries exactly t v, accounted as such. It measures what
+calibrating for the threshold costs in accuracy.
 
 Adaptive clipping: the grid is fixed in units of the clip, gamma_t = gamma / C_t,
 so B, the shares and the modulus stay the same every round.
@@ -40,9 +42,9 @@ import numpy as np
 
 from dpfl_app.privacy import skellam
 from dpfl_app.privacy.distributed import DistributedDpParams
-from dpfl_app.privacy.distributed_accounting import DistributedAccountant, calibrate_params
+from dpfl_app.privacy.distributed_ledger import DistributedLedger
 from dpfl_app.privacy.mechanism import NoiseSplit, dp_fedavg_release
-from dpfl_app.secagg import discrete, floors, rotation
+from dpfl_app.secagg import discrete, rotation
 
 SHARES = ("sum", "each")
 CHUNK_ROWS = 32  # rows encoded together: 32 x 4096 float64 = 1 MiB per array
@@ -50,24 +52,20 @@ NO_SERVER_NOISE = NoiseSplit(0.0, 0.0, 0.0, 0.0, False)
 
 
 @dataclass(frozen=True)
-class ClientNoise:
-    """The study's settings for noise-at=clients.
+class ClientNoiseOptions:
+    """What only a study simulates of noise-at=clients (b and t are run-config keys).
 
-    bits: b, the modulus 2**b; threshold: t as a fraction of the expected cohort
-    m (t = ceil(threshold * m)); survival: each cohort member survives to the
-    unmasking with this probability, independently of its data; remove_excess:
-    the Dordis-style ideal (module doc); shares: "sum" or "each" (module doc).
+    survival: each cohort member survives to the unmasking with this probability,
+    independently of its data; remove_excess: the Dordis-style ideal (module doc);
+    shares: "sum" or "each" (module doc).
     """
 
-    bits: int = 18
-    threshold: float = 0.8
     survival: float = 1.0
     remove_excess: bool = False
     shares: str = "sum"
 
     def __post_init__(self):
-        checks = [("bits", 2 <= self.bits <= 62), ("threshold", 0 < self.threshold <= 1),
-                  ("survival", 0 < self.survival <= 1), ("shares", self.shares in SHARES)]
+        checks = [("survival", 0 < self.survival <= 1), ("shares", self.shares in SHARES)]
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"client noise: {name}={getattr(self, name)!r} is out of range")
@@ -76,24 +74,6 @@ class ClientNoise:
 def round_seed(seed: int) -> bytes:
     """The public rotation seed of a study run (the protocol's server announces one)."""
     return hashlib.sha256(b"dpfl_app study rotation seed" + int(seed).to_bytes(8, "big")).digest()
-
-
-def calibrate(cfg: dict, population: int, dim: int, noise: ClientNoise,
-              count_noise_std: float) -> tuple[DistributedDpParams, float]:
-    """(params at clip 1, z at t): the shares that meet cfg's target-epsilon after `rounds`
-    with only t survivors a round, amplified by the server's sampling (q = m / N)."""
-    if cfg["target-epsilon"] <= 0:
-        raise ValueError("noise-at=clients in the study needs target-epsilon > 0 "
-                         "(the shares are calibrated for it)")
-    m = cfg["clients"]
-    t = max(1, math.ceil(noise.threshold * m))
-    template = DistributedDpParams(clip=1.0, dim=dim, scale=1.0, bits=noise.bits,
-                                   share_variance=0.0, count_share_variance=0.0, threshold=t)
-    # The wrap-around bound holds at the largest cohort a round can have.
-    most = floors.poisson_cohort_bound(m) if cfg["sampling"] == "poisson" else m
-    return calibrate_params(template, cfg["target-epsilon"], cfg["target-delta"], cfg["rounds"],
-                            count_noise_std, min(most, population), cfg["sampling"],
-                            m / population)
 
 
 def at_clip(params: DistributedDpParams, clip: float) -> DistributedDpParams:
@@ -133,7 +113,7 @@ def _skellam(size: int, variance: float, rng: np.random.Generator) -> np.ndarray
 
 
 def noised_integer_sum(rounded: np.ndarray, bits_unclipped, params: DistributedDpParams,
-                       noise: ClientNoise, noise_rng: np.random.Generator,
+                       options: ClientNoiseOptions, noise_rng: np.random.Generator,
                        total_variance: float | None = None) -> np.ndarray:
     """sum_i (q_i + N_i, c_i + n_i) over the survivors, as signed integers (int64, d' + 1).
 
@@ -143,7 +123,7 @@ def noised_integer_sum(rounded: np.ndarray, bits_unclipped, params: DistributedD
     """
     n = len(rounded)
     counts = 2 * np.asarray(bits_unclipped, dtype=np.int64) - 1
-    if noise.shares == "each":  # every client's own share, as in the protocol
+    if options.shares == "each":  # every client's own share, as in the protocol
         return sum(np.concatenate([
             q + skellam.noise_share(q.size, params.share_variance, noise_rng),
             [c + skellam.noise_share(1, params.count_share_variance, noise_rng)[0]]])
@@ -156,34 +136,30 @@ def noised_integer_sum(rounded: np.ndarray, bits_unclipped, params: DistributedD
 
 
 class ClientNoiseRound:
-    """Runs a study's rounds with noise-at=clients and accounts them (the engine's hook)."""
+    """Runs a study's rounds with noise-at=clients, accounted in the strategy's ledger."""
 
-    def __init__(self, cfg: dict, population: int, dim: int, noise: ClientNoise,
-                 count_noise_std: float, rng: np.random.Generator):
-        self.cfg, self.noise, self.dim, self.rng = cfg, noise, dim, rng
-        self.params, self.noise_multiplier = calibrate(cfg, population, dim, noise,
-                                                       count_noise_std)
-        self.accountant = DistributedAccountant(self.params, cfg["target-delta"],
-                                                cfg["sampling"], cfg["clients"] / population)
+    def __init__(self, cfg: dict, ledger: DistributedLedger, dim: int,
+                 options: ClientNoiseOptions, rng: np.random.Generator):
+        self.cfg, self.ledger, self.options, self.dim, self.rng = cfg, ledger, options, dim, rng
+        self.params = ledger.params  # what the server announces: clip 1, scale gamma C
         self.seed = round_seed(cfg["seed"])
-        self.withheld = 0  # rounds with fewer than t survivors: nothing released
         self.wraps = 0  # coordinates of a released sum that left the modulus
 
     def step(self, global_flat: np.ndarray, models: np.ndarray, bits: list[int], clip: float,
              server_round: int) -> tuple[np.ndarray, float, float, int]:
         """(new model, noised unclipped fraction, next clip, survivors) of one round."""
         cfg, params = self.cfg, at_clip(self.params, clip)
-        alive = self.rng.random(len(models)) < self.noise.survival
+        alive = self.rng.random(len(models)) < self.options.survival
         survivors = int(alive.sum())
         t = params.threshold
         if survivors < t:  # the protocol releases no sum below the threshold
-            self.withheld += 1
+            self.ledger.compose_round(shares=None)
             return global_flat, math.nan, clip, survivors
         enc = encoding(params, self.seed, server_round)
         rounded = integer_updates(np.asarray(models, dtype=np.float64)[alive] - global_flat,
                                   enc, self.rng)
-        total = t * params.share_variance if self.noise.remove_excess else None
-        signed = noised_integer_sum(rounded, np.asarray(bits)[alive], params, self.noise,
+        total = t * params.share_variance if self.options.remove_excess else None
+        signed = noised_integer_sum(rounded, np.asarray(bits)[alive], params, self.options,
                                     self.rng, total)
         residues = discrete.to_residues(signed, params.bits)  # what the server unmasks
         self.wraps += int(np.count_nonzero(discrete.centred(residues, params.bits) != signed))
@@ -192,11 +168,13 @@ class ClientNoiseRound:
             [global_flat], [[noised]], centred_count + survivors / 2, survivors, clip,
             cfg["clients"], NO_SERVER_NOISE, self.rng, server_lr=cfg["server-lr"],
             target_quantile=cfg["target-quantile"], clip_lr=cfg["clip-lr"])
-        self.accountant.compose_round(t if self.noise.remove_excess else survivors)
+        self.ledger.compose_round(shares=t if self.options.remove_excess else survivors)
         return new_model, fraction, next_clip, survivors
 
     def summary(self) -> dict:
-        """results.json's accounting entry for the run, plus the study's own counts."""
-        return {**self.accountant.to_dict(), "noise_multiplier_at_threshold": self.noise_multiplier,
-                "remove_excess": self.noise.remove_excess, "survival": self.noise.survival,
-                "withheld_rounds": self.withheld, "wrapped_coordinates": self.wraps}
+        """results.json's accounting block (the ledger's, as a Flower run writes it), plus
+        the study's own counts."""
+        return {**self.ledger.to_dict(),
+                "noise_multiplier_at_threshold": self.params.noise_multiplier(self.params.threshold),
+                "remove_excess": self.options.remove_excess, "survival": self.options.survival,
+                "wrapped_coordinates": self.wraps}

@@ -6,7 +6,8 @@ noise calibration (`choose_noise`) and strategy construction
 strategy's cohort sampling (`strategy.sampling.SlotSampler`), the ClientApp's data
 (`node_data.client_data`) and loader seeds, the clip and norm bit of Flower's
 `adaptiveclipping_mod`, the server's clip (`mechanism.clipped_sum`: `clip_to_norm`
-of the cohort as one matrix), the strategy's own `release` (dp-fedavg's
+of the cohort as one matrix; neither where the strategy has no user-level clip,
+`config.user_level_clip_on`), the strategy's own `release` (dp-fedavg's
 `dp_fedavg_release`, or dp-ftrl's correlated noise) with its `server-optimizer`
 step (dp-ftrl: server momentum in the factorization's workload, as in the
 ServerApp) and the server's test-set evaluation (`task.test`). What is left out is what Flower
@@ -39,7 +40,7 @@ from dpfl_app.strategy.build import build_strategy, choose_noise, choose_record_
 from dpfl_app.strategy.server_optimizer import ServerOptimizer
 from dpfl_app.tools.study.record_dp import CohortDpSgd, record_level_training
 from dpfl_app.task import build_model, test
-from dpfl_app.tools.study.client_noise import ClientNoise, ClientNoiseRound
+from dpfl_app.tools.study.client_noise import ClientNoiseOptions, ClientNoiseRound
 from dpfl_app.tools.study.vectorised import VECTORISED_MODELS, CohortTrainer
 
 ENGINE = "inprocess"
@@ -116,7 +117,7 @@ def evaluate(net, state: dict, sets: dict[str, Tensors]) -> dict[str, float]:
 
 def run_study(run_config: dict, population: int, holdout: str = "test",
               on_round=None, *, report_every: int = 1,
-              client_noise: ClientNoise | None = None) -> dict:
+              client_noise: ClientNoiseOptions | None = None) -> dict:
     """One run of `rounds` rounds over `population` clients; results.json's shape plus
     `engine`. `on_round(record)` is called after each round.
 
@@ -125,9 +126,11 @@ def run_study(run_config: dict, population: int, holdout: str = "test",
     only, for a sweep's table or a benchmark). The rounds between carry their clip
     norms and timings only: nothing is computed that nobody reads.
 
-    `client_noise`: noise-at=clients (tools/study/client_noise.py): the clients'
-    rotation, rounding and Skellam shares under a modular sum, calibrated for the
-    threshold and accounted with the survivors' noise, instead of the server's noise.
+    With `noise-at = "clients"` (and `noise-bits`, `noise-threshold`) in the config, as
+    in a Flower run, the clients' rotation, rounding and Skellam shares under a modular
+    sum replace the server's noise (tools/study/client_noise.py), with the parameters
+    and the ledger of the strategy the ServerApp builds. `client_noise` sets what only
+    a study simulates there (survival, the excess-removal ideal, per-client draws).
     """
     if holdout not in HOLDOUTS:
         raise ValueError(f"holdout={holdout!r}; allowed: {', '.join(HOLDOUTS)}")
@@ -138,11 +141,14 @@ def run_study(run_config: dict, population: int, holdout: str = "test",
         raise ValueError("the study engine needs demo partitions (node-data='partitions')")
     if cfg.get("audit-canaries", 0):  # canaries join the strategy's sum; not simulated here
         raise ValueError("audit-canaries: the study engine runs no privacy audit; use flwr")
-    if client_noise is not None and (cfg["mechanism"] != "dp-fedavg" or cfg["max-epsilon"] > 0
-                                     or cfg["server-optimizer"] != "sgd"):
-        raise ValueError("noise-at=clients: the study engine runs it with mechanism=dp-fedavg, "
-                         "max-epsilon=0 (the shares are calibrated for target-epsilon) and "
-                         "server-optimizer='sgd'")
+    if client_noise is not None and cfg["noise-at"] != "clients":
+        raise ValueError("client_noise options need noise-at='clients' in the run config")
+    if cfg["noise-at"] == "clients" and cfg["max-epsilon"] > 0:  # a run stops per survivors
+        raise ValueError("noise-at=clients: the study engine runs it with max-epsilon=0 "
+                         "(the rounds a Flower run completes depend on its survivors)")
+    if cfg["noise-at"] == "clients" and cfg["server-optimizer"] != "sgd":  # its own plain step
+        raise ValueError(f"noise-at=clients: the study engine runs it with "
+                         f"server-optimizer='sgd', not {cfg['server-optimizer']!r}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: one thread is fastest on a shared machine
     try:
@@ -152,14 +158,8 @@ def run_study(run_config: dict, population: int, holdout: str = "test",
         torch.set_num_threads(threads)
 
 
-def count_noise_std(cfg: dict) -> float:
-    """sigma_b of the clients' count shares: `clipped-count-stddev`, or Andrew et al.'s m/20."""
-    stddev = cfg["clipped-count-stddev"]
-    return cfg["clients"] / 20 if stddev == "auto" else float(stddev)
-
-
 def distributed_final(distributed: ClientNoiseRound) -> dict:
-    """The final figures of a noise-at=clients run: its own accountant's, amplified."""
+    """The final figures of a noise-at=clients run: the strategy ledger's, amplified."""
     summary = distributed.summary()
     return {"epsilon": summary["with_sampling"] if summary["rounds"] else 0.0,
             "accountant": "skellam-rdp", "accounting": summary}
@@ -181,11 +181,9 @@ def planned_rounds(cfg: dict, ledger) -> int:
 
 
 def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
-         report_every: int, client_noise: ClientNoise | None) -> dict:
+         report_every: int, client_noise: ClientNoiseOptions | None) -> dict:
     start = time.perf_counter()
-    # noise-at=clients calibrates its own shares (client_noise.calibrate): the strategy
-    # is built for its sampler and RNG only, with the configured `noise`.
-    noise = choose_noise(cfg, population) if client_noise is None else cfg["noise"]
+    noise = choose_noise(cfg, population)  # noise-at=clients: z of the clients' shares at t
     strategy = build_strategy(cfg, population, noise)  # split, ledger, RNG: the ServerApp's
     ledger, m = strategy.ledger, cfg["clients"]
     sampling_rng, sampler = strategy.sampling_rng, strategy.sampler  # cohorts, as the strategy
@@ -199,11 +197,11 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
         strategy.server_optimizer = ServerOptimizer(
             cfg["server-optimizer"], [flatten(state).numpy()], cfg["server-lr"],
             cfg["server-momentum"])
-    distributed = None  # noise-at=clients: its own calibration and accountant
-    if client_noise is not None:
-        distributed = ClientNoiseRound(cfg, population, flatten(state).numel(), client_noise,
-                                       count_noise_std(cfg), strategy.rng)
-        noise, planned = distributed.noise_multiplier, cfg["rounds"]
+    distributed = None  # noise-at=clients: the server's announced shares and its ledger
+    if cfg["noise-at"] == "clients":
+        distributed = ClientNoiseRound(cfg, ledger, flatten(state).numel(),
+                                       client_noise or ClientNoiseOptions(), strategy.rng)
+        planned = cfg["rounds"]
     else:
         planned = planned_rounds(cfg, ledger)
         if isinstance(ledger.model, AccountingModel):  # dp-ftrl's ledger computes its own
@@ -239,7 +237,10 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
                 local = trainer.train(state, [data[p] for p in cohort], cfg["local-epochs"],
                                       cfg["batch-size"], cfg["lr"],
                                       cfg["seed"] + 1000 * server_round)
-            models, bits = mod_clip(flatten(local, stacked=True), global_flat, clip)
+            if strategy.user_level_clip:
+                models, bits = mod_clip(flatten(local, stacked=True), global_flat, clip)
+            else:  # record-level DP alone (config.user_level_clip_on): sent unclipped
+                models = flatten(local, stacked=True).numpy()
         trained = time.perf_counter()
         if distributed is not None:  # the clients' shares under the modular sum
             new_model, unclipped_fraction, clip, survivors = distributed.step(
@@ -248,7 +249,9 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
             # The server's clip of every delta as one matrix operation, then the strategy's
             # own release of the sum (its split, RNG, server step; dp-ftrl: correlated
             # noise), as under secure aggregation: `dp_fedavg_step` with the cohort summed.
-            deltas = [[clipped_sum(models - global_flat.numpy(), clip)]] if cohort else []
+            rows = models - global_flat.numpy()
+            deltas = [] if not cohort else [[rows.sum(0, dtype=np.float64) if clip is None
+                                             else clipped_sum(rows, clip)]]
             (new_model,), unclipped_fraction, clip = strategy.release(
                 [global_flat.numpy()], deltas, sum(bits), len(bits), clip, m)
             ledger.compose_round()
@@ -258,8 +261,7 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
                   "noisy_unclipped_fraction": unclipped_fraction}
         reported = server_round == planned or (report_every and server_round % report_every == 0)
         if reported:
-            record["epsilon"] = (distributed.accountant.epsilons()["with_sampling"]
-                                 if distributed else ledger.epsilon_if_secret())
+            record["epsilon"] = ledger.epsilon_if_secret()  # noise-at=clients: with sampling
             if record_model:
                 record.update(record_fields(record_model, ledger.rounds))
         accounted = time.perf_counter()

@@ -36,7 +36,7 @@ def parse_grid(text: str) -> list[dict]:
     against the key's allowed values here, before any run starts.
     """
     from dpfl_app.config import KEYS, check_value
-    from dpfl_app.client.errors import ConfigError
+    from dpfl_app.errors import ConfigError
 
     axes = []
     for item in text.split():
