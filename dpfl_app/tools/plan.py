@@ -33,7 +33,7 @@ Modes (which options you give decides the question):
                                               z·C/m = R·C, stays fixed)
   --noise Z --clients M [--target-epsilon E]  ε after T rounds (and whether E is met)
   --mechanism dp-ftrl --min-separation B (--target-epsilon E | --noise Z)
-                                              DP-FTRL: z for E, or ε at z; no N needed
+      [--ftrl-bands P] [--momentum BETA]      DP-FTRL: z for E, or ε at z; no N needed
 
 Every mode also prints ε after 1, T/10, 2T/10, ..., T rounds (RDP, and PLD where it
 applies).
@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dp-ftrl: fewest rounds between two participations of a client")
     plan.add_argument("--momentum", type=_float_in(0, 1, False, "--momentum"), default=0.0,
                       help="dp-ftrl: server momentum in the workload (0: plain SGD)")
+    plan.add_argument("--ftrl-bands", type=int, default=0, metavar="P",
+                      help="dp-ftrl: bands of the factorization, 1..min(B, T), as the run "
+                           "key `ftrl-bands` (0: the least-error choice; 1: the identity, "
+                           "fresh noise every round)")
     plan.add_argument("--json", action="store_true", help="print machine-readable JSON")
     return plan
 
@@ -114,7 +118,12 @@ def _validate(parser: argparse.ArgumentParser, a: argparse.Namespace) -> str:
             parser.error("--mechanism dp-ftrl needs --target-epsilon or --noise")
         if a.noise_to_clients_ratio is not None:
             parser.error("--noise-to-clients-ratio is dp-fedavg only")
+        if not 0 <= a.ftrl_bands <= min(a.min_separation, a.rounds):
+            parser.error(f"--ftrl-bands must be 0 (least error) or in 1..min(--min-separation, "
+                         f"--rounds) = 1..{min(a.min_separation, a.rounds)}, got {a.ftrl_bands}")
         return "ftrl"
+    if a.ftrl_bands:
+        parser.error("--ftrl-bands is dp-ftrl only")
     if a.population is None:
         parser.error("--population is required for --mechanism dp-fedavg")
     if a.accountant is None:  # the same default as the app's run: its headline epsilon

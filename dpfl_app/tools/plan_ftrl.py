@@ -16,8 +16,8 @@ from dpfl_app.privacy.report import fmt_eps, strength
 
 def plan_ftrl(a: argparse.Namespace) -> dict:
     t, b, d, e = a.rounds, a.min_separation, a.delta, a.target_epsilon
-    momentum = a.momentum
-    sens = fa.run_sensitivity(t, b, momentum)
+    momentum, bands = a.momentum, a.ftrl_bands  # bands 0: the run's least-error choice
+    sens = fa.run_sensitivity(t, b, momentum, bands)
     if a.noise is None:
         z = fa.calibrate_noise(e, d, sens)
         question = f"smallest noise multiplier z with ε ≤ {e:g} after {t} rounds"
@@ -25,7 +25,7 @@ def plan_ftrl(a: argparse.Namespace) -> dict:
         z = a.noise
         question = f"ε after {t} rounds at z = {z:g}"
     m = a.clients or 1
-    model, _ = fa.build_model(z, t, b, m, d, momentum)
+    model, _ = fa.build_model(z, t, b, m, d, momentum, bands=bands)
     eps = fa.gaussian_epsilon(model.event_noise_multiplier(), d) if z else float("inf")
     no_amp = fa.no_amplification_epsilon(z, t, d)
     curve = []

@@ -101,13 +101,18 @@ def test_clients_refuse_a_server_that_asks_too_soon(tmp_path, monkeypatch):
     assert third["num_rejected"] == 0  # a refused round is no participation: round 3 is fine
 
 
-def test_engine_matches_the_flower_path_under_dp_ftrl(tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
+def test_engine_matches_the_flower_path_under_dp_ftrl(tmp_path, optimizer):
+    """Same seeds, same cohorts, same correlated noise; with server momentum both take the
+    strategy's momentum step and factor the momentum workload."""
     config = default_run_config(**{**FTRL, "deterministic-noise": True, "noise": 1.0,
-                                   "output-dir": str(tmp_path), "rounds": 4})
+                                   "output-dir": str(tmp_path), "rounds": 4,
+                                   "server-optimizer": optimizer})
     run_server(config, num_nodes=NODES)
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     flower = json.loads((run_dir / "results.json").read_text())
     study = run_study(config, NODES)
+    assert flower["accounting"]["momentum"] == (0.9 if optimizer == "momentum" else 0.0)
     for ours, theirs, diag, flower_diag in zip(study["rounds"], flower["rounds"],
                                                study["diagnostics"], read_diagnostics(run_dir)):
         assert diag["num_sampled"] == flower_diag["num_sampled"]

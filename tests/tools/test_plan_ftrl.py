@@ -26,3 +26,38 @@ def test_plan_still_needs_a_population_for_dp_fedavg(capsys):
     with pytest.raises(SystemExit):
         plan.main(["--rounds", "40", "--delta", "1e-5", "--noise", "3", "--clients", "5"])
     assert "--population is required for --mechanism dp-fedavg" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bands", [0, 1, 3])
+def test_plan_takes_ftrl_bands_as_the_run_does(capsys, bands):
+    """`--ftrl-bands` answers the z a run with `ftrl-bands` calibrates (0: least error, 4 here)."""
+    from dpfl_app.config import validate
+    from dpfl_app.strategy.build import build_strategy, choose_noise
+    from tests.inprocess import default_run_config
+
+    assert plan.main(["--mechanism", "dp-ftrl", "--rounds", "40", "--min-separation", "4",
+                      "--delta", "1e-5", "--target-epsilon", "4", "--ftrl-bands", str(bands),
+                      "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    cfg = validate(default_run_config(**{"mechanism": "dp-ftrl", "rounds": 40,
+                                         "min-separation": 4, "target-epsilon": 4.0,
+                                         "target-delta": 1e-5, "ftrl-bands": bands}))
+    noise = choose_noise(cfg, 10)
+    model = build_strategy(cfg, 10, noise).ledger.model
+    assert res["bands"] == model.bands == (bands or 4)
+    assert res["noise_multiplier"] == pytest.approx(noise, rel=1e-12)
+    assert res["sensitivity"] == pytest.approx(model.sensitivity(), rel=1e-12)
+    if bands == 1:  # the identity: k = 10 participations, sensitivity sqrt(10)
+        assert res["sensitivity"] == pytest.approx(10 ** 0.5, rel=1e-12)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mechanism", "dp-ftrl", "--min-separation", "2", "--ftrl-bands", "3",
+      "--target-epsilon", "4"], "--ftrl-bands must be 0 (least error) or in 1..min(--min-separation, --rounds) = 1..2, got 3"),
+    (["--population", "100", "--clients", "10", "--noise", "1", "--ftrl-bands", "2"],
+     "--ftrl-bands is dp-ftrl only"),
+])
+def test_plan_refuses_bands_the_run_would_refuse(capsys, args, message):
+    with pytest.raises(SystemExit):
+        plan.main(["--rounds", "40", "--delta", "1e-5", *args])
+    assert message in capsys.readouterr().err

@@ -266,3 +266,14 @@ def test_the_sweeps_study_engine_runs_client_noise_from_its_run_config(tmp_path)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["final"]["accounting"]["noise_at"] == "clients"
     assert results["final"]["accounting"]["params"]["bits"] == 18
+
+
+def test_the_engine_refuses_client_noise_with_a_server_optimizer_it_does_not_step():
+    """noise-at=clients takes the plain step (its own decode and release): momentum is refused
+    in one line before anything trains, not silently replaced by sgd."""
+    from dpfl_app.tools.study.engine import run_study
+
+    config = _small_config(rounds=1, **{"server-optimizer": "momentum"})
+    with pytest.raises(ValueError, match=r"noise-at=clients: .* server-optimizer='sgd', not "
+                                         r"'momentum'"):
+        run_study(config, 30)

@@ -36,9 +36,12 @@ def _flower_results(tmp_path, config) -> dict:
 POPULATION = 12
 
 
-@pytest.mark.parametrize("sampling", ["poisson", "fixed"])
-def test_engine_matches_the_flower_path(tmp_path, sampling):
-    config = default_run_config(**SMALL, sampling=sampling)
+@pytest.mark.parametrize("sampling, optimizer",
+                         [("poisson", "sgd"), ("fixed", "sgd"), ("poisson", "adam")])
+def test_engine_matches_the_flower_path(tmp_path, sampling, optimizer):
+    """Adam: the engine's optimizer steps one flat vector, the ServerApp's each array."""
+    config = default_run_config(**SMALL, sampling=sampling, **{"server-optimizer": optimizer},
+                                **({"server-lr": 0.01} if optimizer == "adam" else {}))
     flower = _flower_results(tmp_path, config)
     study = run_study(config, POPULATION)
     assert study["engine"] == ENGINE

@@ -8,8 +8,9 @@ strategy's cohort sampling (`strategy.sampling.SlotSampler`), the ClientApp's da
 `adaptiveclipping_mod`, the server's clip (`mechanism.clipped_sum`: `clip_to_norm`
 of the cohort as one matrix; neither where the strategy has no user-level clip,
 `config.user_level_clip_on`), the strategy's own `release` (dp-fedavg's
-`dp_fedavg_release`, or dp-ftrl's correlated noise) and the server's test-set
-evaluation (`task.test`). What is left out is what Flower
+`dp_fedavg_release`, or dp-ftrl's correlated noise) with its `server-optimizer`
+step (dp-ftrl: server momentum in the factorization's workload, as in the
+ServerApp) and the server's test-set evaluation (`task.test`). What is left out is what Flower
 adds: messages, the SuperLink, actors. With `deterministic-noise=true` it
 draws from the RNG in the strategy's order, so it samples the same cohorts and
 adds the same noise as the ServerApp with the same seed (nodes in partition
@@ -36,6 +37,7 @@ from dpfl_app.privacy.accounting import AccountingModel, epsilon_after, max_roun
 from dpfl_app.privacy.mechanism import clipped_sum
 from dpfl_app.privacy.record_report import record_fields
 from dpfl_app.strategy.build import build_strategy, choose_noise, choose_record_model
+from dpfl_app.strategy.server_optimizer import ServerOptimizer
 from dpfl_app.tools.study.record_dp import CohortDpSgd, record_level_training
 from dpfl_app.task import build_model, test
 from dpfl_app.tools.study.client_noise import ClientNoiseOptions, ClientNoiseRound
@@ -139,14 +141,14 @@ def run_study(run_config: dict, population: int, holdout: str = "test",
         raise ValueError("the study engine needs demo partitions (node-data='partitions')")
     if cfg.get("audit-canaries", 0):  # canaries join the strategy's sum; not simulated here
         raise ValueError("audit-canaries: the study engine runs no privacy audit; use flwr")
-    if cfg.get("server-optimizer", "sgd") != "sgd":  # the engine runs dp_fedavg_step's step
-        raise ValueError(f"server-optimizer={cfg['server-optimizer']!r}: the study engine "
-                         "runs only 'sgd'")
     if client_noise is not None and cfg["noise-at"] != "clients":
         raise ValueError("client_noise options need noise-at='clients' in the run config")
     if cfg["noise-at"] == "clients" and cfg["max-epsilon"] > 0:  # a run stops per survivors
         raise ValueError("noise-at=clients: the study engine runs it with max-epsilon=0 "
                          "(the rounds a Flower run completes depend on its survivors)")
+    if cfg["noise-at"] == "clients" and cfg["server-optimizer"] != "sgd":  # its own plain step
+        raise ValueError(f"noise-at=clients: the study engine runs it with "
+                         f"server-optimizer='sgd', not {cfg['server-optimizer']!r}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: one thread is fastest on a shared machine
     try:
@@ -190,6 +192,11 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
     torch.manual_seed(cfg["seed"])  # the ServerApp's initial model
     net = build_model(*model_spec(cfg))
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    if strategy.server_optimizer is not None:  # the engine steps one flat vector: the same
+        # optimizer over it (momentum and Adam are elementwise, so the same step)
+        strategy.server_optimizer = ServerOptimizer(
+            cfg["server-optimizer"], [flatten(state).numpy()], cfg["server-lr"],
+            cfg["server-momentum"])
     distributed = None  # noise-at=clients: the server's announced shares and its ledger
     if cfg["noise-at"] == "clients":
         distributed = ClientNoiseRound(cfg, ledger, flatten(state).numel(),
