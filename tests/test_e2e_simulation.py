@@ -42,7 +42,7 @@ def test_default_app_trains_above_chance_and_writes_outputs(federation, tmp_path
     # 10 digit classes: chance is 10%.
     assert results["final"]["test_accuracy"] > 0.3
     assert results["accounting"]["population"] == 10
-    assert results["accounting"]["clients_per_round"] == 6
+    assert results["accounting"]["clients_per_round"] == 10  # the default m: every site
 
     with open(run_dir / "rounds.csv") as handle:
         assert [int(row["round"]) for row in csv.DictReader(handle)] == [1, 2, 3]

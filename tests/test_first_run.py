@@ -120,23 +120,25 @@ def test_flower_traceback_for_an_input_error_is_dropped_but_kept_for_bugs():
 def test_too_small_simulation_fails_at_once_with_the_command_to_type():
     from flwr.superlink.grid import InMemoryGrid
 
+    from dpfl_app.run.grid import fast_polling
     from dpfl_app.strategy.population import is_simulation, simulation_population
     from dpfl_app.strategy.dp_fedavg import NotEnoughNodes
 
     class TwoNodeSimulation(InMemoryGrid):  # Flower's default local federation
         def __init__(self) -> None:  # no state: only the node ids are asked for
-            self.polls = 0
+            self.polls, self.pull_interval = 0, 0.1
 
         def get_node_ids(self):
             self.polls += 1
             return [11, 12]
 
-    grid = TwoNodeSimulation()
-    assert is_simulation(grid)
+    simulation = TwoNodeSimulation()
+    grid = fast_polling(simulation)  # what the ServerApp hands its run: still a simulation
+    assert grid is not simulation and is_simulation(grid)
     with pytest.raises(NotEnoughNodes) as err:
         simulation_population(grid, clients=6, settle_s=0.01)
     # no waiting for nodes that cannot come: the count is read until it is steady
-    assert grid.polls <= 3
+    assert simulation.polls <= 3
     message = str(err.value)
     assert "has 2 SuperNode(s)" in message and "clients=6" in message
     assert "flwr federation simulation-config --num-supernodes 10" in message

@@ -40,6 +40,11 @@ class FastPollingGrid(Grid):
         self._grid = grid
         self.first_wait, self.max_wait = first_wait, max_wait
 
+    @property
+    def wrapped(self) -> Grid:
+        """Flower's grid underneath: what the run is (simulation or deployment) is its type."""
+        return self._grid
+
     # Grid's abstract interface, delegated unchanged.
     def set_run(self, run):
         self._grid.set_run(run)

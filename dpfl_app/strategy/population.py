@@ -49,7 +49,8 @@ def is_simulation(grid: Grid) -> bool:
     """A local simulation: Flower's in-memory grid, whose SuperNodes never change."""
     from flwr.superlink.grid import InMemoryGrid
 
-    return isinstance(grid, InMemoryGrid)
+    # The app wraps Flower's grid to poll faster (run/grid.py): look at the one underneath.
+    return isinstance(getattr(grid, "wrapped", grid), InMemoryGrid)
 
 
 def simulation_population(grid: Grid, clients: int, settle_s: float = 0.5,
