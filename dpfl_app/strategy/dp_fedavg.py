@@ -58,10 +58,11 @@ class ClippedSum:
     released: bool = True
 
 
-def clipped_deltas(models: list, global_nd: list[np.ndarray], clip: float) -> list:
-    """clip(w_i - w_t, C_t) for each model, as `mechanism.dp_fedavg_step` computes them."""
-    return [mechanism.clip_to_norm([a - g for a, g in zip(model, global_nd)], clip)
-            for model in models]
+def clipped_deltas(models: list, global_nd: list[np.ndarray], clip: float | None) -> list:
+    """clip(w_i - w_t, C_t) for each model, as `mechanism.dp_fedavg_step` computes them;
+    with `clip` None (no user-level clip: record-level DP alone) the deltas as they are."""
+    deltas = [[a - g for a, g in zip(model, global_nd)] for model in models]
+    return deltas if clip is None else [mechanism.clip_to_norm(d, clip) for d in deltas]
 
 if TYPE_CHECKING:  # torch.optim: imported only when a run builds one
     from dpfl_app.strategy.server_optimizer import ServerOptimizer
@@ -299,16 +300,15 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
         )
 
     def clipped_sum(self, replies: list[Message], reference: dict[str, np.ndarray],
-                    clip: float) -> ClippedSum:
-        """Sum of clip(delta_i, C_t) and of b_i over the accepted plain replies.
+                    clip: float | None) -> ClippedSum:
+        """Sum of clip(delta_i, C_t) and of b_i over the accepted plain replies (no clip
+        and no b_i with `clip` None).
 
         The secure-aggregation strategy overrides this with the unmasked sum.
         """
         accepted, rejected = screen_replies(replies, reference, self._cohort,
                                             norm_bit=clip is not None)
-        models, global_nd = [r.arrays for r in accepted], list(reference.values())
-        deltas = (clipped_deltas(models, global_nd, clip) if clip is not None else
-                  [[a - g for a, g in zip(model, global_nd)] for model in models])
+        deltas = clipped_deltas([r.arrays for r in accepted], list(reference.values()), clip)
         return ClippedSum(deltas, sum(r.unclipped for r in accepted), len(accepted),
                           len(rejected),
                           [{"node_id": bad.node_id, "reason": bad.reason} for bad in rejected])
