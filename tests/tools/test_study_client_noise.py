@@ -82,7 +82,7 @@ def test_integer_updates_equal_each_clients_integer_update():
     params = distributed.DistributedDpParams(clip=1.0, dim=DIM, scale=50.0, bits=20,
                                              share_variance=0.0, count_share_variance=0.0,
                                              threshold=10, beta=0.0)
-    enc = cn.encoding(params, SEED, 4)
+    enc = discrete.round_encoding(params, params.clip, SEED, 4)
     deltas = models.astype(np.float64) - global_flat
     batched = cn.integer_updates(deltas, enc, np.random.default_rng(3))
     rng = np.random.default_rng(3)
@@ -98,7 +98,7 @@ def test_shortcuts_equal_the_protocols_per_client_residues():
                                              share_variance=40.0, count_share_variance=9.0,
                                              threshold=5)
     global_flat, models, bits = _cohort(8)
-    enc = cn.encoding(params, SEED, 2)
+    enc = discrete.round_encoding(params, params.clip, SEED, 2)
     deltas = models.astype(np.float64) - global_flat
     rounded = cn.integer_updates(deltas, enc, np.random.default_rng(4))
     each = cn.ClientNoiseOptions(shares="each")
@@ -144,9 +144,10 @@ def test_zero_noise_equals_the_central_round_within_the_quantization_bound():
         clip_lr=CFG["clip-lr"])
     assert survivors == 40
     assert (fraction, next_clip) == (c_fraction, c_next)  # the count is exact without noise
-    params = cn.at_clip(engine.params, clip)
+    enc = discrete.round_encoding(engine.params, clip, cn.round_seed(CFG["seed"]), 1)
     # each client's rounding moves each of d' coordinates by < 1 grid step of 1/gamma_t
-    bound = CFG["server-lr"] / CFG["clients"] * 40 * math.sqrt(params.padded_dim) / params.scale
+    bound = (CFG["server-lr"] / CFG["clients"] * 40 * math.sqrt(engine.params.padded_dim)
+             / enc.scale)
     step = np.linalg.norm(central.astype(np.float64) - global_flat)
     error = np.linalg.norm(new.astype(np.float64) - central)
     assert error <= bound

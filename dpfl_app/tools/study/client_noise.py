@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -74,15 +74,6 @@ class ClientNoiseOptions:
 def round_seed(seed: int) -> bytes:
     """The public rotation seed of a study run (the protocol's server announces one)."""
     return hashlib.sha256(b"dpfl_app study rotation seed" + int(seed).to_bytes(8, "big")).digest()
-
-
-def at_clip(params: DistributedDpParams, clip: float) -> DistributedDpParams:
-    """The round's params: clip C_t and gamma_t = gamma C / C_t (the same integer grid)."""
-    return replace(params, clip=clip, scale=params.scale * params.clip / clip)
-
-
-def encoding(params: DistributedDpParams, seed: bytes, server_round: int) -> discrete.Encoding:
-    return discrete.round_encoding(params, params.clip, seed, server_round)
 
 
 def integer_updates(deltas: np.ndarray, enc: discrete.Encoding,
@@ -148,14 +139,14 @@ class ClientNoiseRound:
     def step(self, global_flat: np.ndarray, models: np.ndarray, bits: list[int], clip: float,
              server_round: int) -> tuple[np.ndarray, float, float, int]:
         """(new model, noised unclipped fraction, next clip, survivors) of one round."""
-        cfg, params = self.cfg, at_clip(self.params, clip)
+        cfg, params = self.cfg, self.params
         alive = self.rng.random(len(models)) < self.options.survival
         survivors = int(alive.sum())
         t = params.threshold
         if survivors < t:  # the protocol releases no sum below the threshold
             self.ledger.compose_round(shares=None)
             return global_flat, math.nan, clip, survivors
-        enc = encoding(params, self.seed, server_round)
+        enc = discrete.round_encoding(params, clip, self.seed, server_round)  # as the clients
         rounded = integer_updates(np.asarray(models, dtype=np.float64)[alive] - global_flat,
                                   enc, self.rng)
         total = t * params.share_variance if self.options.remove_excess else None
