@@ -108,9 +108,9 @@ def time_overhead(model: str, images: int, epochs: int, bits: int, clients: int,
     dim = flat(start).size
     template = distributed.DistributedDpParams(clip=1.0, dim=dim, scale=1.0, bits=bits,
                                                share_variance=0.0, count_share_variance=0.0,
-                                               threshold=max(1, int(0.8 * clients)))
+                                               threshold=distributed_ledger.noise_threshold(0.8, clients))
     params = distributed.choose_scale(template, 6.3, clients / 20, clients)
-    enc = discrete.Encoding(params.clip, params.scale, params.l2_sensitivity, bits, SEED, 1)
+    enc = discrete.round_encoding(params, params.clip, SEED, 1)
     rng = np.random.default_rng(0)
     train_s, encode_s = [], []
     for _ in range(reps):

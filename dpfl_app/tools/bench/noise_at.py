@@ -52,7 +52,7 @@ def round_seconds(population: int, clients: int, rounds: int, noise_at: str, mod
 def protocol_seconds(clients: int, dim: int, noise_at: str, seed: int) -> float:
     """One round of the protocol alone, encoding and decoding included (see above)."""
     from dpfl_app.privacy import skellam
-    from dpfl_app.privacy.distributed_ledger import plan
+    from dpfl_app.privacy.distributed_ledger import noise_threshold, plan
     from dpfl_app.secagg import discrete, inprocess, quantize
 
     rng = np.random.default_rng(seed)
@@ -63,8 +63,8 @@ def protocol_seconds(clients: int, dim: int, noise_at: str, seed: int) -> float:
         out = inprocess.run_round(encoded)
         quantize.decode_sum(out.total, 0.1)
     else:
-        p = plan(1.0, None, dim, 20, max(2, int(0.8 * clients)), clients, clients).params
-        enc = discrete.Encoding(0.1, p.scale / 0.1, p.l2_sensitivity, p.bits, b"s" * 32, 1)
+        p = plan(1.0, None, dim, 20, noise_threshold(0.8, clients), clients, clients).params
+        enc = discrete.round_encoding(p, 0.1, b"s" * 32, 1)  # C_t = 0.1, as the clients
         encoded = [discrete.encode(d, 1, enc, rng, skellam.noise_share(p.padded_dim,
                                                                        p.share_variance),
                                    int(skellam.noise_share(1, p.count_share_variance)[0]))
