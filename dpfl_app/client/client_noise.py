@@ -1,7 +1,7 @@
 """noise-at=clients on the client: the integer update with this client's Skellam shares.
 
 After Flower's mod clipped w_local - w_global to C_t (and set the norm bit), the
-train message's announcement (`privacy.distributed_ledger.announcement`) gives
+train message's announcement (`privacy.distributed.announcement`) gives
 the scaled clip gamma C, the bits b, this client's share variances and the
 threshold t; the round's public rotation seed comes with the round. The client
 checks that the model has the announced dimension, then (`secagg.discrete.encode`):

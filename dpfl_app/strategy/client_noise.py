@@ -3,7 +3,7 @@
 Distributed DP (Kairouz, Liu & Steinke, ICML 2021; Agarwal, Kairouz & Liu,
 NeurIPS 2021). Each round the server draws a public rotation seed and sends it
 with the train message, beside the announced parameters (scaled clip, bits,
-share variances, threshold t: `privacy.distributed_ledger.announcement`). Each
+share variances, threshold t: `privacy.distributed.announcement`). Each
 client sends its clipped, rotated, scaled, rounded update and its centred norm
 bit, each plus its own Skellam share, modulo 2**b, masked in that ring
 (`client/client_noise.py`). The server:
