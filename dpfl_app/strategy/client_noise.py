@@ -105,9 +105,25 @@ class ClientNoiseDPFedAvg(SecureDPFedAvgAdaptive):
         return flat, centred_count + survivors / 2
 
     def release(self, global_nd: list[np.ndarray], deltas: list, unclipped, count: int,
-                clip: float, m: int) -> tuple[list[np.ndarray], float, float]:
-        if not self._released:  # nothing to release: the model and the clip norm stay
-            return [np.array(g, copy=True) for g in global_nd], 0.5, clip
+                clip: float, m: int) -> tuple[list[np.ndarray], float | None, float]:
+        return self.release_noised_sum(global_nd, deltas, unclipped, count, clip, m,
+                                       released=self._released)
+
+    def release_noised_sum(self, global_nd: list[np.ndarray], deltas: list, unclipped,
+                           count: int, clip: float, m: int, *, released: bool = True
+                           ) -> tuple[list[np.ndarray], float | None, float]:
+        """(new model, noised unclipped fraction, next clip norm) from a decoded noised sum.
+
+        `deltas`: the decoded noised sum of the clipped deltas (one entry), and `unclipped`
+        the noised sum(b_i - 1/2) + count/2 (`decode`), over `count` contributors. The
+        clients' shares are the noise: the server adds none, divides by the fixed m and
+        takes its step (`server-optimizer`). A withheld round (`released` False) releases
+        nothing: the model and the clip norm stay, and no fraction (None) is released.
+        The ServerApp's rounds and the study engine's (tools/study/client_noise.py) both
+        release through this method.
+        """
+        if not released:
+            return [np.array(g, copy=True) for g in global_nd], None, clip
         no_server_noise = replace(self.split, noise_multiplier=0.0, update_noise_multiplier=0.0,
                                   count_stddev=0.0)
         return mechanism.dp_fedavg_release(
@@ -126,8 +142,6 @@ class ClientNoiseDPFedAvg(SecureDPFedAvgAdaptive):
         record["noise_std"] = noise_std_on_mean(self.client_noise, self._shares,
                                                 record["clip_norm"], self.num_sampled_clients)
         record["sum_released"] = self._released
-        if not self._released:
-            record["noisy_unclipped_fraction"] = None
         eps = self.ledger.epsilons()
         record["epsilon_without_sampling"] = eps["without_sampling"]
         record["epsilon_client_bound"] = eps["client_bound"]

@@ -242,8 +242,9 @@ class DPFedAvgAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
             unclipped, count = unclipped + sum(bits), count + len(bits)
         new_model, unclipped_fraction, self.clipping_norm = self.release(
             global_nd, deltas, unclipped, count, clip, m)
-        if self.canaries is not None:
-            self.canaries.observe(global_nd, new_model, (unclipped_fraction - 0.5) * m)
+        if self.canaries is not None:  # no fraction: no count released (a withheld sum)
+            self.canaries.observe(global_nd, new_model, None if unclipped_fraction is None
+                                  else (unclipped_fraction - 0.5) * m)
         new_arrays = ArrayRecord({k: Array(v) for k, v in zip(reference, new_model)})
         self.current_arrays = new_arrays
         # Charge the round, durably, before its model leaves this method: a

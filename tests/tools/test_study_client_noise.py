@@ -120,14 +120,31 @@ def test_shortcuts_equal_the_protocols_per_client_residues():
     assert np.var(noise) == pytest.approx(8 * params.share_variance, rel=0.02)
 
 
-def _round(options=cn.ClientNoiseOptions(), population=100, rng_seed=0, **keys):
-    """The study's round with the server's plan and ledger for CFG with `keys` changed."""
-    cfg = {**CFG, **keys}
+def _strategy(cfg: dict, population: int, rng_seed: int, optimizer: str = "sgd"):
+    """The ServerApp's client-noise strategy for `cfg` over a model of one flat array of DIM
+    values: its plan, ledger and (seeded) noise generator, and `server-optimizer`."""
+    from flwr.serverapp.strategy import FedAvg
+
+    from dpfl_app.strategy.client_noise import ClientNoiseDPFedAvg
+    from dpfl_app.strategy.server_optimizer import ServerOptimizer
+
     plan = distributed_ledger.run_plan(cfg, population, DIM, contributors=population)
     model = AccountingModel(cfg["sampling"], plan.split.noise_multiplier, population,
                             cfg["clients"], cfg["target-delta"])
-    return cn.ClientNoiseRound(cfg, distributed_ledger.DistributedLedger(model, plan.params), DIM,
-                               options, np.random.default_rng(rng_seed))
+    step = None if optimizer == "sgd" else ServerOptimizer(
+        optimizer, [np.zeros(DIM, dtype=np.float32)], cfg["server-lr"], 0.9)
+    return ClientNoiseDPFedAvg(
+        FedAvg(), plan.split, cfg["clients"], distributed_ledger.DistributedLedger(
+            model, plan.params), np.random.default_rng(rng_seed),
+        sampling_rng=np.random.default_rng(rng_seed + 1), target_quantile=cfg["target-quantile"],
+        clip_lr=cfg["clip-lr"], sampling=cfg["sampling"], server_lr=cfg["server-lr"],
+        server_optimizer=step, client_noise=plan.params)
+
+
+def _round(options=cn.ClientNoiseOptions(), population=100, rng_seed=0, **keys):
+    """The study's round with the server's strategy (plan, ledger) for CFG with `keys` changed."""
+    cfg = {**CFG, **keys}
+    return cn.ClientNoiseRound(cfg, _strategy(cfg, population, rng_seed), DIM, options)
 
 
 def test_zero_noise_equals_the_central_round_within_the_quantization_bound():
@@ -269,12 +286,56 @@ def test_the_sweeps_study_engine_runs_client_noise_from_its_run_config(tmp_path)
     assert results["final"]["accounting"]["params"]["bits"] == 18
 
 
-def test_the_engine_refuses_client_noise_with_a_server_optimizer_it_does_not_step():
-    """noise-at=clients takes the plain step (its own decode and release): momentum is refused
-    in one line before anything trains, not silently replaced by sgd."""
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("cohort", [40, 30])  # t = 40: 30 survivors are withheld
+def test_the_study_and_the_strategy_release_the_same_update_and_clip(monkeypatch, optimizer,
+                                                                     cohort):
+    """The study's round and the ServerApp strategy's `aggregate_train`, fed the same decoded
+    noised sum (or a withheld one), release the same model, fraction and next clip, with
+    every server optimizer."""
+    from flwr.app import Array, ArrayRecord
+
+    from dpfl_app.strategy.dp_fedavg import ClippedSum
+    from dpfl_app.strategy.secure_aggregation import SecureDPFedAvgAdaptive
+
+    cfg, clip = CFG, 0.7
+    decoded = []
+    real_decode = discrete.decode
+    monkeypatch.setattr(discrete, "decode",
+                        lambda *a: decoded.append(real_decode(*a)) or decoded[-1])
+    engine = cn.ClientNoiseRound(cfg, _strategy(cfg, 100, 0, optimizer), DIM,
+                                 cn.ClientNoiseOptions())
+    engine.params = replace(engine.params, threshold=40)
+    global_flat, models, bits = _cohort(cohort)
+    study = engine.step(global_flat, models, bits, clip, 1)
+    server = _strategy(cfg, 100, 1, optimizer)
+    server.clipping_norm = server._round_clip = clip  # pylint: disable=protected-access
+    server.current_arrays = ArrayRecord({"w": Array(global_flat)})
+    if decoded:  # released: the secure protocol's unmasked, decoded sum
+        ((flat, centred),) = decoded
+        total = ClippedSum([[flat]], centred + cohort / 2, cohort, 0)
+    else:
+        total = ClippedSum([], 0, 0, cohort, released=False)
+    monkeypatch.setattr(SecureDPFedAvgAdaptive, "clipped_sum", lambda *a: total)
+    arrays, _ = server.aggregate_train(1, [])
+    record = server.records[-1]
+    assert record["sum_released"] is bool(decoded) is (cohort >= 40)
+    np.testing.assert_array_equal(arrays["w"].numpy(), study[0])
+    assert (record["noisy_unclipped_fraction"], record["next_clip_norm"]) == study[1:3]
+    if not decoded:  # withheld: nothing released, no fraction, the clip stays
+        assert study[1] is None and study[2] == clip
+        np.testing.assert_array_equal(study[0], global_flat)
+    assert server.ledger.accountant.survivors == engine.ledger.accountant.survivors
+
+
+def test_the_engine_runs_client_noise_with_every_server_optimizer():
+    """The strategy's release steps `server-optimizer` with client noise too (the app
+    accepts it), and so does the study engine."""
     from dpfl_app.tools.study.engine import run_study
 
-    config = _small_config(rounds=1, **{"server-optimizer": "momentum"})
-    with pytest.raises(ValueError, match=r"noise-at=clients: .* server-optimizer='sgd', not "
-                                         r"'momentum'"):
-        run_study(config, 30)
+    runs = {opt: run_study(_small_config(rounds=2, **{"server-optimizer": opt}), 30,
+                           report_every=0) for opt in ("momentum", "adam")}
+    for study in runs.values():
+        assert study["final"]["accounting"]["noise_at"] == "clients"
+        assert 0 < study["final"]["epsilon"] <= 8.0
+    assert runs["momentum"]["final"]["test_accuracy"] != runs["adam"]["final"]["test_accuracy"]

@@ -6,8 +6,9 @@ C_t; rotate it (`rotation.rotate_rows`, the round's public seed); scale by
 gamma_t and round under the norm bound B (`discrete.conditional_round_rows`);
 add its Skellam share (`privacy.skellam.noise_share`); reduce mod 2**b. The
 unmasked sum is the modular sum of those residues; the server's `decode`
-(centred lift, unscale, inverse rotation) and the release with the fixed
-denominator m (`mechanism.dp_fedavg_release` with no server noise) follow.
+(centred lift, unscale, inverse rotation) follows, and the strategy's own release
+(`ClientNoiseDPFedAvg.release_noised_sum`: no server noise, the fixed denominator
+m, the `server-optimizer` step; a withheld round releases nothing).
 
 Two shortcuts, both exact in distribution and checked by
 tests/tools/test_study_client_noise.py: the n survivors' shares are drawn as
@@ -37,18 +38,19 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dpfl_app.privacy import skellam
 from dpfl_app.privacy.distributed import DistributedDpParams
-from dpfl_app.privacy.distributed_ledger import DistributedLedger
-from dpfl_app.privacy.mechanism import NoiseSplit, dp_fedavg_release
 from dpfl_app.secagg import discrete, rotation
+
+if TYPE_CHECKING:  # the strategy (flwr) is built by the engine
+    from dpfl_app.strategy.client_noise import ClientNoiseDPFedAvg
 
 SHARES = ("sum", "each")
 CHUNK_ROWS = 32  # rows encoded together: 32 x 4096 float64 = 1 MiB per array
-NO_SERVER_NOISE = NoiseSplit(0.0, 0.0, 0.0, 0.0, False)
 
 
 @dataclass(frozen=True)
@@ -127,25 +129,31 @@ def noised_integer_sum(rounded: np.ndarray, bits_unclipped, params: DistributedD
 
 
 class ClientNoiseRound:
-    """Runs a study's rounds with noise-at=clients, accounted in the strategy's ledger."""
+    """Runs a study's rounds with noise-at=clients: the clients' pipeline simulated here,
+    the release and the accounting by the strategy the ServerApp builds
+    (`ClientNoiseDPFedAvg.release_noised_sum`, its `DistributedLedger`)."""
 
-    def __init__(self, cfg: dict, ledger: DistributedLedger, dim: int,
-                 options: ClientNoiseOptions, rng: np.random.Generator):
-        self.cfg, self.ledger, self.options, self.dim, self.rng = cfg, ledger, options, dim, rng
-        self.params = ledger.params  # what the server announces: clip 1, scale gamma C
+    def __init__(self, cfg: dict, strategy: ClientNoiseDPFedAvg, dim: int,
+                 options: ClientNoiseOptions):
+        self.cfg, self.strategy, self.options, self.dim = cfg, strategy, options, dim
+        self.ledger, self.rng = strategy.ledger, strategy.rng
+        self.params = self.ledger.params  # what the server announces: clip 1, scale gamma C
         self.seed = round_seed(cfg["seed"])
         self.wraps = 0  # coordinates of a released sum that left the modulus
 
     def step(self, global_flat: np.ndarray, models: np.ndarray, bits: list[int], clip: float,
-             server_round: int) -> tuple[np.ndarray, float, float, int]:
-        """(new model, noised unclipped fraction, next clip, survivors) of one round."""
-        cfg, params = self.cfg, self.params
+             server_round: int) -> tuple[np.ndarray, float | None, float, int]:
+        """(new model, noised unclipped fraction (None: withheld), next clip, survivors) of
+        one round."""
+        params = self.params
         alive = self.rng.random(len(models)) < self.options.survival
         survivors = int(alive.sum())
         t = params.threshold
         if survivors < t:  # the protocol releases no sum below the threshold
+            (new_model,), fraction, next_clip = self.strategy.release_noised_sum(
+                [global_flat], [], 0, 0, clip, self.cfg["clients"], released=False)
             self.ledger.compose_round(shares=None)
-            return global_flat, math.nan, clip, survivors
+            return new_model, fraction, next_clip, survivors
         enc = discrete.round_encoding(params, clip, self.seed, server_round)  # as the clients
         rounded = integer_updates(np.asarray(models, dtype=np.float64)[alive] - global_flat,
                                   enc, self.rng)
@@ -155,10 +163,9 @@ class ClientNoiseRound:
         residues = discrete.to_residues(signed, params.bits)  # what the server unmasks
         self.wraps += int(np.count_nonzero(discrete.centred(residues, params.bits) != signed))
         noised, centred_count = discrete.decode(residues, enc, self.dim)
-        (new_model,), fraction, next_clip = dp_fedavg_release(
+        (new_model,), fraction, next_clip = self.strategy.release_noised_sum(
             [global_flat], [[noised]], centred_count + survivors / 2, survivors, clip,
-            cfg["clients"], NO_SERVER_NOISE, self.rng, server_lr=cfg["server-lr"],
-            target_quantile=cfg["target-quantile"], clip_lr=cfg["clip-lr"])
+            self.cfg["clients"])
         self.ledger.compose_round(shares=t if self.options.remove_excess else survivors)
         return new_model, fraction, next_clip, survivors
 

@@ -146,9 +146,6 @@ def run_study(run_config: dict, population: int, holdout: str = "test",
     if cfg["noise-at"] == "clients" and cfg["max-epsilon"] > 0:  # a run stops per survivors
         raise ValueError("noise-at=clients: the study engine runs it with max-epsilon=0 "
                          "(the rounds a Flower run completes depend on its survivors)")
-    if cfg["noise-at"] == "clients" and cfg["server-optimizer"] != "sgd":  # its own plain step
-        raise ValueError(f"noise-at=clients: the study engine runs it with "
-                         f"server-optimizer='sgd', not {cfg['server-optimizer']!r}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: one thread is fastest on a shared machine
     try:
@@ -199,8 +196,8 @@ def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
             cfg["server-momentum"])
     distributed = None  # noise-at=clients: the server's announced shares and its ledger
     if cfg["noise-at"] == "clients":
-        distributed = ClientNoiseRound(cfg, ledger, flatten(state).numel(),
-                                       client_noise or ClientNoiseOptions(), strategy.rng)
+        distributed = ClientNoiseRound(cfg, strategy, flatten(state).numel(),
+                                       client_noise or ClientNoiseOptions())
         planned = cfg["rounds"]
     else:
         planned = planned_rounds(cfg, ledger)
