@@ -138,10 +138,13 @@ def epsilon_from_rdp(rdp: np.ndarray, delta: float) -> float:
 
 
 def client_epsilon(params: DistributedDpParams, rounds: int, delta: float,
-                   sampling: str = "poisson") -> float:
-    """A client's own bound: t shares (its threshold), `rounds` rounds, no amplification,
-    under the adjacency of the announced sampling."""
+                   sampling: str = "poisson", sampling_probability: float | None = None) -> float:
+    """epsilon after `rounds` rounds of t shares each (the threshold), under the adjacency of
+    the announced sampling: without amplification (`sampling_probability` None), a
+    client's own bound; amplified at that rate, the figure the calibration plans for."""
     rdp = round_rdp(params, params.threshold, _adjacency(sampling))
+    if sampling_probability is not None:
+        rdp = amplified_rdp(rdp, sampling, sampling_probability)
     return epsilon_from_rdp(rounds * rdp, delta)
 
 
@@ -158,23 +161,40 @@ class DistributedAccountant:
         self._per_round: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # survivors -> (plain, amp.)
         self.survivors: list[int] = []
 
-    def compose_round(self, survivors: int) -> None:
-        """One released sum holding `survivors` >= t clients' shares."""
+    def _round_rdp(self, survivors: int) -> tuple[np.ndarray, np.ndarray]:
+        """(plain, amplified) RDP of one released sum holding `survivors` >= t shares."""
         if survivors < self.params.threshold:
             raise ValueError(f"a sum of {survivors} survivors is below the threshold "
                              f"{self.params.threshold}: the protocol must not release it")
         if survivors not in self._per_round:
             rdp = round_rdp(self.params, survivors, self.adjacency)
             self._per_round[survivors] = (rdp, amplified_rdp(rdp, self.sampling, self.q))
-        plain, amplified = self._per_round[survivors]
+        return self._per_round[survivors]
+
+    def compose_round(self, survivors: int) -> None:
+        """One released sum holding `survivors` >= t clients' shares."""
+        plain, amplified = self._round_rdp(survivors)
         self._plain = self._plain + plain
         self._amplified = self._amplified + amplified
         self.survivors.append(int(survivors))
 
-    def epsilons(self) -> dict:
+    def epsilon_with_sampling(self, extra_rounds: int = 0, shares: int | None = None) -> float:
+        """The amplified epsilon of the rounds so far, or with `extra_rounds` more released
+        sums of `shares` survivors each (None: t, the fewest a sum holds); composes nothing."""
+        total = self._amplified
+        if extra_rounds:
+            _, amplified = self._round_rdp(self.params.threshold if shares is None else shares)
+            total = total + extra_rounds * amplified
+        return epsilon_from_rdp(total, self.delta)
+
+    def epsilons(self, client_rounds: int | None = None) -> dict:
+        """The three figures (module doc), each computed once. `client_rounds`: the rounds a
+        client's own bound counts (None: the released ones; a ledger adds withheld rounds)."""
         rounds = len(self.survivors)
-        client = client_epsilon(self.params, rounds, self.delta, self.sampling) if rounds else 0.0
-        return {"with_sampling": epsilon_from_rdp(self._amplified, self.delta),
+        client_rounds = rounds if client_rounds is None else client_rounds
+        client = (client_epsilon(self.params, client_rounds, self.delta, self.sampling)
+                  if client_rounds else 0.0)
+        return {"with_sampling": self.epsilon_with_sampling(),
                 "without_sampling": epsilon_from_rdp(self._plain, self.delta),
                 "client_bound": client, "rounds": rounds, "delta": self.delta}
 
@@ -187,11 +207,12 @@ class DistributedAccountant:
         for survivors in state["survivors"]:
             self.compose_round(int(survivors))
 
-    def to_dict(self) -> dict:
-        """The accounting block's entry for noise-at=clients (results.json)."""
+    def to_dict(self, client_rounds: int | None = None) -> dict:
+        """The accounting block's entry for noise-at=clients (results.json); `client_rounds`
+        as in `epsilons`."""
         return {"noise_at": "clients", "params": self.params.to_dict(), "sampling": self.sampling,
                 "adjacency": self.adjacency, "sampling_probability": self.q,
-                "survivors": list(self.survivors), **self.epsilons()}
+                "survivors": list(self.survivors), **self.epsilons(client_rounds)}
 
 
 def client_refusal(params: DistributedDpParams, rounds: int, delta: float, max_epsilon: float,

@@ -62,17 +62,6 @@ def plan(noise: float, count_stddev: float | None, dim: int, bits: int, threshol
     return ClientNoisePlan(params, split, contributors)
 
 
-def planned_epsilon(trial: ClientNoisePlan, rounds: int, delta: float, sampling: str,
-                    sampling_probability: float | None) -> float:
-    """epsilon after `rounds` rounds of t survivors each: amplified by the server's sampling
-    at `sampling_probability`, or (None) without amplification (a client's own bound)."""
-    p = trial.params
-    rdp = dacc.round_rdp(p, p.threshold, dacc.ADJACENCY[sampling])
-    if sampling_probability is not None:
-        rdp = dacc.amplified_rdp(rdp, sampling, sampling_probability)
-    return dacc.epsilon_from_rdp(rounds * rdp, delta)
-
-
 CALIBRATION_RANGE = (1e-3, 1e4)  # combined z searched
 
 
@@ -81,7 +70,8 @@ def calibrate(target_epsilon: float, delta: float, rounds: int, sampling: str,
               bits: int, threshold: int, clients_per_round: int,
               contributors: int) -> ClientNoisePlan:
     """The smallest combined z (1e-4 relative) whose epsilon at t survivors in every round
-    meets the target (`planned_epsilon`), with the scale chosen for that z (`plan`).
+    meets the target (`distributed_accounting.client_epsilon` at `sampling_probability`),
+    with the scale chosen for that z (`plan`).
 
     epsilon falls as z grows, and a larger z needs a smaller scale to stay in the
     modulus; past some z no scale fits (`choose_scale` raises). So bracket upwards
@@ -92,7 +82,7 @@ def calibrate(target_epsilon: float, delta: float, rounds: int, sampling: str,
 
     def meets(z: float) -> ClientNoisePlan | None:
         trial = plan(z, *common)
-        eps = planned_epsilon(trial, rounds, delta, sampling, sampling_probability)
+        eps = dacc.client_epsilon(trial.params, rounds, delta, sampling, sampling_probability)
         return trial if eps <= target_epsilon else None
 
     lo, hi = CALIBRATION_RANGE
@@ -172,33 +162,23 @@ class DistributedLedger(PrivacyLedger):
                 self.accountant.compose_round(shares)
         self._rounds = len(self.accountant.survivors) + self.withheld_rounds
 
-    def _figures(self) -> dict:
-        if not self.accountant.survivors:
-            client = (dacc.client_epsilon(self.params, self._rounds, self.model.delta,
-                                          self.model.sampling) if self._rounds else 0.0)
-            return {"with_sampling": 0.0, "without_sampling": 0.0, "client_bound": client}
-        return self.accountant.epsilons() | (
-            {"client_bound": dacc.client_epsilon(self.params, self._rounds, self.model.delta,
-                                                 self.model.sampling)})
-
     def epsilon_if_secret(self, accountant: str | None = None) -> float | None:
-        return None if accountant == "pld" else self._figures()["with_sampling"]
+        return None if accountant == "pld" else self.accountant.epsilon_with_sampling()
 
     def epsilon(self, accountant: str | None = None) -> float | None:
         return self.epsilon_if_secret(accountant)
 
     def epsilons(self) -> dict:
-        figures = self._figures()
+        """The headline (with sampling) and the other two figures; the clients' own bound
+        counts every round, withheld ones too."""
+        figures = self.accountant.epsilons(client_rounds=self._rounds)
         return {"rdp": figures["with_sampling"], "pld": None, "headline": "rdp",
                 "without_sampling": figures["without_sampling"],
                 "client_bound": figures["client_bound"]}
 
     def would_exceed(self, max_epsilon: float, extra_rounds: int = 1) -> bool:
         """With `extra_rounds` more at the threshold (the fewest survivors a sum can hold)."""
-        rdp = dacc.round_rdp(self.params, self.params.threshold, self.accountant.adjacency)
-        extra = dacc.amplified_rdp(rdp, self.model.sampling, self.accountant.q)
-        total = self.accountant._amplified + extra_rounds * extra  # pylint: disable=protected-access
-        return dacc.epsilon_from_rdp(total, self.model.delta) > max_epsilon
+        return self.accountant.epsilon_with_sampling(extra_rounds) > max_epsilon
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "distributed": {
@@ -217,8 +197,7 @@ class DistributedLedger(PrivacyLedger):
     def to_dict(self) -> dict:
         """results.json's accounting block: the central model's fields, then noise_at and
         the mechanism's parameters (noise per client, bits, scale, the threshold)."""
-        block = self.accountant.to_dict()
-        block.update(self._figures())
+        block = self.accountant.to_dict(client_rounds=self._rounds)
         return {**super().to_dict(), **block, "withheld_rounds": self.withheld_rounds,
                 "noise_per_client": {"share_variance": self.params.share_variance,
                                      "count_share_variance": self.params.count_share_variance},

@@ -103,7 +103,7 @@ def test_calibration_is_tight(q):
 
     def epsilon(z):
         trial = ledger.plan(z, 5.0, 650, 20, 8, 10, 10)
-        return ledger.planned_epsilon(trial, 30, 1e-6, "poisson", q)
+        return accounting.client_epsilon(trial.params, 30, 1e-6, "poisson", q)
 
     z = plan.split.noise_multiplier
     assert epsilon(z) <= 8.0 < epsilon(z * 0.999)
@@ -289,3 +289,72 @@ def test_calibration_passes_on_a_count_noise_that_is_too_small():
     """A given sigma_b below z/2 is the user's key to fix, not the modulus."""
     with pytest.raises(ValueError, match="clipped-count-stddev"):
         ledger.calibrate(0.5, 1e-6, 100, "poisson", None, 0.2, 650, 30, 8, 10, 10)
+
+
+def _old_figures(params, model, survivors, withheld, extra_rounds):
+    """The ledger's figures as it computed them before one computation served all: the
+    accountant's RDP sums, each epsilon computed from scratch, and the budget check's
+    projection from the threshold's round RDP written out."""
+    adjacency = accounting.ADJACENCY[model.sampling]
+    q = model.sampling_probability
+    plain = sum((accounting.round_rdp(params, n, adjacency) for n in survivors),
+                np.zeros(len(accounting.ORDERS)))
+    amplified = sum((accounting.amplified_rdp(accounting.round_rdp(params, n, adjacency),
+                                              model.sampling, q) for n in survivors),
+                    np.zeros(len(accounting.ORDERS)))
+    rounds = len(survivors) + withheld
+    threshold_rdp = accounting.round_rdp(params, params.threshold, adjacency)
+    projected = amplified + extra_rounds * accounting.amplified_rdp(threshold_rdp,
+                                                                    model.sampling, q)
+    return {"with_sampling": accounting.epsilon_from_rdp(amplified, model.delta)
+            if survivors else 0.0,
+            "without_sampling": accounting.epsilon_from_rdp(plain, model.delta)
+            if survivors else 0.0,
+            "client_bound": accounting.epsilon_from_rdp(rounds * threshold_rdp, model.delta)
+            if rounds else 0.0,
+            "projected": accounting.epsilon_from_rdp(projected, model.delta)}
+
+
+@pytest.mark.parametrize("sampling, q, survivors, withheld", [
+    ("poisson", 0.3, [9, 12, 8, 8], 2), ("fixed", 0.1, [10, 20], 0), ("poisson", 0.7, [], 3),
+    ("fixed", 1.0, [8] * 5, 1)])
+def test_ledger_figures_equal_the_old_computation_and_are_computed_once(
+        monkeypatch, sampling, q, survivors, withheld):
+    """`DistributedLedger.to_dict`, `epsilons` and `would_exceed` give the numbers of the
+    old computation (`_old_figures`); to_dict computes each of the three epsilons once
+    (it computed them twice), and the budget check reads the accountant's public method."""
+    from dpfl_app.privacy.accounting import AccountingModel
+
+    params = distributed.with_noise(_params(), 1.5, 40.0)
+    model = AccountingModel(sampling, 1.5, 100, round(100 * q), 1e-6)
+    book = ledger.DistributedLedger(model, params)
+    for n in survivors:
+        book.compose_round(shares=n)
+    book.compose_round(count=withheld, shares=None)
+    old = _old_figures(params, model, survivors, withheld, 3)
+    block = book.to_dict()
+    figures = book.epsilons()
+    for key in ("with_sampling", "without_sampling", "client_bound"):
+        assert block[key] == old[key], key
+        assert figures["rdp" if key == "with_sampling" else key] == old[key], key
+    assert book.epsilon_if_secret() == old["with_sampling"]
+    assert block["rounds"] == len(survivors) and block["withheld_rounds"] == withheld
+    assert book.accountant.epsilon_with_sampling(3) == old["projected"]
+    assert book.would_exceed(old["projected"] * (1 - 1e-9), 3)
+    assert not book.would_exceed(old["projected"] * (1 + 1e-9), 3)
+    calls = []
+    real = accounting.epsilon_from_rdp
+    monkeypatch.setattr(accounting, "epsilon_from_rdp",
+                        lambda *a: calls.append(1) or real(*a))
+    assert book.to_dict() == block
+    assert len(calls) == 2 + (withheld + len(survivors) > 0)  # with, without, client: once
+
+
+def test_an_unknown_sampling_is_a_value_error_for_the_calibration_and_the_clients_bound():
+    """One function for epsilon at t shares per round: the calibration's amplified figure
+    and the clients' own bound refuse an unknown sampling alike (the calibration's raised
+    a bare KeyError)."""
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        ledger.calibrate(4.0, 1e-6, 30, "bernoulli", 0.1, None, 650, 20, 8, 10, 10)
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        accounting.client_epsilon(_params(), 30, 1e-6, "bernoulli")
