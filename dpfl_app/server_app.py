@@ -18,7 +18,7 @@ from flwr.supercore import log
 from dpfl_app.config import validate
 from dpfl_app.run import console, outcome, outputs, tracking
 from dpfl_app.run.grid import fast_polling
-from dpfl_app.strategy.build import build_strategy, choose_noise, choose_record_model, real_model
+from dpfl_app.strategy.build import choose_record_model, real_model, start_strategy
 from dpfl_app.strategy.large_deployment import deployment  # light: no torch
 from dpfl_app.strategy.population import (
     is_simulation, population, population_assumption, population_size)
@@ -132,8 +132,13 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
     simulation = deployment(cfg, num_nodes)
     if simulation.simulated:
         log(WARNING, "%s", simulation.summary())
-    noise = state["noise"] if state else choose_noise(cfg, num_nodes)
-    strategy = build_strategy(cfg, num_nodes, noise)
+    if state:
+        initial_model = state["model"]
+    else:  # the model the run starts from; its arrays also give d and the optimizer's shapes
+        torch.manual_seed(cfg["seed"])
+        initial_model = build_model(*model_spec(cfg)).state_dict()
+    noise, strategy = start_strategy(cfg, num_nodes, initial_model,
+                                     state["noise"] if state else None)
     ftrl = cfg["mechanism"] == "dp-ftrl"
     if ftrl:
         from dpfl_app.strategy.dp_ftrl import epsilon_summary, participation_assumption
@@ -163,13 +168,11 @@ def train(grid: Grid, context: Context, folder: dict) -> None:
 
     if state:
         restore(strategy, state)
-        run_dir, initial_model = state["run_dir"], state["model"]
+        run_dir = state["run_dir"]
         folder.update(path=run_dir, resumed=True)
     else:
         run_dir = outputs.make_run_dir(cfg["output-dir"], context.run_id)
         folder["path"] = run_dir
-        torch.manual_seed(cfg["seed"])
-        initial_model = build_model(*model_spec(cfg)).state_dict()
         show_partitions(cfg, online, run_dir)  # one demo partition per node
     log(INFO, "writing results to %s; exact counts for the operator only in %s", run_dir,
         outputs.DIAGNOSTICS_FILE)

@@ -40,9 +40,10 @@ POPULATION = 1437  # the recipes' federation, digits-1437
 
 
 def server_plan(keys: dict):
-    from dpfl_app.strategy.client_noise import plan_for
+    from dpfl_app.strategy.client_noise import model_dim, plan_for
 
-    return plan_for(validate(default_run_config(**keys)), POPULATION)
+    cfg = validate(default_run_config(**keys))
+    return plan_for(cfg, POPULATION, model_dim(cfg))
 
 
 def derived_recipe(recipe: Path, folder: Path, **changes) -> Path:

@@ -13,26 +13,48 @@ from __future__ import annotations
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING
 
+import numpy as np
 from flwr.supercore import log
 
 from dpfl_app.strategy.large_deployment import deployment  # light: no torch
 
 if TYPE_CHECKING:
     from dpfl_app.privacy.accounting import AccountingModel
+    from dpfl_app.privacy.distributed_ledger import ClientNoisePlan
     from dpfl_app.strategy.canaries import CanaryAudit
     from dpfl_app.strategy.dp_fedavg import DPFedAvgAdaptive
 
 
-def choose_noise(cfg: dict, population: int) -> float:
-    """`noise`, or the z calibrated to meet `target-epsilon` in `rounds` rounds."""
+def start_strategy(cfg: dict, population: int, initial_model: dict,
+                   noise: float | None = None) -> tuple[float, DPFedAvgAdaptive]:
+    """(noise, strategy) of a run that starts from `initial_model` (its arrays by name),
+    as the ServerApp and the study engine start: `noise` given (a resumed run's), or
+    `choose_noise`. The model's arrays give d and the server optimizer's shapes, so no
+    model is built here; noise-at=clients plans the clients' shares once
+    (`client_noise.plan_for`), and that plan gives both z and the ledger."""
+    like = [np.asarray(v) for v in initial_model.values()]
+    plan = None
+    if cfg.get("noise-at") == "clients":
+        from dpfl_app.strategy.client_noise import plan_for
+        plan = plan_for(cfg, population, sum(a.size for a in like), noise)
+    if noise is None:
+        noise = choose_noise(cfg, population, plan)
+    return noise, build_strategy(cfg, population, noise, client_plan=plan, like=like)
+
+
+def choose_noise(cfg: dict, population: int, client_plan: ClientNoisePlan | None = None
+                 ) -> float:
+    """`noise`, or the z calibrated to meet `target-epsilon` in `rounds` rounds
+    (noise-at=clients: `client_plan`'s, or a plan made here for the config's model)."""
     if cfg.get("mechanism") == "dp-ftrl":  # no population, no sampling: one Gaussian over the run
         from dpfl_app.strategy.dp_ftrl import choose_ftrl_noise
         return choose_ftrl_noise(cfg)
     if cfg["target-epsilon"] <= 0:
         return cfg["noise"]
     if cfg.get("noise-at") == "clients":  # the clients' Skellam shares, at t survivors
-        from dpfl_app.strategy.client_noise import plan_for
-        z = plan_for(cfg, population).split.noise_multiplier
+        from dpfl_app.strategy.client_noise import model_dim, plan_for
+        plan = client_plan or plan_for(cfg, population, model_dim(cfg))
+        z = plan.split.noise_multiplier
         log(INFO, "target-epsilon=%s (noise-at=clients, t survivors every round): calibrated "
             "noise multiplier z=%.6g (replaces noise=%s)", cfg["target-epsilon"], z, cfg["noise"])
         return z
@@ -83,8 +105,13 @@ def choose_record_model(cfg: dict):
     return model
 
 
-def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive:
-    """FedAvg (sampling, evaluation) inside our DP wrapper (clipping, noise, accounting)."""
+def build_strategy(cfg: dict, population: int, noise: float, *,
+                   client_plan: ClientNoisePlan | None = None,
+                   like: list | None = None) -> DPFedAvgAdaptive:
+    """FedAvg (sampling, evaluation) inside our DP wrapper (clipping, noise, accounting).
+
+    `client_plan`: noise-at=clients' shares for `noise`, if already planned; `like`: the
+    model's arrays (shapes for the server optimizer), if already built."""
     from flwr.serverapp.strategy import FedAvg
 
     from dpfl_app.config import user_level_clip_on
@@ -109,7 +136,7 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
             "experiments; never deploy with it.", cfg["seed"])
     if cfg["mechanism"] == "dp-ftrl":
         from dpfl_app.strategy.dp_ftrl import build_ftrl_strategy
-        return build_ftrl_strategy(cfg, noise, fedavg, generators, server_optimizer(cfg))
+        return build_ftrl_strategy(cfg, noise, fedavg, generators, server_optimizer(cfg, like))
     stddev = cfg["clipped-count-stddev"]
     big = deployment(cfg, population)  # the run's own, or a simulated larger one
     split = mechanism.split_noise(noise, big.clients_per_round,
@@ -128,7 +155,7 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
     client_noise = cfg.get("noise-at") == "clients"
     if client_noise:  # the clients add Skellam shares; the server adds no update noise
         from dpfl_app.strategy.client_noise import ClientNoiseDPFedAvg, client_noise_ledger
-        ledger = client_noise_ledger(cfg, model.replace(withheld_inputs=0))
+        ledger = client_noise_ledger(cfg, model.replace(withheld_inputs=0), client_plan)
         cls, secure["client_noise"] = ClientNoiseDPFedAvg, ledger.params
     user_clip = user_level_clip_on(cfg)
     if not user_clip:
@@ -143,7 +170,7 @@ def build_strategy(cfg: dict, population: int, noise: float) -> DPFedAvgAdaptive
         node_wait_timeout=cfg["node-wait-timeout"], max_epsilon=cfg["max-epsilon"],
         server_lr=cfg["server-lr"], canaries=canaries,
         **(secure if cfg["secure-aggregation"] else {}),
-        server_optimizer=server_optimizer(cfg),
+        server_optimizer=server_optimizer(cfg, like),
         noise_scale=big.noise_scale, sampling_population=population,
         user_level_clip=user_clip,
     )
@@ -175,8 +202,9 @@ def real_model(model: AccountingModel, big) -> AccountingModel:
                              model.sampling, big.real_population, big.real_clients_per_round))
 
 
-def server_optimizer(cfg: dict):
-    """`server-optimizer` over the model's arrays (their shapes; values come each step).
+def server_optimizer(cfg: dict, like: list | None = None):
+    """`server-optimizer` over the model's arrays `like` (their shapes; values come each
+    step; None: a model built for them).
 
     None for `sgd`: the mechanism's plain step w + server-lr * mean, which equals
     torch.optim.SGD bit for bit (tests/strategy/test_server_optimizer.py). Taking it
@@ -189,7 +217,8 @@ def server_optimizer(cfg: dict):
     from dpfl_app.strategy.server_optimizer import ServerOptimizer
     from dpfl_app.task import build_model
 
-    like = [v.numpy() for v in build_model(*model_spec(cfg)).state_dict().values()]
+    if like is None:
+        like = [v.numpy() for v in build_model(*model_spec(cfg)).state_dict().values()]
     return ServerOptimizer(cfg["server-optimizer"], like, cfg["server-lr"],
                            cfg["server-momentum"])
 

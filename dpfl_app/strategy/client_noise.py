@@ -149,7 +149,8 @@ class ClientNoiseDPFedAvg(SecureDPFedAvgAdaptive):
 
 
 def model_dim(cfg: dict) -> int:
-    """d: the number of values in the model's arrays (what a client's delta holds)."""
+    """d, for a caller that holds no model: builds one (the ServerApp and the study engine
+    take d from the model they start from instead: `build.start_strategy`)."""
     from dpfl_app.config import model_spec  # pylint: disable=import-outside-toplevel
     from dpfl_app.task import build_model  # pylint: disable=import-outside-toplevel
 
@@ -162,16 +163,24 @@ def most_contributors(cfg: dict, population: int) -> int:
     return m if cfg["sampling"] == "fixed" else min(population, floors.poisson_cohort_bound(m))
 
 
-def plan_for(cfg: dict, population: int, noise: float | None = None) -> ClientNoisePlan:
-    """The run's shares (`distributed_ledger.run_plan`, the one calibration): for `noise`,
-    or (None) calibrated to `target-epsilon` with t survivors every round."""
-    return distributed_ledger.run_plan(cfg, population, model_dim(cfg),
-                                       most_contributors(cfg, population), noise)
+def plan_for(cfg: dict, population: int, dim: int, noise: float | None = None
+             ) -> ClientNoisePlan:
+    """The run's shares for a model of `dim` values (`distributed_ledger.run_plan`, the one
+    calibration): for `noise`, or (None) calibrated to `target-epsilon` with t survivors
+    every round."""
+    return distributed_ledger.run_plan(cfg, population, dim, most_contributors(cfg, population),
+                                       noise)
 
 
-def client_noise_ledger(cfg: dict, model) -> distributed_ledger.DistributedLedger:
-    """The run's ledger for the clients' shares of `model.noise_multiplier`; logs the plan."""
-    plan = plan_for(cfg, model.population, model.noise_multiplier)
+def client_noise_ledger(cfg: dict, model, plan: ClientNoisePlan | None = None
+                        ) -> distributed_ledger.DistributedLedger:
+    """The run's ledger for the clients' shares of `model.noise_multiplier`: `plan` (computed
+    once at start-up), or planned here; logs the plan."""
+    if plan is None:
+        plan = plan_for(cfg, model.population, model_dim(cfg), model.noise_multiplier)
+    if plan.split.noise_multiplier != model.noise_multiplier:
+        raise ValueError(f"noise-at=clients: the plan's z={plan.split.noise_multiplier} is not "
+                         f"the run's z={model.noise_multiplier}")
     p = plan.params
     log(INFO, "noise-at=clients: each client adds Skellam noise of variance %.4g per coordinate "
         "(count: %.4g) to its update, scaled to gamma*C = %.4g and rounded on %d coordinates, "

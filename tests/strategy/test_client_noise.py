@@ -185,3 +185,36 @@ def test_the_server_reads_only_packed_b_bit_inputs():
     assert np.array_equal(strategy.read_input(packed, 650), residues)
     assert strategy.read_input(residues, 650) is None
     assert strategy.read_input(packed[:-1], 650) is None
+
+
+@pytest.mark.parametrize("keys", [{"target-epsilon": 8.0, "server-optimizer": "adam"},
+                                  {"noise": 1.5}])
+def test_a_run_starts_with_one_plan_and_no_model_built_for_d(monkeypatch, keys):
+    """`build.start_strategy`, as the ServerApp and the study engine start a run: the clients'
+    shares are planned once (the calibration ran twice: for z, then for the ledger), and d
+    and the server optimizer's shapes come from the initial model (each built a model)."""
+    from dpfl_app import task
+    from dpfl_app.config import model_spec, validate
+    from dpfl_app.privacy import distributed_ledger
+    from dpfl_app.strategy import client_noise
+    from dpfl_app.strategy.build import choose_noise, start_strategy
+
+    cfg = validate(default_run_config(**{**CLIENT_NOISE, "clients": 20, **keys}))
+    initial = task.build_model(*model_spec(cfg)).state_dict()
+    dim = sum(v.numel() for v in initial.values())
+    expected_noise = choose_noise(cfg, 30)
+    expected = client_noise.plan_for(cfg, 30, dim, expected_noise)
+    plans = []
+    real = distributed_ledger.run_plan
+    monkeypatch.setattr(distributed_ledger, "run_plan",
+                        lambda *a, **k: plans.append(a) or real(*a, **k))
+
+    def no_model(*_):
+        raise AssertionError("start_strategy built a model")
+
+    monkeypatch.setattr(task, "build_model", no_model)
+    noise, strategy = start_strategy(cfg, 30, initial)
+    assert len(plans) == 1 and plans[0][2] == dim
+    assert noise == expected_noise == strategy.ledger.model.noise_multiplier
+    assert strategy.ledger.params == expected.params
+    assert (strategy.server_optimizer is None) == (cfg["server-optimizer"] == "sgd")

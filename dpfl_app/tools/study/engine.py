@@ -1,8 +1,8 @@
 """The study engine: the app's DP-FedAvg rounds in one process, cohorts trained in one batch.
 
 What runs is the app's own code: the run-config validation, `strategy.build`'s
-noise calibration (`choose_noise`) and strategy construction
-(`build_strategy`: the noise split, the `PrivacyLedger`, the seeded RNG), the
+start of a run (`start_strategy`: the noise calibration `choose_noise` and the strategy
+construction `build_strategy`: the noise split, the `PrivacyLedger`, the seeded RNG), the
 strategy's cohort sampling (`strategy.sampling.SlotSampler`), the ClientApp's data
 (`node_data.client_data`) and loader seeds, the clip and norm bit of Flower's
 `adaptiveclipping_mod`, the server's clip (`mechanism.clipped_sum`: `clip_to_norm`
@@ -36,7 +36,7 @@ from dpfl_app.data.node_data import client_data
 from dpfl_app.privacy.accounting import AccountingModel, epsilon_after, max_rounds_within
 from dpfl_app.privacy.mechanism import clipped_sum
 from dpfl_app.privacy.record_report import record_fields
-from dpfl_app.strategy.build import build_strategy, choose_noise, choose_record_model
+from dpfl_app.strategy.build import choose_record_model, start_strategy
 from dpfl_app.strategy.server_optimizer import ServerOptimizer
 from dpfl_app.tools.study.record_dp import CohortDpSgd, record_level_training
 from dpfl_app.task import build_model, test
@@ -180,15 +180,16 @@ def planned_rounds(cfg: dict, ledger) -> int:
 def _run(cfg: dict, run_config: dict, population: int, holdout: str, on_round,
          report_every: int, client_noise: ClientNoiseOptions | None) -> dict:
     start = time.perf_counter()
-    noise = choose_noise(cfg, population)  # noise-at=clients: z of the clients' shares at t
-    strategy = build_strategy(cfg, population, noise)  # split, ledger, RNG: the ServerApp's
+    torch.manual_seed(cfg["seed"])  # the ServerApp's initial model
+    net = build_model(*model_spec(cfg))
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    # The ServerApp's start: noise (noise-at=clients: z of the clients' shares at t, planned
+    # once for this model's d), split, ledger, RNG.
+    noise, strategy = start_strategy(cfg, population, state)
     ledger, m = strategy.ledger, cfg["clients"]
     sampling_rng, sampler = strategy.sampling_rng, strategy.sampler  # cohorts, as the strategy
     # Accounting happens once, here: epsilon depends on the configuration and the
     # number of rounds only, both known now (the accountant's cache keeps the value).
-    torch.manual_seed(cfg["seed"])  # the ServerApp's initial model
-    net = build_model(*model_spec(cfg))
-    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     if strategy.server_optimizer is not None:  # the engine steps one flat vector: the same
         # optimizer over it (momentum and Adam are elementwise, so the same step)
         strategy.server_optimizer = ServerOptimizer(
