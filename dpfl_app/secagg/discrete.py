@@ -165,17 +165,41 @@ def round_encoding(params, clip: float, seed: bytes, round_number: int) -> Encod
                     round_number=round_number)
 
 
+CHUNK_ROWS = 32  # a cohort's rows encoded together: 32 x 4096 float64 = 1 MiB per array
+
+
+def clip_rows(rows: np.ndarray, bound: float) -> np.ndarray:
+    """Every row longer than `bound` (L2) scaled down to it; the others unchanged."""
+    norms = np.linalg.norm(rows, axis=1)
+    with np.errstate(divide="ignore"):
+        factor = np.where(norms > bound, bound / norms, 1.0)
+    return rows * factor[:, None]
+
+
+def integer_updates(deltas: np.ndarray, enc: Encoding, rng: np.random.Generator) -> np.ndarray:
+    """Steps 1-3 for each row of `deltas` (one client's flat update a row): clip to C, rotate,
+    scale by gamma, round under B (int64, one row of d' a client).
+
+    A client encodes one row, rotated by the butterfly (`rotation.rotate`, O(d' log d'));
+    the study engine a cohort, rotated as matrix products (`rotation.rotate_rows`), in
+    chunks of CHUNK_ROWS so that a chunk's arrays stay in cache. The two rotations agree
+    up to float summation order; the rounding draws the same uniforms row after row.
+    """
+    deltas = np.asarray(deltas)
+    single = len(deltas) == 1
+    out = np.empty((len(deltas), rotation.padded_dim(deltas.shape[1])), dtype=np.int64)
+    for start in range(0, len(deltas), CHUNK_ROWS):
+        x = clip_rows(deltas[start:start + CHUNK_ROWS].astype(np.float64), enc.clip)
+        y = enc.scale * (rotation.rotate(x, enc.seed, enc.round_number)[None] if single
+                         else rotation.rotate_rows(x, enc.seed, enc.round_number))
+        y = clip_rows(y, enc.scale * enc.clip)  # the rotation's float error, ~1e-15
+        out[start:start + CHUNK_ROWS] = conditional_round_rows(y, enc.norm_bound, rng)
+    return out
+
+
 def integer_update(delta: np.ndarray, enc: Encoding, rng: np.random.Generator) -> np.ndarray:
-    """Steps 1-3: clip to C, rotate, scale by gamma, round under B (int64, length d')."""
-    x = np.asarray(delta, dtype=np.float64).ravel()
-    norm = float(np.linalg.norm(x))
-    if norm > enc.clip:
-        x = x * (enc.clip / norm)
-    y = enc.scale * rotation.rotate(x, enc.seed, enc.round_number)
-    norm_y = float(np.linalg.norm(y))
-    if norm_y > enc.scale * enc.clip:  # floating point error of the rotation, at most ~1e-15
-        y = y * (enc.scale * enc.clip / norm_y)
-    return conditional_round(y, enc.norm_bound, rng)
+    """Steps 1-3 for one client's update (any shape, flattened): `integer_updates` of one row."""
+    return integer_updates(np.asarray(delta, dtype=np.float64).reshape(1, -1), enc, rng)[0]
 
 
 def encode(delta: np.ndarray, unclipped: int, enc: Encoding, rng: np.random.Generator,

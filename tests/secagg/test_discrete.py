@@ -223,3 +223,34 @@ def test_packing_refuses_what_is_not_a_b_bit_vector_and_unpacking_a_wrong_length
     for bad in (packed[:-1], np.append(packed, 0).astype(np.uint8), packed.astype(np.uint64)):
         with pytest.raises(ValueError, match="packed bytes"):
             discrete.unpack(bad, 18, 10)
+
+
+def test_a_cohorts_integer_updates_equal_each_clients_integer_update():
+    """One implementation for a client and a cohort (the study engine). With the
+    deterministic bound (beta = 0) the first try always fits, so the rows draw the same
+    uniforms as the clients one after another: the same integers, but for float ties of
+    the two rotations (matrix products against the butterfly). 70 rows: three chunks, the
+    last of them a single row, still rotated as the cohort's."""
+    dim = 300
+    params = distributed.DistributedDpParams(clip=1.0, dim=dim, scale=50.0, bits=20,
+                                             share_variance=0.0, count_share_variance=0.0,
+                                             threshold=10, beta=0.0)
+    enc = discrete.round_encoding(params, params.clip, SEED, 4)
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(2 * discrete.CHUNK_ROWS + 1, dim))
+    norms = rng.uniform(0.2, 3.0, (len(rows), 1))  # some rows above the clip, some below
+    deltas = rows / np.linalg.norm(rows, axis=1, keepdims=True) * norms
+    batched = discrete.integer_updates(deltas, enc, np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    single = np.stack([discrete.integer_update(d, enc, rng) for d in deltas])
+    assert np.abs(batched - single).max() <= 1
+    assert np.mean(batched != single) < 1e-3
+    bound = math.floor(params.l2_sensitivity ** 2)
+    assert all(int(np.sum(q.astype(object) ** 2)) <= bound for q in batched)
+    # a client's update (any shape) is its flat vector's single row, bit for bit
+    grid = deltas[0].reshape(15, 20)
+    assert np.array_equal(discrete.integer_update(grid, enc, np.random.default_rng(9)),
+                          discrete.integer_updates(deltas[:1], enc, np.random.default_rng(9))[0])
+    # the clip: a row above C is scaled onto it, one below is left as it is
+    clipped = discrete.clip_rows(np.array([[3.0, 4.0], [0.3, 0.4]]), 1.0)
+    np.testing.assert_allclose(clipped, [[0.6, 0.8], [0.3, 0.4]], rtol=0, atol=1e-15)

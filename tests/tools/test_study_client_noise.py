@@ -1,7 +1,7 @@
 """noise-at=clients in the study engine, against the building blocks it batches.
 
-The cohort's rows go through the same pipeline as one client's
-`discrete.integer_update` / `encode`; the shortcuts (one Skellam(n v) draw, the
+The cohort's rows go through the clients' own `discrete.integer_updates`
+(tests/secagg/test_discrete.py); the shortcuts (one Skellam(n v) draw, the
 residue of the integer sum) are exact; with zero noise the round equals the
 central round within the quantization bound; the accountant sees the survivors'
 noise, and the excess-removal ideal carries exactly t shares.
@@ -75,22 +75,6 @@ def test_rows_rounding_keeps_the_bound_on_forced_worst_cases():
     assert np.array_equal(q[0], np.trunc(worst).astype(np.int64))  # the fallback was taken
 
 
-def test_integer_updates_equal_each_clients_integer_update():
-    """With the deterministic bound (beta = 0) the first try always fits, so the rows draw
-    the same uniforms as the clients one after another: the same integers."""
-    global_flat, models, _ = _cohort(20)
-    params = distributed.DistributedDpParams(clip=1.0, dim=DIM, scale=50.0, bits=20,
-                                             share_variance=0.0, count_share_variance=0.0,
-                                             threshold=10, beta=0.0)
-    enc = discrete.round_encoding(params, params.clip, SEED, 4)
-    deltas = models.astype(np.float64) - global_flat
-    batched = cn.integer_updates(deltas, enc, np.random.default_rng(3))
-    rng = np.random.default_rng(3)
-    single = np.stack([discrete.integer_update(d, enc, rng) for d in deltas])
-    assert np.abs(batched - single).max() <= 1
-    assert np.mean(batched != single) < 1e-3  # only float ties of the two rotations differ
-
-
 def test_shortcuts_equal_the_protocols_per_client_residues():
     """shares="each": the modular sum of every client's encoded residues is the residue of
     the integer sum; shares="sum": one Skellam(n v) draw has the summed shares' law."""
@@ -100,7 +84,7 @@ def test_shortcuts_equal_the_protocols_per_client_residues():
     global_flat, models, bits = _cohort(8)
     enc = discrete.round_encoding(params, params.clip, SEED, 2)
     deltas = models.astype(np.float64) - global_flat
-    rounded = cn.integer_updates(deltas, enc, np.random.default_rng(4))
+    rounded = discrete.integer_updates(deltas, enc, np.random.default_rng(4))
     each = cn.ClientNoiseOptions(shares="each")
     signed = cn.noised_integer_sum(rounded, bits, params, each, np.random.default_rng(5))
     rng = np.random.default_rng(5)  # the same shares, drawn in the same order

@@ -2,8 +2,8 @@
 
 What each surviving client does in the protocol (`secagg.discrete.encode`),
 done here for every row of the cohort's matrix at once: clip the update to
-C_t; rotate it (`rotation.rotate_rows`, the round's public seed); scale by
-gamma_t and round under the norm bound B (`discrete.conditional_round_rows`);
+C_t, rotate it (the round's public seed), scale by gamma_t and round under the
+norm bound B, by the clients' own `discrete.integer_updates` given the cohort;
 add its Skellam share (`privacy.skellam.noise_share`); reduce mod 2**b. The
 unmasked sum is the modular sum of those residues; the server's `decode`
 (centred lift, unscale, inverse rotation) follows, and the strategy's own release
@@ -44,13 +44,12 @@ import numpy as np
 
 from dpfl_app.privacy import skellam
 from dpfl_app.privacy.distributed import DistributedDpParams
-from dpfl_app.secagg import discrete, rotation
+from dpfl_app.secagg import discrete
 
 if TYPE_CHECKING:  # the strategy (flwr) is built by the engine
     from dpfl_app.strategy.client_noise import ClientNoiseDPFedAvg
 
 SHARES = ("sum", "each")
-CHUNK_ROWS = 32  # rows encoded together: 32 x 4096 float64 = 1 MiB per array
 
 
 @dataclass(frozen=True)
@@ -76,26 +75,6 @@ class ClientNoiseOptions:
 def round_seed(seed: int) -> bytes:
     """The public rotation seed of a study run (the protocol's server announces one)."""
     return hashlib.sha256(b"dpfl_app study rotation seed" + int(seed).to_bytes(8, "big")).digest()
-
-
-def integer_updates(deltas: np.ndarray, enc: discrete.Encoding,
-                    rng: np.random.Generator) -> np.ndarray:
-    """`discrete.integer_update` of every row: clip, rotate, scale, round under B (int64)."""
-    deltas = np.asarray(deltas)
-    out = np.empty((len(deltas), rotation.padded_dim(deltas.shape[1])), dtype=np.int64)
-    for start in range(0, len(deltas), CHUNK_ROWS):  # a chunk's arrays stay in cache
-        x = _clip_rows(deltas[start:start + CHUNK_ROWS].astype(np.float64), enc.clip)
-        y = enc.scale * rotation.rotate_rows(x, enc.seed, enc.round_number)
-        y = _clip_rows(y, enc.scale * enc.clip)  # the rotation's float error, ~1e-15
-        out[start:start + CHUNK_ROWS] = discrete.conditional_round_rows(y, enc.norm_bound, rng)
-    return out
-
-
-def _clip_rows(rows: np.ndarray, bound: float) -> np.ndarray:
-    norms = np.linalg.norm(rows, axis=1)
-    with np.errstate(divide="ignore"):
-        factor = np.where(norms > bound, bound / norms, 1.0)
-    return rows * factor[:, None]
 
 
 def _skellam(size: int, variance: float, rng: np.random.Generator) -> np.ndarray:
@@ -155,8 +134,8 @@ class ClientNoiseRound:
             self.ledger.compose_round(shares=None)
             return new_model, fraction, next_clip, survivors
         enc = discrete.round_encoding(params, clip, self.seed, server_round)  # as the clients
-        rounded = integer_updates(np.asarray(models, dtype=np.float64)[alive] - global_flat,
-                                  enc, self.rng)
+        rounded = discrete.integer_updates(
+            np.asarray(models, dtype=np.float64)[alive] - global_flat, enc, self.rng)
         total = t * params.share_variance if self.options.remove_excess else None
         signed = noised_integer_sum(rounded, np.asarray(bits)[alive], params, self.options,
                                     self.rng, total)
