@@ -234,14 +234,21 @@ def _check_mechanism(cfg: dict[str, Any]) -> None:
                     f"run-config key {key!r} = {cfg[key]} applies only to mechanism='dp-ftrl'; "
                     f"leave it at {default} with dp-fedavg (or set mechanism='dp-ftrl')")
         return
-    most = min(cfg["min-separation"], cfg["rounds"])
-    if cfg["ftrl-bands"] > most:  # more bands than b: the closed-form sensitivity is wrong
-        raise ConfigError(
-            f"run-config key 'ftrl-bands' = {cfg['ftrl-bands']}: allowed 0 (chosen by error) or "
-            f"1..min(min-separation, rounds) = 1..{most}")
+    problem = ftrl_bands_problem(cfg["ftrl-bands"], cfg["min-separation"], cfg["rounds"])
+    if problem:
+        raise ConfigError(f"run-config key 'ftrl-bands' = {cfg['ftrl-bands']}: {problem}")
     for key, why in FTRL_EXCLUDES.items():
         if cfg[key] not in (False, 0, ""):
             raise ConfigError(f"run-config key {key!r} = {cfg[key]!r} with mechanism='dp-ftrl': {why}")
+
+
+def ftrl_bands_problem(bands: int, min_separation: int, rounds: int) -> str | None:
+    """What is allowed, when `ftrl-bands` is not (run config and `dpfl plan` alike): more
+    bands than b make the closed-form sensitivity wrong; None when it is allowed."""
+    most = min(min_separation, rounds)
+    if 0 <= bands <= most:
+        return None
+    return f"allowed 0 (chosen by error) or 1..min(min-separation, rounds) = 1..{most}"
 
 
 def record_level_on(cfg: dict[str, Any]) -> bool:

@@ -125,12 +125,23 @@ def expected_error(coefficients: np.ndarray, rounds: int, min_separation: int,
     return sensitivity(coefficients, rounds, min_separation) ** 2 * frobenius / rounds
 
 
+def band_errors(rounds: int, min_separation: int, momentum: float = 0.0) -> np.ndarray:
+    """`expected_error` of the banded square root with p = 1..min(b, T) bands, at index
+    p - 1 (p = 1: the identity, fresh noise every round). One square root serves all:
+    p bands are its first p coefficients."""
+    root = banded_sqrt(rounds, rounds, momentum)
+    return np.array([expected_error(root[:p], rounds, min_separation, momentum)
+                     for p in range(1, min(min_separation, rounds) + 1)])
+
+
+def least_error_bands(errors: Sequence[float]) -> int:
+    """The p whose `band_errors` entry is smallest (ties: fewer bands)."""
+    return int(np.argmin(errors)) + 1
+
+
 def choose_bands(rounds: int, min_separation: int, momentum: float = 0.0) -> int:
     """The p in 1..min(b, T) with the smallest `expected_error` (ties: fewer bands)."""
-    candidates = range(1, min(min_separation, rounds) + 1)
-    errors = [expected_error(banded_sqrt(rounds, p, momentum), rounds, min_separation, momentum)
-              for p in candidates]
-    return candidates[int(np.argmin(errors))]
+    return least_error_bands(band_errors(rounds, min_separation, momentum))
 
 
 class CorrelatedNoise:

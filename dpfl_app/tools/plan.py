@@ -11,6 +11,7 @@ import json
 import math
 import sys
 
+from dpfl_app.config import ftrl_bands_problem
 from dpfl_app.privacy.accounting import (
     ACCOUNTANTS, SAMPLING_MODES, AccountingModel, epsilon_after, headline_accountant,
 )
@@ -118,9 +119,9 @@ def _validate(parser: argparse.ArgumentParser, a: argparse.Namespace) -> str:
             parser.error("--mechanism dp-ftrl needs --target-epsilon or --noise")
         if a.noise_to_clients_ratio is not None:
             parser.error("--noise-to-clients-ratio is dp-fedavg only")
-        if not 0 <= a.ftrl_bands <= min(a.min_separation, a.rounds):
-            parser.error(f"--ftrl-bands must be 0 (least error) or in 1..min(--min-separation, "
-                         f"--rounds) = 1..{min(a.min_separation, a.rounds)}, got {a.ftrl_bands}")
+        problem = ftrl_bands_problem(a.ftrl_bands, a.min_separation, a.rounds)
+        if problem:  # the run config's own check: the run key `ftrl-bands`
+            parser.error(f"--ftrl-bands {a.ftrl_bands}: {problem}")
         return "ftrl"
     if a.ftrl_bands:
         parser.error("--ftrl-bands is dp-ftrl only")

@@ -44,3 +44,28 @@ def test_the_table_prints(capsys):
     out = capsys.readouterr().out
     assert "| 14 | 102 | 3 | 14 | 2.38 | 2.571 | 13.4 | 61.5 | 4.59 | 61.2 | 3.24 |" in out
     assert "553.5" in out
+
+
+@pytest.mark.parametrize("rounds, momentum", [(40, 0.0), (12, 0.9)])
+def test_the_table_reads_the_errors_the_server_compares(monkeypatch, rounds, momentum):
+    """The rows are the old computation's (each factorization built again from scratch:
+    the chosen p's, the identity's, the every-round one), and the table takes the banded and
+    identity errors from the comparison the server's choice makes (`mf.band_errors`): per b,
+    one square root for the comparison and one for the sensitivity, plus one for every
+    round (it computed 2 min(b, T) + 3 per b, plus 1: 41 here, now 9)."""
+    def error(p, b):
+        return mf.expected_error(mf.banded_sqrt(rounds, p, momentum), rounds, b, momentum)
+
+    every_round = error(1, 1)
+    roots = []
+    real = mf.toeplitz_sqrt
+    monkeypatch.setattr(mf, "toeplitz_sqrt", lambda a: roots.append(1) or real(a))
+    rows = ftrl_error.error_rows(rounds, 1437, momentum, separations=(1, 2, 4, 7))
+    assert len(roots) == 2 * 4 + 1
+    for row in rows:
+        b, p = row["b"], row["bands"]
+        errors = [error(q, b) for q in range(1, min(b, rounds) + 1)]
+        assert p == 1 + int(np.argmin(errors))  # the least-error bands, as before
+        assert (row["banded"], row["identity"]) == (error(p, b), error(1, b))
+        assert row["every_round_over_banded"] == every_round / error(p, b)
+        assert row["sensitivity"] == mf.sensitivity(mf.banded_sqrt(rounds, p, momentum), rounds, b)

@@ -53,7 +53,8 @@ def test_plan_takes_ftrl_bands_as_the_run_does(capsys, bands):
 
 @pytest.mark.parametrize("args, message", [
     (["--mechanism", "dp-ftrl", "--min-separation", "2", "--ftrl-bands", "3",
-      "--target-epsilon", "4"], "--ftrl-bands must be 0 (least error) or in 1..min(--min-separation, --rounds) = 1..2, got 3"),
+      "--target-epsilon", "4"],
+     "--ftrl-bands 3: allowed 0 (chosen by error) or 1..min(min-separation, rounds) = 1..2"),
     (["--population", "100", "--clients", "10", "--noise", "1", "--ftrl-bands", "2"],
      "--ftrl-bands is dp-ftrl only"),
 ])
@@ -61,3 +62,31 @@ def test_plan_refuses_bands_the_run_would_refuse(capsys, args, message):
     with pytest.raises(SystemExit):
         plan.main(["--rounds", "40", "--delta", "1e-5", *args])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bands, separation, rounds", [(3, 2, 40), (5, 8, 4), (4, 8, 4), (2, 2, 40)])
+def test_plan_and_run_config_refuse_the_same_bands_in_the_same_words(capsys, bands, separation,
+                                                                     rounds):
+    """One check (`config.ftrl_bands_problem`): `dpfl plan --ftrl-bands` refuses exactly the
+    values the run config refuses, and says what is allowed in the same words."""
+    from dpfl_app.config import validate
+    from dpfl_app.errors import ConfigError
+    from tests.inprocess import default_run_config
+
+    keys = {"mechanism": "dp-ftrl", "min-separation": separation, "rounds": rounds,
+            "ftrl-bands": bands}
+    try:
+        validate(default_run_config(**keys))
+        refused = None
+    except ConfigError as error:
+        refused = str(error).split(": ", 1)[1]
+    args = ["--rounds", str(rounds), "--delta", "1e-5", "--mechanism", "dp-ftrl",
+            "--min-separation", str(separation), "--ftrl-bands", str(bands),
+            "--target-epsilon", "4"]
+    if refused is None:
+        plan.main([*args, "--json"])
+        assert '"bands"' in capsys.readouterr().out
+    else:
+        with pytest.raises(SystemExit):
+            plan.main(args)
+        assert f"--ftrl-bands {bands}: {refused}" in capsys.readouterr().err

@@ -27,14 +27,14 @@ SEPARATIONS = (1, 2, 3, 4, 7, 8, 14)
 def error_rows(rounds: int, population: int, momentum: float = 0.0,
                separations=SEPARATIONS, epsilon: float = 4.0, delta: float = 1e-5) -> list[dict]:
     """One row per b: bands, sensitivity, z for `epsilon`, both errors and their ratios."""
-    every_round = mf.expected_error(mf.banded_sqrt(rounds, 1, momentum), rounds, 1, momentum)
+    every_round = float(mf.band_errors(rounds, 1, momentum)[0])  # b = 1: the identity alone
     rows = []
     for b in separations:
-        p = mf.choose_bands(rounds, b, momentum)
-        banded = mf.expected_error(mf.banded_sqrt(rounds, p, momentum), rounds, b, momentum)
-        identity = mf.expected_error(mf.banded_sqrt(rounds, 1, momentum), rounds, b, momentum)
+        errors = mf.band_errors(rounds, b, momentum)  # what the server's choice compares
+        p = mf.least_error_bands(errors)
+        banded, identity = float(errors[p - 1]), float(errors[0])
         m = population // b
-        sens = fa.run_sensitivity(rounds, b, momentum)
+        sens = fa.run_sensitivity(rounds, b, momentum, p)  # the bands just chosen
         rows.append({"b": b, "m": m, "k": mf.participations(rounds, b), "bands": p,
                      "sensitivity": sens, "z": fa.calibrate_noise(epsilon, delta, sens),
                      "banded": banded, "identity": identity,
