@@ -18,6 +18,14 @@ def test_variants_name_their_settings_and_set_the_run_config_keys():
     assert "central" not in {v[0] for v in bench.variants(18, [0.8], False, central=False)}
 
 
+def test_a_client_noise_recipes_own_tuning_is_in_its_variants_keys_and_name():
+    (only,) = bench.variants(18, [0.9], False, central=False, clients=1437,
+                             tuned={"server-lr": 48.0})
+    assert only == ("clients m=1437 t=0.9m b=18 server-lr=48",
+                    {"secure-aggregation": True, "noise-at": "clients", "noise-bits": 18,
+                     "noise-threshold": 0.9, "clients": 1437, "server-lr": 48.0}, None)
+
+
 def test_table_gives_mean_and_sd_per_recipe_and_variant(tmp_path):
     rows = [{"recipe": "r", "seed": s, "variant": "central", "test_accuracy": a, "epsilon": 4.0}
             for s, a in ((1, 0.90), (2, 0.92))]

@@ -2,7 +2,7 @@
 
     python -m dpfl_app.tools.bench.client_noise_accuracy [--recipes recipes/digits-eps4.toml,...]
         [--seeds 100-109] [--bits 18] [--thresholds 0.8] [--ideal] [--no-central]
-        [--clients M] [--out FILE (appended;
+        [--clients M] [--set "server-lr=48.0"] [--out FILE (appended;
         runs already in it are skipped)]
     python -m dpfl_app.tools.bench.client_noise_accuracy --table FILE
 
@@ -10,7 +10,8 @@ For every seed (the same seeds for every variant) and recipe, one run of each
 variant: `central` (the recipe as it is: the server adds the Gaussian noise),
 `clients t=F` (the recipe with the run-config keys `secure-aggregation=true`,
 `noise-at="clients"`, `noise-bits=b`, `noise-threshold=F` and, with --clients,
-`clients=M`: what `CLIENT_NOISE_KEYS` adds; Skellam shares calibrated for
+`clients=M`, and with --set the keys the client-noise recipe tuned on its own:
+what `client_noise_keys` adds; Skellam shares calibrated for
 t = ceil(F m) survivors, every cohort member surviving) and, with `--ideal`,
 `clients t=F ideal` (the survivors' excess noise removed, as Dordis would: what
 calibrating for the threshold costs). Variants alternate within a seed, so a load change hits all
@@ -46,24 +47,29 @@ def _seeds(text: str) -> list[int]:
 Variant = tuple[str, dict, ClientNoiseOptions | None]  # name, run-config keys, study options
 
 
-def client_noise_keys(bits: int, threshold: float, clients: int = 0) -> dict:
+def client_noise_keys(bits: int, threshold: float, clients: int = 0,
+                      tuned: dict | None = None) -> dict:
     """The run-config keys a client-noise variant adds to the recipe (a noise-at=clients
-    recipe is the central one with exactly these: tests/test_e2e_recipes.py)."""
+    recipe is the central one with exactly these: tests/test_e2e_recipes.py); `tuned`:
+    keys the client-noise recipe chose on its own (its tuning, docs/secure-aggregation.md)."""
     return {"secure-aggregation": True, "noise-at": "clients", "noise-bits": bits,
-            "noise-threshold": threshold, **({"clients": clients} if clients else {})}
+            "noise-threshold": threshold, **({"clients": clients} if clients else {}),
+            **(tuned or {})}
 
 
 def variants(bits: int, thresholds: list[float], ideal: bool, central: bool = True,
-             clients: int = 0) -> list[Variant]:
+             clients: int = 0, tuned: dict | None = None) -> list[Variant]:
     """(name, run-config keys, study options) of each variant; `clients` > 0 replaces the
-    recipe's m in the client-noise variants (named with it)."""
+    recipe's m in the client-noise variants, `tuned` adds its keys to them (both named)."""
     out: list[Variant] = [("central", {}, None)] if central else []
     cohort = f" m={clients}" if clients else ""
+    extra = "".join(f" {key}={value:g}" if isinstance(value, float) else f" {key}={value}"
+                    for key, value in (tuned or {}).items())
     for t in thresholds:
-        keys = client_noise_keys(bits, t, clients)
-        out.append((f"clients{cohort} t={t:g}m b={bits}", keys, None))
+        keys = client_noise_keys(bits, t, clients, tuned)
+        out.append((f"clients{cohort} t={t:g}m b={bits}{extra}", keys, None))
         if ideal:
-            out.append((f"clients{cohort} t={t:g}m b={bits} ideal", keys,
+            out.append((f"clients{cohort} t={t:g}m b={bits}{extra} ideal", keys,
                         ClientNoiseOptions(remove_excess=True)))
     return out
 
@@ -127,14 +133,19 @@ def main(argv=None) -> None:
     parser.add_argument("--no-central", action="store_true", help="client-noise variants only")
     parser.add_argument("--clients", type=int, default=0,
                         help="m of the client-noise variants (0: the recipe's)")
+    parser.add_argument("--set", default="", metavar="KEYS",
+                        help='run-config keys of the client-noise variants only, "k=v k=v" '
+                             '(TOML values), e.g. "server-lr=48.0"')
     parser.add_argument("--out", default="client_noise_accuracy.jsonl")
     parser.add_argument("--table", help="print the table of a finished FILE and exit")
     args = parser.parse_args(argv)
     if args.table:
         print(table(Path(args.table)))
         return
+    tuned = {key: tomllib.loads(f"v = {value}")["v"]  # TOML values, as in a recipe
+             for key, value in (kv.split("=", 1) for kv in args.set.split())}
     chosen = variants(args.bits, [float(t) for t in args.thresholds.split(",") if t], args.ideal,
-                      not args.no_central, args.clients)
+                      not args.no_central, args.clients, tuned)
     out = Path(args.out)
     done = {(r["recipe"], r["seed"], r["variant"]) for r in map(json.loads, (
         out.read_text().splitlines() if out.exists() else [])) if r}  # resume
