@@ -141,12 +141,15 @@ class Directory:
     def receive(self, node: int, reply: dict) -> None:
         """Store a node's enrolment; a malformed one, or a name another node holds, is
         ignored (the node then has no keys and sits the round out)."""
-        name = str(reply["id_name"])
-        columns = [list(reply[key]) for key in ("rounds", "c_pks", "s_pks", "signatures")]
+        try:
+            name, id_pk = str(reply["id_name"]), reply["id_pk"]
+            columns = [list(reply[key]) for key in ("rounds", "c_pks", "s_pks", "signatures")]
+        except (KeyError, TypeError):
+            return
         if len({len(c) for c in columns}) != 1 or any(
                 other != node and held[0] == name for other, held in self.names.items()):
             return
-        self.names[node] = (name, reply["id_pk"])
+        self.names[node] = (name, id_pk)
         rounds = self.keys.setdefault(node, {})
         for round_id, c_pk, s_pk, signature in zip(*columns):
             rounds[int(round_id)] = (c_pk, s_pk, signature)

@@ -239,3 +239,17 @@ def test_without_the_routing_check_the_signed_names_still_stop_the_remap(monkeyp
     assert len(seed_shares.get(X, [])) >= 3  # the others did hand over X's seed
     assert set(HOLDERS) <= set(refusals)
     assert all("did not sign the survivor set" in refusals[i] for i in HOLDERS), refusals
+
+
+def test_the_directory_keeps_one_node_per_name_and_ignores_malformed_enrolments():
+    directory = round_keys.Directory()
+    _, reply = neighbourhood.enrolment(2)
+    directory.receive(10, reply)
+    directory.receive(11, reply)  # another node claiming the same identity name
+    directory.receive(12, {"id_name": "x"})  # malformed: no keys
+    directory.receive(13, {**neighbourhood.enrolment(3)[1], "c_pks": []})  # columns differ
+    assert directory.has(10, 1) and not any(directory.has(n, 1) for n in (11, 12, 13))
+    directory.prune(3)
+    assert not directory.has(10, 2) and directory.has(10, 3)
+    directory.forget(10)
+    assert not directory.has(10, 3)
