@@ -145,7 +145,7 @@ def share_keys(state: State, request: dict, identity: Identity) -> tuple[State, 
     _check_floors(request, len(peers), t)
     session, round_id = int(request["session"]), int(request["round"])
     try:
-        c_sk, _, s_sk, _ = round_keys.own_keys(state, session, round_id)
+        c_sk, s_sk = round_keys.own_keys(state, session, round_id)
     except round_keys.NotEnrolled as error:
         raise SecAggRefusal(str(error)) from None
     if len({*request["c_pks"], *request["s_pks"]}) != 2 * len(peers):

@@ -119,13 +119,14 @@ def enrol(state: dict, request: dict, identity: Identity) -> tuple[dict, dict]:
                    "id_name": identity.name, "id_pk": identity.public}
 
 
-def own_keys(state: dict, session: int, round_id: int) -> tuple[bytes, bytes, bytes, bytes]:
-    """This client's committed keys for the round; `NotEnrolled` when it committed none."""
+def own_keys(state: dict, session: int, round_id: int) -> tuple[bytes, bytes]:
+    """This client's committed private keys (c_sk, s_sk) for the round; `NotEnrolled` when
+    it committed none."""
     if state.get("run-session") != session or "run-secret" not in state:
         raise NotEnrolled(f"this node committed no keys for this run (round {round_id})")
     if not state["enrolled-from"] <= round_id <= state["enrolled-to"]:
         raise NotEnrolled(f"this node committed no keys for round {round_id}")
-    return key_pairs(state["run-secret"], session, round_id)
+    return tuple(derive(state["run-secret"], session, round_id, kind) for kind in KINDS)
 
 
 class Directory:
