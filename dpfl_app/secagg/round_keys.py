@@ -66,6 +66,9 @@ PERSISTENT = ("run-secret", "run-session", "enrolled-from", "enrolled-to")
 KINDS = (b"c", b"s")  # c: share encryption, s: masking
 
 
+NOT_ENROLLED = "committed no keys"  # in a refusal's reason: the server enrols the node again
+
+
 class NotEnrolled(Exception):
     """This client committed no keys for the round (or run) it is asked to take part in."""
 
@@ -123,9 +126,9 @@ def own_keys(state: dict, session: int, round_id: int) -> tuple[bytes, bytes]:
     """This client's committed private keys (c_sk, s_sk) for the round; `NotEnrolled` when
     it committed none."""
     if state.get("run-session") != session or "run-secret" not in state:
-        raise NotEnrolled(f"this node committed no keys for this run (round {round_id})")
+        raise NotEnrolled(f"this node {NOT_ENROLLED} for this run (round {round_id})")
     if not state["enrolled-from"] <= round_id <= state["enrolled-to"]:
-        raise NotEnrolled(f"this node committed no keys for round {round_id}")
+        raise NotEnrolled(f"this node {NOT_ENROLLED} for round {round_id}")
     return tuple(derive(state["run-secret"], session, round_id, kind) for kind in KINDS)
 
 
@@ -156,7 +159,8 @@ class Directory:
             rounds[int(round_id)] = (c_pk, s_pk, signature)
 
     def forget(self, node: int) -> None:
-        """Drop a node's keys (it refused them): it is enrolled again when next needed."""
+        """Drop a node's keys (it no longer holds them: a refusal with `NOT_ENROLLED`, say
+        after losing its state): it is enrolled again when next sampled."""
         self.keys.pop(node, None)
 
     def round_keys(self, node: int, round_id: int) -> dict:

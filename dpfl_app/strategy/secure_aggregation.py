@@ -137,7 +137,9 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
         cohort = [msg for msg in sampled if self._directory.has(msg.metadata.dst_node_id,
                                                                  round_id)]
         self._nodes = {i + 1: msg.metadata.dst_node_id for i, msg in enumerate(cohort)}
-        self._lost = set(range(len(cohort) + 1, len(sampled) + 1))  # counted, not indexed
+        # Sampled nodes without keys count as dropouts: indices past the cohort's, which no
+        # message uses (only the number of lost indices is ever read).
+        self._lost = set(range(len(cohort) + 1, len(sampled) + 1))
         # The withholding rule for cohorts: below it every client would refuse its floor.
         self.min_cohort = floors.min_cohort(int(config.get("dp-clients",
                                                            self.num_sampled_clients)))
@@ -155,8 +157,9 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
                 i: {**rnd.share_keys_request(i), **announced} for i in rnd.indices},
                 round_id).items():
             rnd.receive_share_keys(index, reply)
-        for index in set(rnd.indices) - rnd.shared:  # refused or lost its keys: enrol again
-            self._directory.forget(self._nodes[index])
+        for refusal in self._refusals:  # a node that lost its keys is enrolled again
+            if round_keys.NOT_ENROLLED in refusal["reason"]:
+                self._directory.forget(refusal["node_id"])
         self._note(cohort=len(sampled), shared_keys=len(rnd.shared),
                    neighbours=len(next(iter(rnd.neighbours.values()))),
                    threshold=rnd.threshold)

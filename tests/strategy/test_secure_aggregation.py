@@ -175,3 +175,31 @@ def test_require_secure_aggregation_refuses_a_plain_server(tmp_path, caplog):
     # ... and the nodes' shared log only says that a node refused, without counts.
     assert not any("require-secure-aggregation=true" in r.getMessage() for r in caplog.records)
     assert any("refused a train message" in r.getMessage() for r in caplog.records)
+
+
+def test_a_node_that_lost_its_keys_refuses_a_round_and_is_enrolled_again(tmp_path, monkeypatch):
+    """Node 1's state (its per-run secret) is wiped before round 2: it refuses round 2's
+    share keys (no committed keys), the round goes on without it, and round 3 enrols it
+    again (one enrolment message, to node 1 alone) and sums all 6."""
+    from dpfl_app.tools.inprocess import InProcessGrid
+    from flwr.app import RecordDict
+
+    original = InProcessGrid.send_and_receive
+
+    def wipe_before_round_2(grid, messages, *, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == "query.secagg_share_keys" \
+                and messages[0].metadata.group_id == "2":
+            grid.states[1] = RecordDict()
+        return original(grid, messages, timeout=timeout)
+
+    monkeypatch.setattr(InProcessGrid, "send_and_receive", wipe_before_round_2)
+    grid = run_server(_config(tmp_path, "out", rounds=3, clients=6,
+                              **{"secure-aggregation": True}), num_nodes=6)
+    enrolments = [(m.metadata.group_id, m.metadata.dst_node_id) for m in grid.sent
+                  if m.metadata.message_type == "query.secagg_enrol"]
+    assert enrolments == [("1", n) for n in range(1, 7)] + [("3", 1)]
+    diags = _diagnostics(tmp_path, "out")
+    assert [d["secure_aggregation"]["masked_inputs"] for d in diags] == [6, 5, 6]
+    (reason,) = [r["reason"] for r in diags[1]["rejected"]]
+    assert "secagg_share_keys" in reason and "committed no keys" in reason
