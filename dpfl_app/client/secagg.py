@@ -168,7 +168,7 @@ def masking_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
         except ValueError as error:
             return refuse(msg, f"noise-at=clients: {error}")
         # The survivors this client's consistency check requires: the announced t, and never
-        # fewer than the setup's (a server cannot lower it between the two messages).
+        # fewer than the share-keys request's (a server cannot lower it between the two).
         state["noise_threshold"] = max(int(state.get("noise_threshold", 0)),
                                        int(config["dp-noise-threshold"]))
         client_noise.log_own_bound(dict(config), context.state)
