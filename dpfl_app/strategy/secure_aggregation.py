@@ -132,17 +132,19 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
         self._grid, self._lost, self._refusals = grid, set(), []
         round_id = self.round_offset + server_round
         announced = {k: v for k, v in config.items() if k.startswith("dp-")}
-        self._enrol(round_id, [msg.metadata.dst_node_id for msg in sampled], announced)
-        # A sampled node without committed keys (its enrolment failed) is a dropout.
-        cohort = [msg for msg in sampled if self._directory.has(msg.metadata.dst_node_id,
-                                                                 round_id)]
-        self._nodes = {i + 1: msg.metadata.dst_node_id for i, msg in enumerate(cohort)}
-        # Sampled nodes without keys count as dropouts: indices past the cohort's, which no
-        # message uses (only the number of lost indices is ever read).
-        self._lost = set(range(len(cohort) + 1, len(sampled) + 1))
         # The withholding rule for cohorts: below it every client would refuse its floor.
         self.min_cohort = floors.min_cohort(int(config.get("dp-clients",
                                                            self.num_sampled_clients)))
+        cohort = []
+        if len(sampled) >= self.min_cohort:  # else no message at all, not even an enrolment
+            self._enrol(round_id, [msg.metadata.dst_node_id for msg in sampled], announced)
+            # A sampled node without committed keys (its enrolment failed) is a dropout.
+            cohort = [msg for msg in sampled
+                      if self._directory.has(msg.metadata.dst_node_id, round_id)]
+            # Counted as lost under indices past the cohort's, which no message uses (only
+            # the number of lost indices is ever read).
+            self._lost = set(range(len(cohort) + 1, len(sampled) + 1))
+        self._nodes = {i + 1: msg.metadata.dst_node_id for i, msg in enumerate(cohort)}
         if len(cohort) < self.min_cohort:  # noise only
             self._note(cohort=len(sampled), sum_released=False,
                        why=f"a cohort of fewer than {self.min_cohort} is below the clients' "
