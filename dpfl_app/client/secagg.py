@@ -124,7 +124,7 @@ def share_keys(msg: Message, context: Context) -> Message:
 
 
 def consistency(msg: Message, context: Context) -> Message:
-    """Sign the survivor set shown to this node (identity names)."""
+    """Sign the survivor set shown to this node (the survivors' round keys)."""
     return _stage(client.consistency, msg, context)
 
 

@@ -18,10 +18,11 @@ al. 2020, Fig. 2; Bonawitz et al. 2017, Fig. 4 and its actively secure variant):
    + HMAC) under the X25519+HKDF key of the encryption key pairs.
 2. `masked_input`: decrypt the shares received; mask the encoded update with
    the self-mask and one pairwise mask per neighbour that shared keys.
-3. `consistency`: sign the survivor set U3 the server shows, as identity names;
+3. `consistency`: sign the survivor set U3 the server shows, as the survivors'
+   masking public keys of this round (each bound to one identity by its signature);
    at least this client and t of its neighbours must be in it.
-4. `unmask`: check that at least t neighbours signed the *same* set of names;
-   then, for each neighbour, the share of its self-mask seed (if its name is in the
+4. `unmask`: check that at least t neighbours signed the *same* set of keys;
+   then, for each neighbour, the share of its self-mask seed (if its key is in the
    signed set) or of its masking key (if not), never both, and only once.
 
 Why the signatures close the attack of a server that shows clients different
@@ -33,7 +34,9 @@ with t > k/2 some A is in both groups. A released X's seed only after t of
 A's neighbours signed A's set; A's key needs t more of A's neighbours that
 signed another set. An honest client signs one set per round, so A would need
 2t > k neighbours. "X", "A" and "the same set" are identities and sets of
-identity names: the per-round indices the server assigns are not signed (keys are
+round keys, each signed by one identity for this run and round (and every neighbour
+that gets past the masked input holds the same key for A: a share made with any other
+fails authentication); the per-round indices the server assigns are not signed (keys are
 committed before the indices exist), so they decide nothing here
 (`round_keys` says why a remapped index gains the server nothing). The argument
 needs every signature to come from a key the server cannot forge: `identity`
@@ -113,9 +116,9 @@ def _check_floors(request: dict, k: int, t: int) -> None:
 
 
 def _verified_peers(session: int, round_id: int, request: dict,
-                    identity: Identity) -> tuple[list[str], list[bytes]]:
-    """The neighbours' names and verification keys, after checking each one's signature
-    on its keys for this run and round, under its name."""
+                    identity: Identity) -> list[bytes]:
+    """The neighbours' verification keys, after checking each one's signature on its keys
+    for this run and round, under its name."""
     names, keys = [], []
     for peer, c_pk, s_pk, name, id_pk, sig in zip(
             request["indices"], request["c_pks"], request["s_pks"], request["names"],
@@ -132,7 +135,7 @@ def _verified_peers(session: int, round_id: int, request: dict,
         keys.append(key)
     if len(set(names)) != len(names) or identity.name in names:
         raise SecAggRefusal("one identity holds two positions in this neighbourhood")
-    return names, keys
+    return keys
 
 
 def share_keys(state: State, request: dict, identity: Identity) -> tuple[State, dict]:
@@ -146,11 +149,12 @@ def share_keys(state: State, request: dict, identity: Identity) -> tuple[State, 
     session, round_id = int(request["session"]), int(request["round"])
     try:
         c_sk, s_sk = round_keys.own_keys(state, session, round_id)
+        s_pk = masks.public_raw(X25519PrivateKey.from_private_bytes(s_sk))
     except round_keys.NotEnrolled as error:
         raise SecAggRefusal(str(error)) from None
     if len({*request["c_pks"], *request["s_pks"]}) != 2 * len(peers):
         raise SecAggRefusal("neighbours' public keys are not all distinct")
-    names, verification_keys = _verified_peers(session, round_id, request, identity)
+    verification_keys = _verified_peers(session, round_id, request, identity)
     seed = os.urandom(masks.KEY_BYTES)
     seed_shares = shamir.create_shares(seed, t, peers)
     key_shares = shamir.create_shares(s_sk, t, peers)
@@ -161,10 +165,11 @@ def share_keys(state: State, request: dict, identity: Identity) -> tuple[State, 
                    for peer, key, seed_share, key_share in zip(peers, fernet_keys, seed_shares,
                                                                key_shares)]
     state = {**round_keys.persistent(state), "stage": "share_keys", "round": round_id,
-             "session": session, "index": index, "threshold": t, "s_sk": s_sk, "seed": seed,
+             "session": session, "index": index, "threshold": t, "s_sk": s_sk, "s_pk": s_pk,
+             "seed": seed,
              # noise-at=clients: the fewest survivors the noise shares are calibrated for
              "noise_threshold": int(request.get("dp-noise-threshold", 0)),
-             "peers": peers, "peer_names": names, "peer_share_keys": fernet_keys,
+             "peers": peers, "peer_share_keys": fernet_keys,
              "peer_s_pks": list(request["s_pks"]), "peer_id_keys": verification_keys}
     return state, {"dst": peers, "ciphertexts": ciphertexts}
 
@@ -212,13 +217,14 @@ def masked_input(state: State, encoded: np.ndarray, bits: int = 64) -> tuple[Sta
 
 
 def consistency(state: State, request: dict, identity: Identity) -> tuple[State, dict]:
-    """Sign the survivor set shown (identity names), if it holds this client and t of its
-    neighbours."""
+    """Sign the survivor set shown (the survivors' masking public keys of this round), if it
+    holds this client and t of its neighbours. Keys, not names: a client learns no other
+    client's identity beyond its neighbours'."""
     _expect(state, "masked", request["round"])
-    survivors = sorted({str(name) for name in request["survivors"]})
-    if identity.name not in survivors:
+    survivors = sorted({bytes(key) for key in request["survivors"]})
+    if state["s_pk"] not in survivors:
         raise SecAggRefusal("server claims this client dropped out, but it sent its input")
-    alive = len(set(survivors) & set(state["peer_names"]))
+    alive = len(set(survivors) & set(state["peer_s_pks"]))
     if alive < state["threshold"] or len(survivors) < floors.min_survivors(state["threshold"]):
         raise SecAggRefusal(f"only {alive} neighbours survived, fewer than threshold "
                             f"{state['threshold']}: too few inputs to hide this one")
@@ -231,10 +237,10 @@ def consistency(state: State, request: dict, identity: Identity) -> tuple[State,
 
 
 def _check_signers(state: State, request: dict) -> None:
-    """At least t neighbours signed the very survivor set (of names) this client signed."""
+    """At least t neighbours signed the very survivor set (of keys) this client signed."""
     survivors, t = set(state["survivors"]), state["threshold"]
     keys = dict(zip(state["peers"], state["peer_id_keys"]))
-    alive = {i for i, name in zip(state["peers"], state["peer_names"]) if name in survivors}
+    alive = {i for i, key in zip(state["peers"], state["peer_s_pks"]) if key in survivors}
     signers = list(request["signers"])
     if len(set(signers)) != len(signers) or not set(signers) <= alive:
         raise SecAggRefusal(f"signatures from clients that are not surviving neighbours: "
@@ -252,14 +258,14 @@ def _check_signers(state: State, request: dict) -> None:
 
 def unmask(state: State, request: dict) -> tuple[State, dict]:
     """Seed shares of signed survivors, key shares of the others; never both. Whether a
-    share's sender survived is read off its identity name, never off its index."""
+    share's sender survived is read off its signed round key, never off its index."""
     _expect(state, "signed", request["round"])
     _check_signers(state, request)
     survivors = set(state["survivors"])
-    names = dict(zip(state["peers"], state["peer_names"]))
+    keys = dict(zip(state["peers"], state["peer_s_pks"]))
     held = dict(zip(state["held_src"], zip(state["held_seed_shares"], state["held_key_shares"])))
-    alive = sorted(i for i in held if names[i] in survivors)
-    dropped = sorted(i for i in held if names[i] not in survivors)
+    alive = sorted(i for i in held if keys[i] in survivors)
+    dropped = sorted(i for i in held if keys[i] not in survivors)
     reply = {"seed_src": alive, "seed_shares": [held[i][0] for i in alive],
              "key_src": dropped, "key_shares": [held[i][1] for i in dropped]}
     # Once only: a second request could ask for the other kind of share.

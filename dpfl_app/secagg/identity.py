@@ -2,7 +2,7 @@
 
 Each client signs, with its own Ed25519 identity key, (1) its public keys for
 each round, committed in advance at its enrolment (`round_keys`), and (2) the
-survivor set it is shown in the consistency round, as a set of identity names
+survivor set it is shown in the consistency round, as a set of round keys
 (Bonawitz et al. CCS 2017, the actively secure variant; Bell et al. CCS 2020).
 Its neighbours check those signatures before they use the keys or hand over
 any share. The signatures only help if a client learns its neighbours'
@@ -21,9 +21,10 @@ any share. The signatures only help if a client learns its neighbours'
 
 Signed messages carry a domain tag, the run (session), the round and the
 signer's identity name, never the per-round index the server assigns: a
-signature cannot be replayed into another run, round, identity or stage, and one
-signed survivor set names the same clients for every verifier, whatever indices
-the server shows each of them.
+signature cannot be replayed into another run, round, identity or stage. The
+survivor set is signed as the survivors' round keys, each bound to one identity
+by such a signature, so one signed set names the same clients for every verifier,
+whatever indices the server shows each of them.
 """
 
 from __future__ import annotations
@@ -62,9 +63,10 @@ def round_keys_message(session: int, round_id: int, name: str, c_pk: bytes,
     return _frame(b"round-keys", session, round_id, name, c_pk, s_pk)
 
 
-def survivors_message(session: int, round_id: int, survivors: list[str]) -> bytes:
+def survivors_message(session: int, round_id: int, survivors: list[bytes]) -> bytes:
     """What a client signs in the consistency round: the survivor set U3 it was shown, as
-    identity names, so that the signed set means the same clients to every verifier."""
+    the survivors' masking public keys of the round (each signed by one identity for this
+    round), so that the signed set means the same clients to every verifier."""
     return _frame(b"survivors", session, round_id, *sorted(survivors))
 
 

@@ -33,15 +33,20 @@ offered in round r' != r, or under another identity's name, fails the check. Wha
 the signature does not bind is the per-round *index* the server assigns: it is a
 routing label and a Shamir x coordinate, which the server chooses each round after
 the keys were committed. Every decision that matters for privacy is taken on
-identity names instead: a client checks that its neighbours' names (and indices)
+identities (names, and the round keys signed under them) instead: a client checks that its neighbours' names (and indices)
 are distinct and not its own; a share's sender is authenticated by the Fernet key
 agreed with the sender's signed key, and the plaintext names (sender index,
 receiver index) as the sender saw them, so a share relabelled or rerouted by the
 server fails authentication or the routing check; the consistency round signs the
-survivor set as a set of names (`client.consistency`), and the unmasking decides
-"seed share or key share" by the name of the share's sender. So one signed survivor
-set names the same clients for every verifier, whatever indices each was shown, and
-the consistency argument of `client` holds with identities in place of indices
+survivor set as a set of round keys (`client.consistency`), and the unmasking decides
+"seed share or key share" by the round key of the share's sender. A round key is
+signed by exactly one identity for this run and round (an honest client commits one
+pair per round), and every neighbour that gets past the masked input holds the same key
+for a given client (a share made with another fails authentication). So one signed
+survivor set names the same clients for every verifier, whatever indices each was
+shown, and the consistency argument of `client` holds with identities in place of
+indices. Keys rather than names: a client learns the identities of its neighbours only,
+not who else took part in the round
 (tests/secagg/test_round_keys.py scripts the index-remapping attacks).
 
 The replay rule (one round's protocol once, rounds only forward, none past T) is

@@ -11,7 +11,7 @@ never a partial sum.
 
 The server relays, and cannot forge, the clients' signatures: on their round
 keys (committed at enrolment, checked by their neighbours before sharing) and on
-U3 as a set of identity names (checked before unmasking). An honest server shows every client the same U3, so every client's
+U3 as a set of the survivors' round keys (checked before unmasking). An honest server shows every client the same U3, so every client's
 check passes; `tests/secagg/test_malicious_server.py` scripts the lies.
 Secrets are rebuilt with `shamir.combine_many`: one Lagrange product per set
 of share holders, for all the secrets that set holds.
@@ -86,10 +86,10 @@ class ServerRound:
 
     # --- consistency ---------------------------------------------------------------
     def consistency_request(self, index: int) -> dict:
-        """The same U3 for every client, as identity names (the clients check that they
-        were shown one set)."""
+        """The same U3 for every client, as the survivors' masking public keys of this round
+        (the clients check that they were shown one set)."""
         return {"round": self.round_id,
-                "survivors": sorted(self.identities[i][0] for i in self.inputs)}
+                "survivors": sorted(self.public_keys[i][1] for i in self.inputs)}
 
     def receive_consistency(self, index: int, reply: dict) -> None:
         if index in self.inputs:

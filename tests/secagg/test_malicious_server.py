@@ -60,8 +60,9 @@ def enrol(server: ServerRound, ids, states) -> None:
         server.add_keys(i, directory.round_keys(i, server.round_id))
 
 
-def names(server: ServerRound, indices) -> list[str]:
-    return sorted(server.identities[i][0] for i in indices)
+def round_keys_of(server: ServerRound, indices) -> list[bytes]:
+    """A survivor set as the clients sign it: the members' masking keys of the round."""
+    return sorted(server.public_keys[i][1] for i in indices)
 
 
 def _honest_until_masking(server: ServerRound, ids, inputs, states, refusals, liar=None):
@@ -94,14 +95,14 @@ def _honest_until_masking(server: ServerRound, ids, inputs, states, refusals, li
 def show_views_and_unmask(server: ServerRound, ids, states, refusals, views,
                           label=lambda i, j: j) -> tuple[dict, dict]:
     """The consistency round with survivor set `views[i]` (indices) shown to client i, as
-    names, then the unmasking: the best a liar can do is hand i the signatures of i's
+    round keys, then the unmasking: the best a liar can do is hand i the signatures of i's
     neighbours on i's own set, or if too few, every one it holds from neighbours in that
     set. `label(i, j)` is the index client i knows client j by. The shares, by owner."""
     signatures: dict[int, tuple[list[int], bytes]] = {}
     for i in sorted(server.inputs):
         try:
             states[i], reply = client.consistency(
-                states[i], {"round": 1, "survivors": names(server, views[i])}, ids[i])
+                states[i], {"round": 1, "survivors": round_keys_of(server, views[i])}, ids[i])
         except client.SecAggRefusal as refusal:
             refusals[i] = str(refusal)
             continue

@@ -166,8 +166,8 @@ def test_the_server_never_asks_for_both_shares():
     for i in server.inputs:  # client 3 "dropped" before masking
         held = server.held_by(i)
         survivors = server.consistency_request(i)["survivors"]
-        assert 3 in held and server.identities[3][0] not in survivors
-        assert server.identities[i][0] in survivors
+        assert 3 in held and server.public_keys[3][1] not in survivors
+        assert server.public_keys[i][1] in survivors
 
 
 def test_a_client_refuses_a_minority_threshold():

@@ -229,11 +229,11 @@ def test_a_server_that_remaps_indices_between_views_recovers_nothing(monkeypatch
     assert all("claims" in refusals[i] for i in (A, *HOLDERS)), refusals
 
 
-def test_without_the_routing_check_the_signed_names_still_stop_the_remap(monkeypatch):
+def test_without_the_routing_check_the_signed_round_keys_still_stop_the_remap(monkeypatch):
     """With clients that accept any label, the remap gets through the masked input, but
-    the survivor set is signed as names: a set without A is a different set, whatever
-    index A has in 4's and 5's views, so 4 and 5 find too few neighbours that signed it
-    and never hand over A's key, while X's seed alone unmasks nothing."""
+    the survivor set is signed as round keys: a set without A's key is a different set,
+    whatever index A has in 4's and 5's views, so 4 and 5 find too few neighbours that
+    signed it and never hand over A's key, while X's seed alone unmasks nothing."""
     recovered, seed_shares, refusals = _remapping_attack(False, monkeypatch)
     assert recovered is None
     assert len(seed_shares.get(X, [])) >= 3  # the others did hand over X's seed
@@ -253,3 +253,19 @@ def test_the_directory_keeps_one_node_per_name_and_ignores_malformed_enrolments(
     assert not directory.has(10, 2) and directory.has(10, 3)
     directory.forget(10)
     assert not directory.has(10, 3)
+
+
+def test_the_survivor_set_names_no_identity_only_round_keys():
+    """A client learns its neighbours' names (to check their signatures), never who else
+    survived: the signed survivor set is the survivors' masking keys of the round."""
+    server = ServerRound(1, 20, 4, random.Random(0))
+    for i in server.indices:
+        server.add_keys(i, neighbourhood.keys(i, 1))
+        server.shared.add(i)  # shared its keys
+        server.receive_input(i, np.zeros(3, dtype=np.uint64))
+    survivors = server.consistency_request(1)["survivors"]
+    assert survivors == sorted(neighbourhood.keys(i, 1)["s_pk"] for i in server.indices)
+    names = {neighbourhood.keys(i, 1)["name"].encode() for i in server.indices}
+    assert not names & set(survivors)
+    request = server.share_keys_request(1)
+    assert len(request["names"]) == 4  # the names a client sees: its k neighbours'
