@@ -74,7 +74,7 @@ def train_fn(msg: Message, context: Context) -> Message:
 # Secure aggregation: the same training, clipped by the same mod, then masked.
 app.train("secagg", mods=[policy_mod, record_budget_mod, masking_mod,
                          zero_safe_adaptiveclipping_mod])(train_fn)
-app.query("secagg_setup")(secagg_client.setup)
+app.query("secagg_enrol")(secagg_client.enrol)
 app.query("secagg_share_keys")(secagg_client.share_keys)
 app.query("secagg_consistency")(secagg_client.consistency)
 app.query("secagg_unmask")(secagg_client.unmask)

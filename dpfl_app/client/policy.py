@@ -1,7 +1,7 @@
 """A client's privacy policy: refuse to train for a server weaker than it accepts.
 
 Following dpsa4flower, the server announces its mechanism in every train (and
-secure-aggregation setup) message: the noise multiplier z, the sampling, the
+secure-aggregation share-keys) message: the noise multiplier z, the sampling, the
 population N, the clients per round m, the number of rounds T, delta,
 whether the sum is computed by secure aggregation, and whether the noise is
 deterministic (reproducible from a seed: epsilon = inf for the node). A client recomputes the

@@ -3,7 +3,10 @@
 Message types (flwr 1.42 routes "<category>.<action>" to the function
 registered with `@app.<category>("<action>")`):
 
-- `query.secagg_setup`, `query.secagg_share_keys`, `query.secagg_consistency`,
+- `query.secagg_enrol` (once per run: signed public keys for a window of
+  rounds, `secagg.round_keys`), then per round `query.secagg_share_keys` (the
+  round's first message: the announced mechanism passes the node's policy, the
+  floors and the round are checked), `query.secagg_consistency`,
   `query.secagg_unmask`: the non-training stages. They import no torch: in
   deployment each message may start a fresh process, and these must stay cheap.
 - `train.secagg`: training, wrapped as `masking_mod(zero_safe_adaptiveclipping_mod(train))`.
@@ -38,7 +41,8 @@ from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from dpfl_app.client import client_noise, policy as client_policy
-from dpfl_app.secagg import CIPHERTEXTS, RECORD, ROUND, SRC, client, discrete, quantize
+from dpfl_app.secagg import CIPHERTEXTS, RECORD, ROUND, SRC, client, discrete, quantize, \
+    round_keys
 from dpfl_app.secagg.identity import (Identity, IdentityError, load_pinned_keys,
                                       load_private_key, private_bytes)
 
@@ -100,29 +104,32 @@ def _stage(step, msg: Message, context: Context, signed: bool = True) -> Message
     return _reply(msg, reply)
 
 
-def setup(msg: Message, context: Context) -> Message:
-    """Stage 1, after the node's privacy policy accepts the announced mechanism."""
+def enrol(msg: Message, context: Context) -> Message:
+    """Commit this node's signed public keys for a window of rounds of this run."""
+    # The run id from this node's own message, not from the server's request.
+    msg.content[RECORD]["session"] = int(msg.metadata.run_id)
+    return _stage(round_keys.enrol, msg, context)
+
+
+def share_keys(msg: Message, context: Context) -> Message:
+    """A round's first message, after the node's privacy policy accepts the announced
+    mechanism: check the round and the neighbours' signed keys; shares, encrypted per
+    neighbour."""
     request = dict(msg.content[RECORD])
     reason = client_policy.refusal(request, dict(context.node_config))
     if reason is not None:
         return refuse(msg, reason)
-    # The run id from this node's own message, not from the server's request.
     msg.content[RECORD]["session"] = int(msg.metadata.run_id)
-    return _stage(client.setup, msg, context)
-
-
-def share_keys(msg: Message, context: Context) -> Message:
-    """Stage 2: check the neighbours' signed keys; shares, encrypted per neighbour."""
     return _stage(client.share_keys, msg, context)
 
 
 def consistency(msg: Message, context: Context) -> Message:
-    """Stage 4: sign the survivor set shown to this node."""
+    """Sign the survivor set shown to this node (the survivors' round keys)."""
     return _stage(client.consistency, msg, context)
 
 
 def unmask(msg: Message, context: Context) -> Message:
-    """Stage 5: after t neighbours confirmed the same survivor set, the shares the server
+    """After t neighbours confirmed the same survivor set, the shares the server
     needs; never both kinds for one client."""
     return _stage(client.unmask, msg, context, signed=False)
 
@@ -136,7 +143,7 @@ def clipped_delta(sent: ArrayRecord, trained: ArrayRecord) -> np.ndarray:
 
 
 def masking_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Stage 3: take the neighbours' shares, train (clipped by the inner mod), mask, reply."""
+    """The masked input: take the neighbours' shares, train (clipped by the inner mod), mask, reply."""
     config = msg.content["config"]
     try:
         state = client.receive_shares(_state(context), {
@@ -161,7 +168,7 @@ def masking_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
         except ValueError as error:
             return refuse(msg, f"noise-at=clients: {error}")
         # The survivors this client's consistency check requires: the announced t, and never
-        # fewer than the setup's (a server cannot lower it between the two messages).
+        # fewer than the share-keys request's (a server cannot lower it between the two).
         state["noise_threshold"] = max(int(state.get("noise_threshold", 0)),
                                        int(config["dp-noise-threshold"]))
         client_noise.log_own_bound(dict(config), context.state)

@@ -6,14 +6,14 @@ messages, pulls once, and then sleeps 3 s between pulls
 (`flwr/superlink/grid/http_grid.py`). The first pull almost never finds a
 reply, so every message exchange costs at least 3 s whatever the clients do:
 a plain round (train, evaluate) at least 6 s, a secure-aggregation round
-(five exchanges) at least 15 s. `FastPollingGrid` keeps Flower's push and
+(four exchanges, after a one-time enrolment) at least 12 s. `FastPollingGrid` keeps Flower's push and
 pull calls and only changes the wait between pulls: short while replies keep
 coming, backing off to `max_wait` when none do, so the SuperLink sees at most
 a few light requests a second.
 
 A local simulation (`flwr run .` on the simulation runtime) gets Flower's
 `InMemoryGrid`, which pulls every 0.1 s (its `pull_interval`): each exchange then
-waits 0.05 s on average after its last reply arrived, once per exchange, so five
+waits 0.05 s on average after its last reply arrived, once per exchange, so four
 times in a secure-aggregation round against once in a plain one. It is wrapped
 too, polling from 0.01 s and backing off to Flower's own 0.1 s, never slower than
 Flower. The wrapper uses only the grid's public `push_messages` and `pull_messages`

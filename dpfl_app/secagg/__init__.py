@@ -5,7 +5,9 @@ The protocol's arithmetic and bookkeeping, free of Flower messages and of torch:
 - `quantize`: fixed point with stochastic rounding, so that ||Q(delta)|| <= C always;
 - `masks`: mask expansion with AES-256-CTR keyed by the full 256-bit secret;
 - `graph`: the cohort's neighbourhood graph and the Shamir threshold;
-- `client`: one client's four stages, as functions of (state, request) -> (state, reply);
+- `round_keys`: the enrolment: each client's signed round keys, committed in advance
+  for a window of rounds, derived from a per-run secret;
+- `client`: one client's stages of a round, as functions of (state, request) -> (state, reply);
 - `server`: the server's bookkeeping: routing, which shares to ask for, the unmasked sum.
 
 Import rule (tests/test_layout.py): this folder imports nothing of ours but

@@ -1,7 +1,8 @@
 """Long-term identity keys: what a lying server cannot forge.
 
-Each client signs, with its own Ed25519 identity key, (1) its round public keys
-at setup and (2) the survivor set it is shown in the consistency round
+Each client signs, with its own Ed25519 identity key, (1) its public keys for
+each round, committed in advance at its enrolment (`round_keys`), and (2) the
+survivor set it is shown in the consistency round, as a set of round keys
 (Bonawitz et al. CCS 2017, the actively secure variant; Bell et al. CCS 2020).
 Its neighbours check those signatures before they use the keys or hand over
 any share. The signatures only help if a client learns its neighbours'
@@ -18,8 +19,12 @@ any share. The signatures only help if a client learns its neighbours'
   lying server does (it can relay keys of its own); it protects against an
   honest-but-curious server only, and the app says so.
 
-Signed messages carry a domain tag, the run (session), the round and the index,
-so a signature cannot be replayed into another run, round, position or stage.
+Signed messages carry a domain tag, the run (session), the round and the
+signer's identity name, never the per-round index the server assigns: a
+signature cannot be replayed into another run, round, identity or stage. The
+survivor set is signed as the survivors' round keys, each bound to one identity
+by such a signature, so one signed set names the same clients for every verifier,
+whatever indices the server shows each of them.
 """
 
 from __future__ import annotations
@@ -34,30 +39,34 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (Ed25519PrivateKey,
                                                                Ed25519PublicKey)
 
-DOMAIN = b"dpfl_app secagg v1"
+DOMAIN = b"dpfl_app secagg v2"  # v2: keys committed per round, bound to names
 
 
 class IdentityError(Exception):
     """A key file or pinned list is unusable, or a name is not a pinned member."""
 
 
-def _frame(*parts: bytes | int) -> bytes:
+def _frame(*parts: bytes | int | str) -> bytes:
     out = [DOMAIN]
     for part in parts:
+        part = part.encode("utf-8") if isinstance(part, str) else part
         # 16 signed bytes: Flower's run ids are unsigned 64-bit (half of them >= 2**63).
         data = part if isinstance(part, bytes) else int(part).to_bytes(16, "big", signed=True)
         out.append(struct.pack(">I", len(data)) + data)
     return b"".join(out)
 
 
-def round_keys_message(session: int, round_id: int, index: int, c_pk: bytes,
+def round_keys_message(session: int, round_id: int, name: str, c_pk: bytes,
                        s_pk: bytes) -> bytes:
-    """What a client signs at setup: its two public keys for this run, round and index."""
-    return _frame(b"round-keys", session, round_id, index, c_pk, s_pk)
+    """What a client signs at enrolment, per round: its two public keys for this run,
+    round and identity name (not its index: the server assigns that per round)."""
+    return _frame(b"round-keys", session, round_id, name, c_pk, s_pk)
 
 
-def survivors_message(session: int, round_id: int, survivors: list[int]) -> bytes:
-    """What a client signs in the consistency round: the survivor set U3 it was shown."""
+def survivors_message(session: int, round_id: int, survivors: list[bytes]) -> bytes:
+    """What a client signs in the consistency round: the survivor set U3 it was shown, as
+    the survivors' masking public keys of the round (each signed by one identity for this
+    round), so that the signed set means the same clients to every verifier."""
     return _frame(b"survivors", session, round_id, *sorted(survivors))
 
 

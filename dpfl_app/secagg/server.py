@@ -1,7 +1,7 @@
 """The server's side of SecAgg+: who talks to whom, which shares to ask for, the sum.
 
-`ServerRound` keeps the sets of Bonawitz et al. (2017): U1 (sent keys), U2
-(shared keys), U3 (sent a masked input), U4 (signed U3 in the consistency
+`ServerRound` keeps the sets of Bonawitz et al. (2017): U1 (committed keys for
+the round: `round_keys.Directory`, filled by the enrolments), U2 (shared keys), U3 (sent a masked input), U4 (signed U3 in the consistency
 round), U5 (answered the unmasking). The round yields the sum of U3's inputs
 only when at least `min_survivors` sent one and every needed secret can be
 rebuilt from t shares: the self-mask seed of each client in U3 and the masking
@@ -10,8 +10,8 @@ Otherwise `unmasked_sum` returns None and the caller releases noise only,
 never a partial sum.
 
 The server relays, and cannot forge, the clients' signatures: on their round
-keys (checked by their neighbours before sharing) and on U3 (checked before
-unmasking). An honest server shows every client the same U3, so every client's
+keys (committed at enrolment, checked by their neighbours before sharing) and on
+U3 as a set of the survivors' round keys (checked before unmasking). An honest server shows every client the same U3, so every client's
 check passes; `tests/secagg/test_malicious_server.py` scripts the lies.
 Secrets are rebuilt with `shamir.combine_many`: one Lagrange product per set
 of share holders, for all the secrets that set holds.
@@ -28,12 +28,13 @@ from dpfl_app.secagg import floors, graph, masks, shamir
 
 
 class ServerRound:
-    """One round's bookkeeping. Clients are named by their index 1..n."""
+    """One round's bookkeeping. Clients are named by their index 1..n (or `indices`)."""
 
     def __init__(self, round_id: int, cohort_size: int, requested_neighbours: int,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, indices: list[int] | None = None) -> None:
         self.round_id = round_id
-        self.indices = list(range(1, cohort_size + 1))
+        self.indices = list(indices) if indices is not None else list(range(1, cohort_size + 1))
+        cohort_size = len(self.indices)
         k = graph.neighbours_per_client(requested_neighbours, cohort_size)
         self.threshold = graph.threshold(k)
         # The withholding rule: fewer survivors than this, and no sum is released.
@@ -48,19 +49,17 @@ class ServerRound:
         self.seed_shares: dict[int, list[bytes]] = {}
         self.key_shares: dict[int, list[bytes]] = {}
 
-    # --- stage 1 ----------------------------------------------------------------
-    def setup_request(self, index: int) -> dict:
-        return {"round": self.round_id, "index": index, "neighbours": self.neighbours[index],
-                "threshold": self.threshold}
+    # --- the committed keys (`round_keys.Directory.round_keys`) ----------------------
+    def add_keys(self, index: int, keys: dict) -> None:
+        self.public_keys[index] = (keys["c_pk"], keys["s_pk"])
+        self.identities[index] = (keys["name"], keys["id_pk"], keys["sig"])
 
-    def receive_setup(self, index: int, reply: dict) -> None:
-        self.public_keys[index] = (reply["c_pk"], reply["s_pk"])
-        self.identities[index] = (reply["id_name"], reply["id_pk"], reply["id_sig"])
-
-    # --- stage 2 ----------------------------------------------------------------
+    # --- share keys: the round's first message ------------------------------------
     def share_keys_request(self, index: int) -> dict:
+        """The round, this client's index, threshold and neighbours with their keys."""
         peers = [j for j in self.neighbours[index] if j in self.public_keys]
-        return {"round": self.round_id, "indices": peers,
+        return {"round": self.round_id, "index": index, "threshold": self.threshold,
+                "indices": peers,
                 "c_pks": [self.public_keys[j][0] for j in peers],
                 "s_pks": [self.public_keys[j][1] for j in peers],
                 "names": [self.identities[j][0] for j in peers],
@@ -75,7 +74,7 @@ class ServerRound:
         for dst, ciphertext in zip(reply["dst"], reply["ciphertexts"]):
             self.inbox.setdefault(dst, {})[index] = ciphertext
 
-    # --- stage 3 ----------------------------------------------------------------
+    # --- masked input -------------------------------------------------------------
     def shares_for(self, index: int) -> dict:
         """The ciphertexts for `index` from neighbours that completed stage 2."""
         held = {src: ct for src, ct in self.inbox.get(index, {}).items() if src in self.shared}
@@ -85,16 +84,18 @@ class ServerRound:
         if index in self.shared:
             self.inputs[index] = np.asarray(vector, dtype=np.uint64)
 
-    # --- stage 4: consistency -----------------------------------------------------
+    # --- consistency ---------------------------------------------------------------
     def consistency_request(self, index: int) -> dict:
-        """The same U3 for every client (the clients check that they were shown one set)."""
-        return {"round": self.round_id, "survivors": sorted(self.inputs)}
+        """The same U3 for every client, as the survivors' masking public keys of this round
+        (the clients check that they were shown one set)."""
+        return {"round": self.round_id,
+                "survivors": sorted(self.public_keys[i][1] for i in self.inputs)}
 
     def receive_consistency(self, index: int, reply: dict) -> None:
         if index in self.inputs:
             self.signatures[index] = reply["signature"]
 
-    # --- stage 5: unmasking -------------------------------------------------------
+    # --- unmasking ------------------------------------------------------------------
     def held_by(self, index: int) -> list[int]:
         """The neighbours whose shares `index` holds (those it masked with)."""
         if index not in self.shared:

@@ -2,10 +2,16 @@
 
 Each round (Bell et al. 2020; Bonawitz et al. 2017):
 
-1. `configure_train` samples the cohort as `DPFedAvgAdaptive` does, then runs
-   `query.secagg_setup` (round parameters and the announced mechanism; public
-   keys back) and `query.secagg_share_keys` (encrypted shares, routed by the
-   server), and returns `train.secagg` messages carrying each client's shares.
+0. Enrolment, not per round: in the first round every online node, later any
+   sampled node without committed keys for the round (with them, every online
+   node still without), gets `query.secagg_enrol` and replies with its signed
+   public keys for a window of rounds (`secagg.round_keys`); the server keeps
+   them in a `round_keys.Directory`. In steady state no round has this exchange.
+1. `configure_train` samples the cohort as `DPFedAvgAdaptive` does, keeps the
+   nodes with committed keys for the round, then runs `query.secagg_share_keys`
+   (the round parameters, the announced mechanism and the neighbours' committed
+   keys; encrypted shares back, routed by the server), and returns `train.secagg`
+   messages carrying each client's shares.
 2. The clients train, clip (Flower's `adaptiveclipping_mod`), encode and mask.
 3. `clipped_sum` collects the masked vectors, runs `query.secagg_consistency`
    (each survivor signs the survivor set; the one message exchange the
@@ -34,7 +40,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from dpfl_app.secagg import CIPHERTEXTS, RECORD, ROUND, SRC, floors, quantize
+from dpfl_app.secagg import CIPHERTEXTS, RECORD, ROUND, SRC, floors, quantize, round_keys
 from dpfl_app.secagg.server import ServerRound
 from dpfl_app.strategy.dp_fedavg import ClippedSum, DPFedAvgAdaptive
 
@@ -57,19 +63,22 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
         self._lost: set[int] = set()  # indices that failed a stage they were asked for
         self._refusals: list[dict] = []  # operator-only: {"node_id", "reason"} per refusal
         self._train_sent = 0.0  # when the train messages left (stage_seconds)
+        self._directory = round_keys.Directory()  # the nodes' committed round keys
 
     def __repr__(self) -> str:
         return super().__repr__() + ", SecAgg+ secure aggregation"
 
     # --- messaging ------------------------------------------------------------
-    def _exchange(self, stage: str, requests: dict[int, dict]) -> dict[int, dict]:
-        """Send `query.<stage>` to each index; the valid replies by index (others: dropouts)."""
-        assert self._grid is not None and self._round is not None
-        group = str(self._round.round_id)
-        messages = [Message(RecordDict({RECORD: ConfigRecord(request)}), self._nodes[index],
-                            f"query.{stage}", group_id=group)
+    def _exchange(self, stage: str, requests: dict[int, dict], round_id: int,
+                  nodes: dict[int, int] | None = None) -> dict[int, dict]:
+        """Send `query.<stage>` to each index; the valid replies by index (others: dropouts).
+        `nodes` maps index -> node id (default: the round's cohort)."""
+        assert self._grid is not None
+        nodes = self._nodes if nodes is None else nodes
+        messages = [Message(RecordDict({RECORD: ConfigRecord(request)}), nodes[index],
+                            f"query.{stage}", group_id=str(round_id))
                     for index, request in requests.items()]
-        by_node = {node: index for index, node in self._nodes.items()}
+        by_node = {node: index for index, node in nodes.items()}
         answers = {}
         started = time.perf_counter()
         replies = self._grid.send_and_receive(messages, timeout=self.stage_timeout)
@@ -82,7 +91,8 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
                 self._refuse(reply.metadata.src_node_id, f"{stage}: {reply.error.reason}")
             elif RECORD in reply.content.config_records:
                 answers[index] = dict(reply.content.config_records[RECORD])
-        self._lost |= set(requests) - set(answers)
+        if nodes is self._nodes:
+            self._lost |= set(requests) - set(answers)
         return answers
 
     def _stage_seconds(self, stage: str, seconds: float) -> None:
@@ -97,32 +107,62 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
         """Exact protocol counts for this round's operator diagnostics (never logged)."""
         self._round_diagnostics.setdefault("secure_aggregation", {}).update(counts)
 
-    # --- stages 1-3 ------------------------------------------------------------
+    # --- enrolment ---------------------------------------------------------------
+    def _enrol(self, round_id: int, cohort: list[int], announced: dict) -> None:
+        """Enrol the cohort's nodes without committed keys for this round (with them, every
+        online node still without; in the first round, every online node): one exchange,
+        and none in a round where every sampled node has its keys."""
+        assert self._grid is not None
+        missing = [node for node in cohort if not self._directory.has(node, round_id)]
+        if not missing and self._directory.names:
+            return
+        online = [node for node in self._grid.get_node_ids()
+                  if not self._directory.has(node, round_id)]
+        targets = dict(enumerate(sorted(set(missing) | set(online)), start=1))
+        request = {"round": round_id, **announced}
+        for index, reply in self._exchange("secagg_enrol", {i: request for i in targets},
+                                           round_id, nodes=targets).items():
+            self._directory.receive(targets[index], reply)
+        self._directory.prune(round_id)
+
+    # --- share keys and the masked input ----------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid):
-        cohort = list(super().configure_train(server_round, arrays, config, grid))
+        sampled = list(super().configure_train(server_round, arrays, config, grid))
         self._grid, self._lost, self._refusals = grid, set(), []
-        self._nodes = {i + 1: msg.metadata.dst_node_id for i, msg in enumerate(cohort)}
+        round_id = self.round_offset + server_round
+        announced = {k: v for k, v in config.items() if k.startswith("dp-")}
         # The withholding rule for cohorts: below it every client would refuse its floor.
         self.min_cohort = floors.min_cohort(int(config.get("dp-clients",
                                                            self.num_sampled_clients)))
+        cohort = []
+        if len(sampled) >= self.min_cohort:  # else no message at all, not even an enrolment
+            self._enrol(round_id, [msg.metadata.dst_node_id for msg in sampled], announced)
+            # A sampled node without committed keys (its enrolment failed) is a dropout.
+            cohort = [msg for msg in sampled
+                      if self._directory.has(msg.metadata.dst_node_id, round_id)]
+            # Counted as lost under indices past the cohort's, which no message uses (only
+            # the number of lost indices is ever read).
+            self._lost = set(range(len(cohort) + 1, len(sampled) + 1))
+        self._nodes = {i + 1: msg.metadata.dst_node_id for i, msg in enumerate(cohort)}
         if len(cohort) < self.min_cohort:  # noise only
-            self._note(cohort=len(cohort), sum_released=False,
+            self._note(cohort=len(sampled), sum_released=False,
                        why=f"a cohort of fewer than {self.min_cohort} is below the clients' "
                            "floors")
             self._round = None
             return []
-        rnd = self._round = ServerRound(self.round_offset + server_round, len(cohort),
-                                        self.neighbours)
+        rnd = self._round = ServerRound(round_id, len(cohort), self.neighbours)
+        for index, node in self._nodes.items():
+            rnd.add_keys(index, self._directory.round_keys(node, round_id))
         quantize.check_no_wrap(len(cohort))
-        announced = {k: v for k, v in config.items() if k.startswith("dp-")}
-        for index, reply in self._exchange("secagg_setup", {
-                i: {**rnd.setup_request(i), **announced} for i in rnd.indices}).items():
-            rnd.receive_setup(index, reply)
         for index, reply in self._exchange("secagg_share_keys", {
-                i: rnd.share_keys_request(i) for i in rnd.public_keys}).items():
+                i: {**rnd.share_keys_request(i), **announced} for i in rnd.indices},
+                round_id).items():
             rnd.receive_share_keys(index, reply)
-        self._note(cohort=len(cohort), shared_keys=len(rnd.shared),
+        for refusal in self._refusals:  # a node that lost its keys is enrolled again
+            if round_keys.NOT_ENROLLED in refusal["reason"]:
+                self._directory.forget(refusal["node_id"])
+        self._note(cohort=len(sampled), shared_keys=len(rnd.shared),
                    neighbours=len(next(iter(rnd.neighbours.values()))),
                    threshold=rnd.threshold)
         train = []
@@ -140,7 +180,7 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
         self._train_sent = time.perf_counter()
         return train
 
-    # --- stage 4 -------------------------------------------------------------
+    # --- consistency and unmasking ---------------------------------------------------
     def clipped_sum(self, replies: list[Message], reference: dict[str, np.ndarray],
                     clip: float) -> ClippedSum:
         """The unmasked sum of the survivors' clipped deltas and bits, or nothing."""
@@ -164,10 +204,12 @@ class SecureDPFedAvgAdaptive(DPFedAvgAdaptive):
             rnd.receive_input(index, vector)
         self._lost |= set(rnd.shared) - set(rnd.inputs)
         for index, reply in self._exchange("secagg_consistency", {
-                i: rnd.consistency_request(i) for i in sorted(rnd.inputs)}).items():
+                i: rnd.consistency_request(i) for i in sorted(rnd.inputs)},
+                rnd.round_id).items():
             rnd.receive_consistency(index, reply)
         for index, reply in self._exchange("secagg_unmask", {
-                i: rnd.unmask_request(i) for i in sorted(rnd.signatures)}).items():
+                i: rnd.unmask_request(i) for i in sorted(rnd.signatures)},
+                rnd.round_id).items():
             rnd.receive_unmask(index, reply)
         total = rnd.unmasked_sum()
         self._note(masked_inputs=len(rnd.inputs), min_survivors=rnd.min_survivors,

@@ -1,20 +1,24 @@
 """A client's own floors: neighbourhood, threshold and survivors follow from the announced
-cohort; one setup per round; no round past the announced T."""
+cohort; one share-keys request (the round's first message) per round; no round past the
+announced T."""
 
 from __future__ import annotations
 
 import pytest
 
-from dpfl_app.secagg import client, floors, inprocess
+from dpfl_app.secagg import client, floors
+from tests.secagg import neighbourhood
 
-ME = inprocess.relayed_identities(1)[1]
+ME = neighbourhood.identity(1)
 
 
-def _setup(neighbours, threshold, state=None, **announced):
-    request = {"round": 1, "index": 1, "neighbours": neighbours, "threshold": threshold,
-               "dp-clients": 1000, "dp-sampling": "poisson", "dp-population": 10**6,
-               **announced}
-    return client.setup(state or {}, request, ME)
+def _setup(neighbours, threshold, state=None, round=1, session=neighbourhood.SESSION,
+           **announced):
+    """Client 1's share-keys request (the round's first message) and its answer."""
+    request = neighbourhood.request(1, neighbours, threshold, round, session,
+                                    **{"dp-clients": 1000, "dp-sampling": "poisson",
+                                       "dp-population": 10**6, **announced})
+    return client.share_keys(state or neighbourhood.enrolment(1, session)[0], request, ME)
 
 
 @pytest.mark.parametrize("m,floor", [(3, 2), (6, 3), (20, 10), (32, 16), (1000, 16)])
@@ -36,19 +40,18 @@ def test_a_threshold_below_a_majority_is_refused_at_the_floor():
     with pytest.raises(client.SecAggRefusal, match="majority"):
         _setup(peers, 8)
     state, reply = _setup(peers, 9)
-    assert state["threshold"] == 9 and reply["id_sig"]
+    assert state["threshold"] == 9 and len(reply["ciphertexts"]) == 16
 
 
-def test_a_second_setup_for_the_same_round_is_refused():
+def test_a_second_share_keys_request_for_the_same_round_is_refused():
+    """The round's first message carries the replay rule: once per round, only forward."""
     peers = list(range(2, 18))
     state, _ = _setup(peers, 9)
-    with pytest.raises(client.SecAggRefusal, match="second setup for round 1"):
+    with pytest.raises(client.SecAggRefusal, match="second share-keys request for round 1"):
         _setup(peers, 9, state=state)
-    with pytest.raises(client.SecAggRefusal, match="second setup"):  # nor an older round
-        client.setup(state, {"round": 0, "index": 1, "neighbours": peers, "threshold": 9,
-                             "dp-clients": 1000}, ME)
-    later, _ = client.setup(state, {"round": 2, "index": 1, "neighbours": peers,
-                                    "threshold": 9, "dp-clients": 1000}, ME)
+    with pytest.raises(client.SecAggRefusal, match="second share-keys"):  # nor an older round
+        _setup(peers, 9, state=state, round=0)
+    later, _ = _setup(peers, 9, state=state, round=2)
     assert later["round"] == 2
 
 
@@ -63,12 +66,13 @@ def test_a_cohort_bigger_than_the_announced_fixed_size_m_is_refused():
     with pytest.raises(client.SecAggRefusal, match="understated"):
         _setup(list(range(2, 8)), 4, **{"dp-clients": 6, "dp-sampling": "fixed"})
     state, _ = _setup(list(range(2, 7)), 3, **{"dp-clients": 6, "dp-sampling": "fixed"})
-    assert state["neighbours"] == [2, 3, 4, 5, 6]
+    assert state["peers"] == [2, 3, 4, 5, 6]
 
 
 def test_no_announced_cohort_is_refused():
+    request = neighbourhood.request(1, [2, 3], 2)
     with pytest.raises(client.SecAggRefusal, match="did not announce dp-clients"):
-        client.setup({}, {"round": 1, "index": 1, "neighbours": [2, 3], "threshold": 2}, ME)
+        client.share_keys(neighbourhood.enrolment(1)[0], request, ME)
 
 
 def test_a_poisson_cohort_far_above_the_announced_m_is_refused():
@@ -81,14 +85,14 @@ def test_a_poisson_cohort_far_above_the_announced_m_is_refused():
     with pytest.raises(client.SecAggRefusal, match="understated"):
         _setup(list(range(2, bound + 2)), bound // 2 + 1, **{"dp-clients": m})
     state, _ = _setup(list(range(2, bound + 1)), (bound - 1) // 2 + 1, **{"dp-clients": m})
-    assert len(state["neighbours"]) == bound - 1
+    assert len(state["peers"]) == bound - 1
 
 
 def test_a_run_id_above_two_to_the_63_signs_and_verifies():
     """Flower's run ids are unsigned 64-bit: every other run has one >= 2**63."""
     from dpfl_app.secagg.identity import Identity, round_keys_message
 
-    message = round_keys_message(2**64 - 1, 1, 1, b"c", b"s")
+    message = round_keys_message(2**64 - 1, 1, ME.name, b"c", b"s")
     assert Identity.valid(ME.public, ME.sign(message), message)
     state, _ = _setup(list(range(2, 18)), 9, session=2**64 - 1)
     assert state["session"] == 2**64 - 1

@@ -27,10 +27,11 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, 
 from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_concat, share_keys_plaintext_separate)
 
-from dpfl_app.secagg import client, identity, masks, shamir
+from dpfl_app.secagg import client, identity, inprocess, masks, round_keys, shamir
 from dpfl_app.secagg.server import ServerRound
 
 X, DIM = 1, 64
+SESSION = inprocess.SESSION
 
 
 def _inputs(n: int) -> list[np.ndarray]:
@@ -46,31 +47,42 @@ def _pinned(n: int) -> dict[int, identity.Identity]:
 
 
 def _announce(n: int) -> dict:
-    return {"dp-clients": n, "dp-sampling": "fixed"}
+    return {"dp-clients": n, "dp-sampling": "fixed", "session": SESSION}
 
 
-def _honest_until_masking(server: ServerRound, ids, inputs, states, refusals, substitute=None):
-    """Stages 1-3 as an honest server runs them (`substitute` may rewrite X's requests)."""
+def enrol(server: ServerRound, ids, states) -> None:
+    """Every client commits its round keys; the server puts them into its round."""
+    directory = round_keys.Directory()
     for i in server.indices:
-        states[i], reply = client.setup({}, {**server.setup_request(i),
-                                             **_announce(len(server.indices))}, ids[i])
-        server.receive_setup(i, reply)
+        states[i], reply = round_keys.enrol({}, {"round": server.round_id, "session": SESSION,
+                                                 "dp-rounds": server.round_id}, ids[i])
+        directory.receive(i, reply)
+        server.add_keys(i, directory.round_keys(i, server.round_id))
+
+
+def round_keys_of(server: ServerRound, indices) -> list[bytes]:
+    """A survivor set as the clients sign it: the members' masking keys of the round."""
+    return sorted(server.public_keys[i][1] for i in indices)
+
+
+def _honest_until_masking(server: ServerRound, ids, inputs, states, refusals, liar=None):
+    """Enrolment, share keys and the masked input as an honest server runs them, except
+    that `liar` may rewrite each client's requests and the replies it routes on."""
+    enrol(server, ids, states)
     for i in server.indices:
-        request = server.share_keys_request(i)
-        if substitute is not None and i == X:
-            request = substitute.keys_request(request)
+        request = {**server.share_keys_request(i), **_announce(len(server.indices))}
+        if liar is not None:
+            request = liar.keys_request(i, request)
         try:
             states[i], reply = client.share_keys(states[i], request, ids[i])
         except client.SecAggRefusal as refusal:
             refusals[i] = str(refusal)
             continue
-        if substitute is not None and i == X:
-            substitute.capture(reply)
-        server.receive_share_keys(i, reply)
+        server.receive_share_keys(i, reply if liar is None else liar.capture(i, reply))
     for i in sorted(server.shared):
         request = server.shares_for(i)
-        if substitute is not None and i == X:
-            request = substitute.shares_request(request)
+        if liar is not None:
+            request = liar.shares_request(i, request)
         try:
             states[i] = client.receive_shares(states[i], request)
         except client.SecAggRefusal as refusal:
@@ -78,6 +90,41 @@ def _honest_until_masking(server: ServerRound, ids, inputs, states, refusals, su
             continue
         states[i], vector = client.masked_input(states[i], inputs[i - 1])
         server.receive_input(i, vector)
+
+
+def show_views_and_unmask(server: ServerRound, ids, states, refusals, views,
+                          label=lambda i, j: j) -> tuple[dict, dict]:
+    """The consistency round with survivor set `views[i]` (indices) shown to client i, as
+    round keys, then the unmasking: the best a liar can do is hand i the signatures of i's
+    neighbours on i's own set, or if too few, every one it holds from neighbours in that
+    set. `label(i, j)` is the index client i knows client j by. The shares, by owner."""
+    signatures: dict[int, tuple[list[int], bytes]] = {}
+    for i in sorted(server.inputs):
+        try:
+            states[i], reply = client.consistency(
+                states[i], {"round": 1, "survivors": round_keys_of(server, views[i])}, ids[i])
+        except client.SecAggRefusal as refusal:
+            refusals[i] = str(refusal)
+            continue
+        signatures[i] = (sorted(views[i]), reply["signature"])
+    seed_shares, key_shares = {}, {}
+    for i in signatures:
+        alive = [j for j in server.neighbours[i] if j in signatures and j in views[i]]
+        same = [j for j in alive if signatures[j][0] == sorted(views[i])]
+        signers = same if len(same) >= server.threshold else alive
+        request = {"round": 1, "signers": [label(i, j) for j in signers],
+                   "signatures": [signatures[j][1] for j in signers]}
+        try:
+            states[i], reply = client.unmask(states[i], request)
+        except client.SecAggRefusal as refusal:
+            refusals[i] = str(refusal)
+            continue
+        owner = {label(i, j): j for j in server.neighbours[i]}
+        for src, share in zip(reply["seed_src"], reply["seed_shares"]):
+            seed_shares.setdefault(owner[src], []).append(share)
+        for src, share in zip(reply["key_src"], reply["key_shares"]):
+            key_shares.setdefault(owner[src], []).append(share)
+    return seed_shares, key_shares
 
 
 # --- inconsistent views ----------------------------------------------------------------
@@ -119,33 +166,7 @@ def _inconsistent_views_attack(n: int, k: int, views=None):
     server, states, refusals = ServerRound(1, n, k, random.Random(3)), {}, {}
     _honest_until_masking(server, ids, inputs, states, refusals)
     views = views or _views(server)
-    signatures: dict[int, tuple[list[int], bytes]] = {}
-    for i in server.indices:
-        try:
-            states[i], reply = client.consistency(states[i], {"round": 1, "survivors": views[i]},
-                                                  ids[i])
-        except client.SecAggRefusal as refusal:
-            refusals[i] = str(refusal)
-            continue
-        signatures[i] = (views[i], reply["signature"])
-    seed_shares, key_shares = {}, {}
-    for i in signatures:
-        # The best a liar can do: the signatures of i's neighbours on i's own view, and
-        # if there are too few, every one it holds from neighbours in that view.
-        alive = [j for j in server.neighbours[i] if j in signatures and j in views[i]]
-        same = [j for j in alive if signatures[j][0] == views[i]]
-        signers = same if len(same) >= server.threshold else alive
-        request = {"round": 1, "signers": signers,
-                   "signatures": [signatures[j][1] for j in signers]}
-        try:
-            states[i], reply = client.unmask(states[i], request)
-        except client.SecAggRefusal as refusal:
-            refusals[i] = str(refusal)
-            continue
-        for src, share in zip(reply["seed_src"], reply["seed_shares"]):
-            seed_shares.setdefault(src, []).append(share)
-        for src, share in zip(reply["key_src"], reply["key_shares"]):
-            key_shares.setdefault(src, []).append(share)
+    seed_shares, key_shares = show_views_and_unmask(server, ids, states, refusals, views)
     recovered = _recover(server, seed_shares, key_shares, server.inputs[X])
     return recovered, inputs[X - 1], refusals
 
@@ -204,7 +225,9 @@ class KeySubstitution:
         self.seed_shares: list[bytes] = []
         self.x_pks: tuple[bytes, bytes] | None = None
 
-    def keys_request(self, request: dict) -> dict:
+    def keys_request(self, i: int, request: dict) -> dict:
+        if i != X:
+            return request
         request = {key: list(value) if isinstance(value, list) else value
                    for key, value in request.items()}
         for pos, j in enumerate(request["indices"]):
@@ -216,18 +239,24 @@ class KeySubstitution:
                 key = self.sign_with[j]
                 request["id_pks"][pos] = identity.public_bytes(key)
                 request["signatures"][pos] = key.sign(identity.round_keys_message(
-                    0, 1, j, request["c_pks"][pos], request["s_pks"][pos]))
+                    SESSION, 1, request["names"][pos], request["c_pks"][pos],
+                    request["s_pks"][pos]))
         return request
 
-    def capture(self, reply: dict) -> None:
+    def capture(self, i: int, reply: dict) -> dict:
         """Decrypt X's shares with the fake encryption keys: X's seed shares."""
         for j, ciphertext in zip(reply["dst"], reply["ciphertexts"]):
+            if i != X:
+                break
             key = masks.encryption_key(self.fakes[j][0], self.x_pks[0])
             _, _, seed_share, _ = share_keys_plaintext_separate(decrypt(key, ciphertext))
             self.seed_shares.append(seed_share)
+        return reply
 
-    def shares_request(self, request: dict) -> dict:
+    def shares_request(self, i: int, request: dict) -> dict:
         """Shares 'from' the fake neighbours, so that X masks with the fake keys."""
+        if i != X:
+            return request
         src, ciphertexts = sorted(self.fakes), []
         for j in src:
             shares = [shamir.create_shares(bytes(32), 1, [X])[0]] * 2
@@ -250,15 +279,15 @@ def _key_substitution_attack(ids, server_identities):
     inputs = _inputs(n)
     server, states, refusals = ServerRound(1, n, 0, random.Random(3)), {}, {}
     attack = KeySubstitution(server.threshold, server_identities)
-    original_setup = server.receive_setup
+    original_add_keys = server.add_keys
 
-    def remember_x(index, reply):
+    def remember_x(index, keys):
         if index == X:
-            attack.x_pks = (reply["c_pk"], reply["s_pk"])
-        original_setup(index, reply)
+            attack.x_pks = (keys["c_pk"], keys["s_pk"])
+        original_add_keys(index, keys)
 
-    server.receive_setup = remember_x
-    _honest_until_masking(server, ids, inputs, states, refusals, substitute=attack)
+    server.add_keys = remember_x
+    _honest_until_masking(server, ids, inputs, states, refusals, liar=attack)
     recovered = attack.recover(server.inputs[X]) if X in server.inputs else None
     return recovered, inputs[X - 1], refusals
 

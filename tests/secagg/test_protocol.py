@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from dpfl_app.privacy.mechanism import clip_to_norm
-from dpfl_app.secagg import client, inprocess, quantize
+from dpfl_app.secagg import client, inprocess, quantize, round_keys
 from dpfl_app.secagg.server import ServerRound
 
 DIM, CLIP = 300, 0.5
+SESSION = inprocess.SESSION
 
 
 def _cohort(n, seed=0):
@@ -64,14 +65,15 @@ def test_dropouts_at_each_stage_give_exactly_the_survivors_sum(stage, k):
 
 def test_dropouts_spread_over_all_stages():
     clipped, bits, encoded = _cohort(12, seed=4)
-    drop = {"setup": {1}, "share_keys": {5}, "masked_input": {9}, "consistency": {10},
+    drop = {"enrol": {1}, "share_keys": {5}, "masked_input": {9}, "consistency": {10},
             "unmask": {12}}
     outcome = inprocess.run_round(encoded, drop=drop)
     assert outcome.survivors == [2, 3, 4, 6, 7, 8, 10, 11, 12]
     _check_sum(outcome, clipped, bits)
 
 
-@pytest.mark.parametrize("stage", ["setup", "masked_input", "consistency", "unmask"])
+@pytest.mark.parametrize("stage", ["enrol", "share_keys", "masked_input", "consistency",
+                                   "unmask"])
 def test_fewer_survivors_than_threshold_releases_nothing(stage):
     """Below the threshold the round releases no sum at all (the caller adds noise only)."""
     _, _, encoded = _cohort(6)
@@ -82,8 +84,9 @@ def test_fewer_survivors_than_threshold_releases_nothing(stage):
 
 def test_a_client_left_with_fewer_neighbours_than_threshold_refuses():
     _, _, encoded = _cohort(12, seed=3)
-    # k = 6, t = 4: client 1's ring neighbours are 2, 3, 4 and 10, 11, 12; three vanish.
-    outcome = inprocess.run_round(encoded, neighbours=6, drop={"setup": {2, 3, 4}},
+    # k = 6, t = 4: client 1's ring neighbours are 2, 3, 4 and 10, 11, 12; three vanish
+    # before sharing keys.
+    outcome = inprocess.run_round(encoded, neighbours=6, drop={"share_keys": {2, 3, 4}},
                                   rng=random.Random(5))
     assert outcome.refusals and all("fewer than threshold" in r for r in outcome.refusals.values())
 
@@ -103,17 +106,31 @@ def test_a_single_survivor_is_never_released():
     assert inprocess.run_round(encoded, drop={"masked_input": {1}}).total is None
 
 
+def enrolled(n, round_id=1, rounds=1, ids=None):
+    """n clients enrolled for rounds 1..`rounds`: (server round, client states, ids)."""
+    server, states, directory = ServerRound(round_id, n, 0), {}, round_keys.Directory()
+    ids = ids or inprocess.relayed_identities(n)
+    for i in server.indices:
+        states[i], reply = round_keys.enrol({}, {"round": 1, "session": SESSION,
+                                                 "dp-rounds": rounds}, ids[i])
+        directory.receive(i, reply)
+        server.add_keys(i, directory.round_keys(i, round_id))
+    return server, states, ids
+
+
+def share_keys_request(server, i, **extra):
+    n = len(server.indices)
+    return {**server.share_keys_request(i), "dp-clients": n, "dp-sampling": "fixed",
+            "session": SESSION, **extra}
+
+
 def _run_stages(n, up_to_masking=True):
-    """A server round driven through stage 2 (or 4), returning (server, client states, ids)."""
+    """A server round driven through share keys (or the consistency round), returning
+    (server, client states, ids)."""
     _, _, encoded = _cohort(n)
-    server, states = ServerRound(1, n, 0), {}
-    ids = inprocess.relayed_identities(n)
-    announced = {"dp-clients": n, "dp-sampling": "fixed"}
+    server, states, ids = enrolled(n)
     for i in server.indices:
-        states[i], reply = client.setup({}, {**server.setup_request(i), **announced}, ids[i])
-        server.receive_setup(i, reply)
-    for i in server.indices:
-        states[i], reply = client.share_keys(states[i], server.share_keys_request(i), ids[i])
+        states[i], reply = client.share_keys(states[i], share_keys_request(server, i), ids[i])
         server.receive_share_keys(i, reply)
     for i in server.indices if up_to_masking else []:
         states[i] = client.receive_shares(states[i], server.shares_for(i))
@@ -148,13 +165,15 @@ def test_the_server_never_asks_for_both_shares():
             server.receive_input(i, np.zeros(DIM + 1, dtype=np.uint64))
     for i in server.inputs:  # client 3 "dropped" before masking
         held = server.held_by(i)
-        assert 3 in held and 3 not in server.consistency_request(i)["survivors"]
+        survivors = server.consistency_request(i)["survivors"]
+        assert 3 in held and server.public_keys[3][1] not in survivors
+        assert server.public_keys[i][1] in survivors
 
 
 def test_a_client_refuses_a_minority_threshold():
+    server, states, ids = enrolled(5)
     with pytest.raises(client.SecAggRefusal, match="majority"):
-        client.setup({}, {"round": 1, "index": 1, "neighbours": [2, 3, 4, 5], "threshold": 2,
-                          "dp-clients": 5}, inprocess.relayed_identities(1)[1])
+        client.share_keys(states[1], share_keys_request(server, 1, threshold=2), ids[1])
 
 
 def test_tampered_share_ciphertext_is_rejected():

@@ -44,7 +44,7 @@ def test_zero_noise_at_the_clients_equals_zero_noise_at_the_server_within_the_ro
     run_server(_config(tmp_path, "server", noise=0.0, **{"secure-aggregation": True}))
     grid = run_server(_config(tmp_path, "clients", noise=0.0, **CLIENT_NOISE))
     assert {m.metadata.message_type for m in grid.sent} == {
-        "query.secagg_setup", "query.secagg_share_keys", "train.secagg",
+        "query.secagg_enrol", "query.secagg_share_keys", "train.secagg",
         "query.secagg_consistency", "query.secagg_unmask"}
     train = [m for m in grid.sent if m.metadata.message_type == "train.secagg"]
     config = train[0].content["config"]
@@ -125,9 +125,9 @@ def test_a_client_refuses_when_its_own_bound_exceeds_its_max_epsilon(tmp_path):
     own = dacc.client_epsilon(params, 1, 1e-5, "fixed")
     assert own > 5.0
     reasons = [r["reason"] for d in read_diagnostics(run_dir) for r in d["rejected"]]
-    setup = [r for r in reasons if "secagg_setup" in r]
-    assert len(setup) == 3 and all("own epsilon" in r and "max-epsilon=5.0" in r
-                                       for r in setup)
+    first = [r for r in reasons if "secagg_share_keys" in r]
+    assert len(first) == 3 and all("own epsilon" in r and "max-epsilon=5.0" in r
+                                       for r in first)
     # the 7 others then refuse to sign a survivor set below t = 8: nothing is unmasked
     consistency = [r for r in reasons if "secagg_consistency" in r]
     assert len(consistency) == 7 and all("fewer than the 8" in r for r in consistency)

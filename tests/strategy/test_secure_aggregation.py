@@ -67,7 +67,7 @@ def test_secure_and_plain_rounds_end_at_the_same_model_within_the_bound(tmp_path
     plain_results, plain = _outputs(tmp_path, "plain")
     secure_results, secure = _outputs(tmp_path, "secure")
     assert {m.metadata.message_type for m in grid.sent} == {
-        "query.secagg_setup", "query.secagg_share_keys", "train.secagg",
+        "query.secagg_enrol", "query.secagg_share_keys", "train.secagg",
         "query.secagg_consistency", "query.secagg_unmask"}
     (p_rec,), (s_rec,) = plain_results["rounds"], secure_results["rounds"]
     assert _replies(tmp_path, "secure") == _replies(tmp_path, "plain") == [6]
@@ -82,9 +82,29 @@ def test_secure_and_plain_rounds_end_at_the_same_model_within_the_bound(tmp_path
     # Where a secure round's time goes: each exchange's wall time, for the operator only.
     (diag,) = _diagnostics(tmp_path, "secure")
     stages = diag["secure_aggregation"]["stage_seconds"]
-    assert set(stages) == {"secagg_setup", "secagg_share_keys", "train.secagg",
+    assert set(stages) == {"secagg_enrol", "secagg_share_keys", "train.secagg",
                            "secagg_consistency", "secagg_unmask"}
     assert all(0 < seconds < diag["seconds"] for seconds in stages.values())
+
+
+def test_after_the_enrolment_a_secure_round_is_four_exchanges(tmp_path):
+    """Round 1 enrols every online node (keys for all T = 3 rounds); rounds 2 and 3 are
+    share keys, train, consistency and unmask only, and still release the sum."""
+    grid = run_server(_config(tmp_path, "out", rounds=3, clients=6,
+                              **{"secure-aggregation": True}))
+    by_round: dict[str, set[str]] = {}
+    for msg in grid.sent:
+        by_round.setdefault(msg.metadata.group_id, set()).add(msg.metadata.message_type)
+    steady = {"query.secagg_share_keys", "train.secagg", "query.secagg_consistency",
+              "query.secagg_unmask"}
+    assert by_round["1"] == steady | {"query.secagg_enrol"}
+    assert by_round["2"] == by_round["3"] == steady
+    enrolled = [m for m in grid.sent if m.metadata.message_type == "query.secagg_enrol"]
+    assert sorted(m.metadata.dst_node_id for m in enrolled) == sorted(grid.get_node_ids())
+    diags = _diagnostics(tmp_path, "out")
+    assert [d["secure_aggregation"]["sum_released"] for d in diags] == [True] * 3
+    assert [("secagg_enrol" in d["secure_aggregation"]["stage_seconds"]) for d in diags] == [
+        True, False, False]
 
 
 @pytest.mark.parametrize("stage", ["query.secagg_share_keys", "train.secagg",
@@ -155,3 +175,31 @@ def test_require_secure_aggregation_refuses_a_plain_server(tmp_path, caplog):
     # ... and the nodes' shared log only says that a node refused, without counts.
     assert not any("require-secure-aggregation=true" in r.getMessage() for r in caplog.records)
     assert any("refused a train message" in r.getMessage() for r in caplog.records)
+
+
+def test_a_node_that_lost_its_keys_refuses_a_round_and_is_enrolled_again(tmp_path, monkeypatch):
+    """Node 1's state (its per-run secret) is wiped before round 2: it refuses round 2's
+    share keys (no committed keys), the round goes on without it, and round 3 enrols it
+    again (one enrolment message, to node 1 alone) and sums all 6."""
+    from dpfl_app.tools.inprocess import InProcessGrid
+    from flwr.app import RecordDict
+
+    original = InProcessGrid.send_and_receive
+
+    def wipe_before_round_2(grid, messages, *, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == "query.secagg_share_keys" \
+                and messages[0].metadata.group_id == "2":
+            grid.states[1] = RecordDict()
+        return original(grid, messages, timeout=timeout)
+
+    monkeypatch.setattr(InProcessGrid, "send_and_receive", wipe_before_round_2)
+    grid = run_server(_config(tmp_path, "out", rounds=3, clients=6,
+                              **{"secure-aggregation": True}), num_nodes=6)
+    enrolments = [(m.metadata.group_id, m.metadata.dst_node_id) for m in grid.sent
+                  if m.metadata.message_type == "query.secagg_enrol"]
+    assert enrolments == [("1", n) for n in range(1, 7)] + [("3", 1)]
+    diags = _diagnostics(tmp_path, "out")
+    assert [d["secure_aggregation"]["masked_inputs"] for d in diags] == [6, 5, 6]
+    (reason,) = [r["reason"] for r in diags[1]["rejected"]]
+    assert "secagg_share_keys" in reason and "committed no keys" in reason

@@ -95,18 +95,18 @@ def test_secure_rounds_stage_seconds_skip_round_1_and_are_printed(tmp_path):
     from dpfl_app.run.outputs import DIAGNOSTICS_FILE
     from dpfl_app.tools.bench.simulation import _stage_seconds
 
-    rounds = [{"secagg_setup": 9.0, "train.secagg": 9.0},  # round 1: start-up, left out
-              {"secagg_setup": 0.1, "train.secagg": 0.5},
-              {"secagg_setup": 0.3, "train.secagg": 0.7}]
+    rounds = [{"secagg_share_keys": 9.0, "train.secagg": 9.0},  # round 1: start-up, left out
+              {"secagg_share_keys": 0.1, "train.secagg": 0.5},
+              {"secagg_share_keys": 0.3, "train.secagg": 0.7}]
     (tmp_path / DIAGNOSTICS_FILE).write_text("".join(
         json.dumps({"round": i, "secure_aggregation": {"stage_seconds": stages}}) + "\n"
         for i, stages in enumerate(rounds, 1)))
     stages = _stage_seconds(tmp_path)
-    assert stages == {"secagg_setup": pytest.approx(0.2), "train.secagg": pytest.approx(0.6)}
+    assert stages == {"secagg_share_keys": pytest.approx(0.2), "train.secagg": pytest.approx(0.6)}
     assert _stage_seconds(None) == {}
     (line,) = bench.stage_lines([{"population": 100, "clients": 50, "b": {"round_s": 0.5},
                                   "s": {"stage_s": stages}}])
-    assert "secagg_setup 0.200" in line and "train.secagg 0.600" in line
+    assert "secagg_share_keys 0.200" in line and "train.secagg 0.600" in line
     assert bench.stage_lines([{"population": 100, "clients": 50, "b": {"round_s": 0.5}}]) == []
 
 # --- the partition disk cache ------------------------------------------------
@@ -207,9 +207,11 @@ def test_a_cold_client_process_imports_nothing_heavy(tmp_path):
     assert coldstart.HEAVY  # the list the child checks against
 
 
-def test_a_cold_secure_aggregation_setup_imports_no_torch():
-    """The timed `query.secagg_setup` child answers the real ClientApp without torch."""
-    command = [sys.executable, "-m", "dpfl_app.tools.bench.coldstart", "--child", "secagg_setup"]
+def test_a_cold_secure_aggregation_round_start_imports_no_torch():
+    """The timed `query.secagg_share_keys` child (a round's first message, after an
+    enrolment) answers the real ClientApp without torch."""
+    command = [sys.executable, "-m", "dpfl_app.tools.bench.coldstart", "--child",
+               "secagg_share_keys"]
     out = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, check=True,
                          timeout=120)
     report = json.loads(out.stdout.strip().splitlines()[-1])

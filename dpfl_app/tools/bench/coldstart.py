@@ -57,27 +57,44 @@ def child(kind: str, partition_id: int, num_partitions: int) -> dict:
             "heavy_modules": [name for name in HEAVY if name in sys.modules]}
 
 
-def child_secagg_setup() -> dict:
-    """Handle one `query.secagg_setup` message (k = 16, its own identity) in this process."""
+def child_secagg_share_keys() -> dict:
+    """Handle one `query.secagg_share_keys` message (a round's first, k = 16 neighbours,
+    its own identity) in this process; the node enrolled earlier (another message, untimed)."""
     start = time.perf_counter()
     from dpfl_app.client_app import app
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from dpfl_app.secagg import RECORD
+    from dpfl_app.secagg import RECORD, inprocess, round_keys
+    from dpfl_app.secagg.server import ServerRound
 
     imported = time.perf_counter()
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    request = {"round": 1, "index": 1, "neighbours": list(range(2, 18)), "threshold": 9,
-               "dp-clients": 50, "dp-sampling": "poisson", "dp-population": 100}
-    msg = Message(RecordDict({RECORD: ConfigRecord(request)}), dst_node_id=1,
-                  message_type="query.secagg_setup")
-    msg.metadata.__dict__["_message_id"] = msg.object_id
-    reply = app(msg, Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
-                             node_config={}))
-    if reply.has_error():
-        raise RuntimeError(reply.error.reason)
-    return {"import_s": imported - start, "handle_s": time.perf_counter() - imported,
+    context = Context(run_id=1, node_id=1, state=RecordDict(), run_config={}, node_config={})
+    announced = {"dp-clients": 50, "dp-sampling": "poisson", "dp-population": 100,
+                 "dp-rounds": 1}
+
+    def call(message_type: str, request: dict) -> dict:
+        msg = Message(RecordDict({RECORD: ConfigRecord(request)}), dst_node_id=1,
+                      message_type=message_type)
+        msg.metadata.__dict__["_message_id"] = msg.object_id
+        reply = app(msg, context)
+        if reply.has_error():
+            raise RuntimeError(reply.error.reason)
+        return dict(reply.content[RECORD])
+
+    server, directory = ServerRound(1, 17, 16), round_keys.Directory()
+    directory.receive(1, call("query.secagg_enrol", {"round": 1, **announced}))
+    for j, peer in inprocess.relayed_identities(17).items():
+        if j > 1:
+            directory.receive(j, round_keys.enrol({}, {"round": 1, "session": 1, **announced},
+                                                  peer)[1])
+    for j in server.indices:
+        server.add_keys(j, directory.round_keys(j, 1))
+    request = {**server.share_keys_request(1), **announced}
+    prepared = time.perf_counter()
+    call("query.secagg_share_keys", request)
+    return {"import_s": imported - start, "handle_s": time.perf_counter() - prepared,
             "heavy_modules": [name for name in HEAVY + ("torch",) if name in sys.modules]}
 
 
@@ -109,12 +126,13 @@ def measure(repeats: int = 3, num_partitions: int = 10) -> dict:
             result[f"{kind}_{cache}_s"] = statistics.median(times)
             result[f"{kind}_{cache}_import_s"] = statistics.median(p["import_s"] for p in phases)
             result[f"{kind}_{cache}_handle_s"] = statistics.median(p["handle_s"] for p in phases)
-    command = [sys.executable, "-m", "dpfl_app.tools.bench.coldstart", "--child", "secagg_setup"]
+    command = [sys.executable, "-m", "dpfl_app.tools.bench.coldstart", "--child",
+               "secagg_share_keys"]
     runs = [_timed(command, env) for _ in range(repeats)]
-    result["secagg_setup_s"] = statistics.median(seconds for seconds, _ in runs)
+    result["secagg_share_keys_s"] = statistics.median(seconds for seconds, _ in runs)
     phases = [json.loads(stdout.strip().splitlines()[-1]) for _, stdout in runs]
-    result["secagg_setup_import_s"] = statistics.median(p["import_s"] for p in phases)
-    result["secagg_setup_handle_s"] = statistics.median(p["handle_s"] for p in phases)
+    result["secagg_share_keys_import_s"] = statistics.median(p["import_s"] for p in phases)
+    result["secagg_share_keys_handle_s"] = statistics.median(p["handle_s"] for p in phases)
     result["warm_vs_torch"] = max(result["train_warm_s"],
                                   result["evaluate_warm_s"]) / result["import_torch_s"]
     return result
@@ -131,24 +149,24 @@ def table(result: dict) -> str:
             rows.append(f"| ClientApp {kind}, {cache} partition cache | {result[key + '_s']:.2f} | "
                         f"{result[key + '_import_s']:.2f} | {result[key + '_handle_s']:.2f} | "
                         f"{result[key + '_s'] / torch_s:.2f} |")
-    if "secagg_setup_s" in result:
-        rows.append(f"| ClientApp `query.secagg_setup` (no torch) | {result['secagg_setup_s']:.2f}"
-                    f" | {result['secagg_setup_import_s']:.2f} | "
-                    f"{result['secagg_setup_handle_s']:.2f} | "
-                    f"{result['secagg_setup_s'] / torch_s:.2f} |")
+    if "secagg_share_keys_s" in result:
+        key = "secagg_share_keys"
+        rows.append(f"| ClientApp `query.secagg_share_keys`, k = 16 (no torch) | "
+                    f"{result[key + '_s']:.2f} | {result[key + '_import_s']:.2f} | "
+                    f"{result[key + '_handle_s']:.2f} | {result[key + '_s'] / torch_s:.2f} |")
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpfl coldstart", formatter_class=HelpFormatter)
-    parser.add_argument("--child", choices=["train", "evaluate", "secagg_setup"],
+    parser.add_argument("--child", choices=["train", "evaluate", "secagg_share_keys"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--partition-id", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--num-partitions", type=int, default=10, help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=3, help="cold processes per measurement")
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child_secagg_setup() if args.child == "secagg_setup" else
+        print(json.dumps(child_secagg_share_keys() if args.child == "secagg_share_keys" else
                          child(args.child, args.partition_id, args.num_partitions)))
         return 0
     print(table(measure(args.repeats)))

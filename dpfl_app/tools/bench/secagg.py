@@ -8,8 +8,10 @@ complete graph of SecAgg), it runs one round of the real protocol functions
 (`dpfl_app.secagg.client` and `.server`, the code the Flower handlers call)
 on random clipped updates of `dim` coordinates (2410: the default digits-mlp),
 with no dropout and with a fraction `dropout` of the clients vanishing after
-sending their keys (the server then rebuilds their keys and recomputes their
-pairwise masks: the expensive case). It prints, per client, the mean seconds
+sharing their keys (the server then rebuilds their keys and recomputes their
+pairwise masks: the expensive case). The clients enrolled before the timed round
+(their pre-committed round keys, `secagg.round_keys`): the round is the steady
+state, four stages, as every round after a run's first. It prints, per client, the mean seconds
 of protocol work and the payload bytes sent and received, and the server's
 seconds; the plain (secure-aggregation=false) upload is 4 bytes per float32
 coordinate plus the norm bit. Training time is not included: it is the same
@@ -35,9 +37,14 @@ def measure(cohort: int, neighbours: int, dim: int, dropout: float, seed: int = 
     encoded = inprocess.encode_all(deltas, [1] * cohort, 0.1, seed)
     count = max(1, round(dropout * cohort)) if dropout > 0 else 0
     dropped = set(random.Random(seed).sample(range(1, cohort + 1), count))
+    identities = inprocess.relayed_identities(cohort)
+    announced = inprocess.default_announcement(cohort)
+    federation = inprocess.enrolled(identities, announced)
     start = time.perf_counter()
     out = inprocess.run_round(encoded, neighbours, drop={"masked_input": dropped},
-                              rng=random.Random(seed + 1))  # not the dropout RNG
+                              rng=random.Random(seed + 1),  # not the dropout RNG
+                              identities=identities, announced=announced,
+                              federation=federation)
     wall = time.perf_counter() - start
     assert out.total is not None, "the round should complete"
     k = graph.neighbours_per_client(neighbours, cohort)
