@@ -94,10 +94,12 @@ def _reply(msg: Message, reply: dict) -> Message:
 
 
 def _stage(step, msg: Message, context: Context, signed: bool = True) -> Message:
-    """Run one protocol step on the stored state; save the new state, or refuse."""
+    """Run one protocol step on the stored state; save the new state, or refuse. The run
+    id (`session`) is this node's own message's, never a value from the server's request."""
+    request = {**dict(msg.content[RECORD]), "session": int(msg.metadata.run_id)}
     try:
         args = (identity(context),) if signed else ()
-        state, reply = step(_state(context), dict(msg.content[RECORD]), *args)
+        state, reply = step(_state(context), request, *args)
     except (client.SecAggRefusal, IdentityError) as refusal:
         return refuse(msg, str(refusal))
     _save(context, state)
@@ -106,8 +108,6 @@ def _stage(step, msg: Message, context: Context, signed: bool = True) -> Message
 
 def enrol(msg: Message, context: Context) -> Message:
     """Commit this node's signed public keys for a window of rounds of this run."""
-    # The run id from this node's own message, not from the server's request.
-    msg.content[RECORD]["session"] = int(msg.metadata.run_id)
     return _stage(round_keys.enrol, msg, context)
 
 
@@ -119,7 +119,6 @@ def share_keys(msg: Message, context: Context) -> Message:
     reason = client_policy.refusal(request, dict(context.node_config))
     if reason is not None:
         return refuse(msg, reason)
-    msg.content[RECORD]["session"] = int(msg.metadata.run_id)
     return _stage(client.share_keys, msg, context)
 
 
